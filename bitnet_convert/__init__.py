@@ -1,0 +1,10 @@
+"""bitnet-convert: turn BitNet b1.58 models into BitNet a4.8 models."""
+
+__version__ = "0.1.0"
+
+from bitnet_convert.errors import BitNetConvertError  # noqa: E402
+from bitnet_convert.load import load, load_tokenizer  # noqa: E402
+from bitnet_convert.pipeline import quantize  # noqa: E402
+from bitnet_convert.recipe import Recipe, load_recipe  # noqa: E402
+
+__all__ = ["BitNetConvertError", "Recipe", "__version__", "load", "load_recipe", "load_tokenizer", "quantize"]

@@ -1,0 +1,233 @@
+"""Read Hugging Face BitNet checkpoints in every layout, tensor by tensor.
+
+Layouts (``quantization_config`` of a ``model_type: bitnet`` config):
+
+* ``master`` — ``autobitlinear`` + ``online``: bf16/fp32 master weights, ternarized here (absmean, per tensor).
+* ``packed-autobitlinear`` — ``autobitlinear`` + ``offline``: uint8 2-bit packed weights, ``weight_scale`` = α
+  (the output is *multiplied* by it). bitnet-convert's own exports use this layout.
+* ``packed-bitlinear`` — ``bitlinear``: uint8 packed weights, ``weight_scale`` = 1/α (the output is *divided*).
+
+Tensors are read lazily with ``safe_open``; nothing holds the whole checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from bitnet_convert.errors import CheckpointError
+from bitnet_convert.quant.functional import ternary_absmean
+from bitnet_convert.quant.packing import unpack_ternary
+from bitnet_convert.quant.schemes import role_of
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_MODELS = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "model"}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Layout(str, Enum):
+    """How the ternary linears of a checkpoint are stored."""
+
+    MASTER = "master"
+    PACKED_AUTOBITLINEAR = "packed-autobitlinear"
+    PACKED_BITLINEAR = "packed-bitlinear"
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: its config, layout and a lazy map from tensor name to file."""
+
+    path: Path
+    config: dict
+    layout: Layout
+    weight_map: dict[str, Path]
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.weight_map.values()))
+
+    @property
+    def a48_spec(self) -> dict | None:
+        """The bitnet-convert specification an exported directory carries, ``None`` for an input model."""
+        return self.config.get("bitnet_convert")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = _open_safetensors(file)
+        return self._handles[file]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
+        file = self.weight_map[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"{file}: cannot read tensor '{name}' ({_first_line(exc)})") from None
+
+    def dtype_of(self, name: str) -> str:
+        """Stored dtype of a tensor as safetensors names it (``BF16``, ``U8``…), without reading its data."""
+        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+
+    def shape_of(self, name: str) -> list[int]:
+        return list(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def linear_names(self) -> list[str]:
+        """Module names of the ternary linears (those the role table knows), in checkpoint order."""
+        return [n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight") and role_of(n[: -len(".weight")])]
+
+    def ternary(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout."""
+        weight = self.tensor(f"{module}.weight")
+        if self.layout is Layout.MASTER:
+            if not weight.is_floating_point():
+                raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected float master weights")
+            return ternary_absmean(weight)
+        if weight.dtype != torch.uint8:
+            raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected packed uint8 weights")
+        scale = self.tensor(f"{module}.weight_scale").float().reshape(-1)[:1]
+        alpha = scale if self.layout is Layout.PACKED_AUTOBITLINEAR else 1.0 / scale
+        return unpack_ternary(weight), alpha
+
+    def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor that is not part of a ternary linear (embeddings, norms, lm_head), one at a time."""
+        linear = set(self.linear_names())
+        for name in self.weight_map:
+            if name.rsplit(".", 1)[0] not in linear:
+                yield name, self.tensor(name)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local directory for ``model``: a built-in name, a local path, or a hub id (downloaded when online)."""
+    if model in BUILTIN_MODELS:
+        path = BUILTIN_MODELS[model]
+        if not path.is_dir():
+            raise CheckpointError(f"built-in model '{model}' needs a source checkout: {path} does not exist")
+        return path
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"model path '{model}' is a file; expected a checkpoint directory with config.json")
+        return path
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise CheckpointError(f"model path '{model}' does not exist (expected a checkpoint directory or a hub id)")
+    return _download(model)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 — the hub raises many types; all mean "could not fetch"
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise CheckpointError(
+            f"model '{repo_id}' is not a local directory and could not be fetched from the hub{hint}: "
+            f"{_first_line(exc)}"
+        ) from None
+
+
+def open_checkpoint(model: str | Path) -> Checkpoint:
+    """Open a BitNet causal-LM checkpoint: read config.json, detect the layout, index the tensors."""
+    path = resolve_model_path(str(model))
+    config = _read_config(path)
+    layout = detect_layout(path, config)
+    weight_map = _weight_map(path)
+    checkpoint = Checkpoint(path=path, config=config, layout=layout, weight_map=weight_map)
+    if not checkpoint.linear_names():
+        raise CheckpointError(f"{path}: no q/k/v/o/gate/up/down projection weights found; not a BitNet checkpoint")
+    for file in checkpoint.files:
+        checkpoint._handle(file)  # validates every header up front
+    return checkpoint
+
+
+def detect_layout(path: Path, config: dict) -> Layout:
+    """The layout named by ``quantization_config`` (see the module docstring); a clear error otherwise."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or ["BitNetForCausalLM"]
+    if model_type != "bitnet" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise CheckpointError(
+            f"{path / 'config.json'}: model_type '{model_type}' / architectures {architectures} is not a BitNet causal "
+            f"LM; supported: model_type 'bitnet' with {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    qc = config.get("quantization_config") or {}
+    if not qc:
+        return Layout.MASTER  # plain BitNetConfig: float weights, ternarized here
+    if qc.get("quant_method") != "bitnet":
+        raise CheckpointError(
+            f"{path / 'config.json'}: quantization_config.quant_method is '{qc.get('quant_method')}', expected 'bitnet'"
+        )
+    linear_class = qc.get("linear_class", "bitlinear")
+    mode = qc.get("quantization_mode", "offline")
+    if linear_class == "bitlinear":
+        return Layout.PACKED_BITLINEAR
+    if linear_class == "autobitlinear":
+        return Layout.MASTER if mode == "online" else Layout.PACKED_AUTOBITLINEAR
+    raise CheckpointError(
+        f"{path / 'config.json'}: quantization_config.linear_class '{linear_class}' is unknown "
+        "(expected 'autobitlinear' or 'bitlinear')"
+    )
+
+
+def _read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return config
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})") from None
+        files = {name: path / file for name, file in mapping.items()}
+        missing = sorted({str(f) for f in files.values() if not f.is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: shard file {missing[0]} is missing")
+        return files
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    return {name: single for name in _open_safetensors(single).keys()}
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,231 @@
+"""The ``bitnet-convert`` command: a thin layer over the Python API (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bitnet_convert.errors import BitNetConvertError
+
+app = typer.Typer(
+    name="bitnet-convert",
+    help="Convert BitNet b1.58 models to BitNet a4.8 (4-bit activations, sparse 8-bit intermediates).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """:class:`bitnet_convert.progress.Progress` rendered with rich: one bar per stage."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[label]}", style="dim"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    @contextmanager
+    def stage(self, description: str, total: int | None = None) -> Iterator:
+        task = self.bar.add_task(description, total=total or 1, label="")
+
+        def advance(label: str = "") -> None:
+            self.bar.update(task, advance=1, label=label)
+
+        yield advance
+        self.bar.update(task, completed=total or 1, label="")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except BitNetConvertError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def quantize(
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")] = None,
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
+    calibration_data: Annotated[
+        str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
+    ] = None,
+) -> None:
+    """Convert a BitNet b1.58 checkpoint as the recipe says and write the packed a4.8 model."""
+    from bitnet_convert.pipeline import run
+    from bitnet_convert.recipe import load_recipe, parse_assignment
+
+    with _user_errors():
+        overrides = dict(parse_assignment(item) for item in set_ or [])
+        for key, value in (("model", model), ("output", output), ("calibration.data", calibration_data)):
+            if value is not None:
+                overrides[key] = str(value)
+        if overwrite:
+            overrides["overwrite"] = True
+        resolved = load_recipe(recipe, overrides)
+        with RichProgress() as progress:
+            result = run(resolved, progress)
+    report = result.report
+    table = Table(title=f"Converted → {result.output}", show_header=False)
+    table.add_row("scheme", report["scheme"])
+    for role, label in report["activations"].items():
+        table.add_row(f"  {role} input", label)
+    table.add_row("ternary parameters", f"{report['parameters']['ternary']:,}")
+    table.add_row("packed bits / weight", f"{report['packed_linears']['bits_per_weight']:.3f}")
+    table.add_row("size", f"{report['input_bytes'] / 1e6:.2f} MB → {report['output_bytes'] / 1e6:.2f} MB")
+    if report["calibration"]:
+        table.add_row("active parameters", f"{report['calibration']['active_parameter_share']:.1%}")
+    table.add_row("time", f"{sum(report['time_s'].values()):.1f} s")
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="Checkpoint or converted directory (or a hub id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a checkpoint's layout, scheme, tensor shapes, precisions and sizes (inputs and outputs)."""
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.load import scheme_of
+
+    with _user_errors():
+        checkpoint = open_checkpoint(path)
+        preset, roles = scheme_of(checkpoint)
+        groups: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for name in checkpoint.names():
+            shape = checkpoint.shape_of(name)
+            dtype = checkpoint.dtype_of(name)
+            pattern = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            entry = groups[(pattern, "×".join(map(str, shape)), dtype)]
+            entry[0] += 1
+            entry[1] += numel * _itemsize(dtype)
+    config = checkpoint.config
+    summary = {
+        "path": str(checkpoint.path),
+        "layout": checkpoint.layout.value,
+        "scheme": preset,
+        "activations": {role: spec.describe() for role, spec in roles.items()},
+        "architecture": {
+            k: config.get(k)
+            for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "vocab_size", "hidden_act", "tie_word_embeddings")
+        },
+        "files": {f.name: f.stat().st_size for f in checkpoint.files},
+        "tensors": [
+            {"name": p, "shape": s, "dtype": d, "count": c, "bytes": b} for (p, s, d), (c, b) in groups.items()
+        ],
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    head = Table(title=str(checkpoint.path), show_header=False)
+    head.add_row("layout", summary["layout"])
+    head.add_row("scheme", preset + ("" if checkpoint.a48_spec else " (unconverted input: W1.58A8)"))
+    for role, label in summary["activations"].items():
+        head.add_row(f"  {role} input", label)
+    for key, value in summary["architecture"].items():
+        head.add_row(key, str(value))
+    head.add_row("size", f"{sum(summary['files'].values()) / 1e6:.2f} MB in {len(summary['files'])} file(s)")
+    out.print(head)
+    tensors = Table("tensor", "shape", "dtype", "count", "MB")
+    for row in summary["tensors"]:
+        tensors.add_row(row["name"], row["shape"], row["dtype"], str(row["count"]), f"{row['bytes'] / 1e6:.3f}")
+    out.print(tensors)
+
+
+@app.command()
+def perplexity(
+    path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (evaluated as b158).")],
+    data: Annotated[str, typer.Option(help="builtin:reference, a .txt/.jsonl file or a hub dataset id.")] = (
+        "builtin:reference"
+    ),
+    split: Annotated[str, typer.Option(help="Split of the data.")] = "validation",
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    scheme: Annotated[
+        str | None, typer.Option(help="Evaluate an input checkpoint under this preset (b158, a48, a48-fp4).")
+    ] = None,
+) -> None:
+    """Token-level perplexity on held-out text, over non-overlapping windows."""
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.data import load_texts, token_stream, windows
+    from bitnet_convert.evaluate import perplexity as measure
+    from bitnet_convert.load import load_tokenizer, scheme_of
+    from bitnet_convert.modeling import build_model
+    from bitnet_convert.quant.schemes import PRESETS
+
+    with _user_errors():
+        checkpoint = open_checkpoint(path)
+        if scheme is not None and scheme not in PRESETS:
+            _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
+        name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
+        batches = windows(token_stream(load_tokenizer(checkpoint.path), load_texts(data, split)), seq_len)
+        model = build_model(checkpoint, roles)
+        steps = -(-batches.shape[0] // batch_size)
+        with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:
+            result = measure(model, batches, batch_size, on_batch=advance)
+    out.print(f"{name}\t{data}:{split}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens)")
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 1)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

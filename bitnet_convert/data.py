@@ -1,0 +1,106 @@
+"""Text for calibration and evaluation: the built-in reference corpus, local files, Hugging Face datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bitnet_convert.checkpoint import REPO_ROOT
+from bitnet_convert.errors import DataError
+
+BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data"}
+
+
+def load_texts(source: str, split: str = "validation", text_field: str = "text") -> list[str]:
+    """Documents from ``source``.
+
+    ``builtin:reference`` (splits ``calib``, ``validation``, ``test``), a ``.txt`` file (one document per
+    non-empty line), a ``.jsonl`` file (``text_field`` of each record), or a hub dataset id (``split``).
+    """
+    if source in BUILTIN_DATA:
+        file = BUILTIN_DATA[source] / f"{split}.txt"
+        if not file.is_file():
+            splits = sorted(p.stem for p in BUILTIN_DATA[source].glob("*.txt"))
+            raise DataError(f"{source}: no split '{split}' (available: {', '.join(splits) or 'none'})")
+        return _txt(file)
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        if not path.is_file():
+            raise DataError(f"data file '{source}' does not exist")
+        if path.suffix == ".jsonl":
+            return _jsonl(path, text_field)
+        if path.suffix == ".txt":
+            return _txt(path)
+        raise DataError(f"data file '{source}': expected a .txt or .jsonl file")
+    return _hub_dataset(source, split, text_field)
+
+
+def _txt(file: Path) -> list[str]:
+    try:
+        docs = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not docs:
+        raise DataError(f"{file}: no text (expected one document per non-empty line)")
+    return docs
+
+
+def _jsonl(file: Path, field: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise DataError(f"{file}:{number}: expected an object with a string field '{field}'")
+        if record[field].strip():
+            docs.append(record[field])
+    if not docs:
+        raise DataError(f"{file}: no records with a non-empty '{field}' field")
+    return docs
+
+
+def _hub_dataset(name: str, split: str, field: str) -> list[str]:
+    try:
+        import datasets
+
+        config, _, rest = name.partition(":")
+        dataset = datasets.load_dataset(config, rest or None, split=split)
+    except Exception as exc:  # noqa: BLE001 — datasets raises many types; all mean "could not load"
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise DataError(f"calibration data '{name}' is not a local .txt/.jsonl file and could not be loaded "
+                        f"as a hub dataset: {first}") from None
+    if field not in dataset.column_names:
+        raise DataError(f"dataset '{name}' has no column '{field}' (columns: {', '.join(dataset.column_names)})")
+    return [t for t in dataset[field] if t and t.strip()]
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents tokenized (each with the tokenizer's special tokens, e.g. BOS) and concatenated."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seq_len]`` of a token stream (the ragged tail is dropped)."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise DataError(f"only {stream.numel()} tokens of data; need at least seq_len={seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def sample_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``samples`` windows drawn without replacement with a private generator (the global RNG is untouched)."""
+    all_windows = windows(stream, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(all_windows.shape[0], generator=generator)[:samples]
+    return all_windows[order.sort().values]

@@ -1,0 +1,21 @@
+"""Errors a user can cause and fix. The CLI prints their message on one line and exits non-zero."""
+
+
+class BitNetConvertError(Exception):
+    """Base class: bad input (recipe, checkpoint, data, output directory). The message says what and where."""
+
+
+class RecipeError(BitNetConvertError):
+    """The recipe or an override is invalid."""
+
+
+class CheckpointError(BitNetConvertError):
+    """The model checkpoint is missing, unreadable or not a supported BitNet causal LM."""
+
+
+class DataError(BitNetConvertError):
+    """Calibration or evaluation data is missing or unreadable."""
+
+
+class OutputError(BitNetConvertError):
+    """The output directory cannot be written as asked."""

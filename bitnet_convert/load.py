@@ -1,0 +1,47 @@
+"""Load a converted directory (or any BitNet checkpoint) as a model with bitnet-convert's semantics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BitNetForCausalLM, PreTrainedTokenizerBase
+
+from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
+from bitnet_convert.errors import CheckpointError
+from bitnet_convert.modeling import build_model
+from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def scheme_of(checkpoint: Checkpoint) -> tuple[str, dict[Role, ActivationSpec]]:
+    """The scheme an exported directory declares; ``b158`` (the model's own semantics) for an input model."""
+    spec = checkpoint.a48_spec
+    if spec is None:
+        return "b158", PRESETS["b158"]
+    try:
+        roles = {role: ActivationSpec.model_validate(value) for role, value in spec["activations"].items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: invalid 'bitnet_convert' section ({exc})") from None
+    return spec.get("scheme", "custom"), roles
+
+
+def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetForCausalLM:
+    """The model stored in ``path`` with the activation quantizers its config declares.
+
+    For a bitnet-convert output this is the a4.8 model, numerically identical to the one that was exported.
+    For an unconverted BitNet checkpoint (any layout) it is the W1.58A8 (``b158``) model.
+    """
+    checkpoint = open_checkpoint(path)
+    _, roles = scheme_of(checkpoint)
+    return build_model(checkpoint, roles, DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer stored with a checkpoint (never modified by bitnet-convert)."""
+    checkpoint_path = resolve_model_path(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(checkpoint_path))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint_path}: no usable tokenizer ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,76 @@
+"""Build a BitNet causal LM whose linears are :class:`QuantLinear` s, streaming from a checkpoint.
+
+The model skeleton is created on the meta device; every ternary linear is read, ternarized (or unpacked) and
+packed one at a time, and the remaining tensors (embeddings, norms) are assigned as they are read, so the
+peak memory is the packed model plus one linear in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import BitNetConfig, BitNetForCausalLM
+from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
+
+from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.errors import CheckpointError
+from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.quant.packing import VALUES_PER_BYTE
+from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
+
+#: Config keys that describe storage, not the architecture; dropped before building the skeleton.
+_STORAGE_KEYS = ("quantization_config", "bitnet_convert")
+
+
+def architecture_config(checkpoint: Checkpoint) -> BitNetConfig:
+    """The checkpoint's ``BitNetConfig`` without its storage description."""
+    raw = {k: v for k, v in checkpoint.config.items() if k not in _STORAGE_KEYS}
+    return BitNetConfig.from_dict(raw)
+
+
+def build_model(
+    checkpoint: Checkpoint,
+    roles: dict[Role, ActivationSpec],
+    dtype: torch.dtype = torch.float32,
+    on_linear: Callable[[str], None] | None = None,
+) -> BitNetForCausalLM:
+    """A ``BitNetForCausalLM`` with every decoder linear replaced by a :class:`QuantLinear` of ``roles``.
+
+    ``dtype`` is the compute dtype of the non-ternary tensors. ``on_linear(name)`` is called after each
+    linear (progress reporting).
+    """
+    config = architecture_config(checkpoint)
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    for name in checkpoint.linear_names():
+        shape = checkpoint.shape_of(f"{name}.weight")
+        out_features = shape[0] * (VALUES_PER_BYTE if checkpoint.layout.value.startswith("packed") else 1)
+        if out_features % VALUES_PER_BYTE:
+            raise CheckpointError(
+                f"{checkpoint.path}: '{name}.weight' has out_features={out_features}, not divisible by "
+                f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
+            )
+        codes, alpha = checkpoint.ternary(name)
+        model.set_submodule(name, QuantLinear.from_ternary(codes, alpha, roles[role_of(name)]))
+        if on_linear is not None:
+            on_linear(name)
+    state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{checkpoint.path}: unexpected tensor '{result.unexpected_keys[0]}' for a BitNet model")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = BitNetRotaryEmbedding(config)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: tensor '{missing[0]}' is missing from the checkpoint")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    """Every :class:`QuantLinear` of a model by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

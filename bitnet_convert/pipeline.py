@@ -1,0 +1,139 @@
+"""The conversion, start to end: checkpoint → quantized model → calibration statistics → export.
+
+Each step is one call; :func:`run` is the whole pipeline in one screen.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitnet_convert import __version__
+from bitnet_convert.calibrate import activation_stats
+from bitnet_convert.checkpoint import Checkpoint, open_checkpoint
+from bitnet_convert.data import load_texts, sample_windows, token_stream
+from bitnet_convert.export import check_output, export, export_dtype_name
+from bitnet_convert.load import DTYPES, load_tokenizer
+from bitnet_convert.modeling import build_model, quant_linears
+from bitnet_convert.progress import SILENT, Progress
+from bitnet_convert.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Conversion:
+    """What :func:`run` produced: the output directory, the report written there, and the model in memory."""
+
+    output: Path
+    report: dict
+    model: torch.nn.Module = field(repr=False)
+
+
+def quantize(recipe: str | Path | Recipe | None = None, *, progress: Progress = SILENT, **overrides: Any) -> Conversion:
+    """Convert a model as ``recipe`` says. Keyword overrides name recipe fields, ``__`` for nesting:
+    ``quantize("recipes/a48.yaml", model="path/to/ckpt", output="out", calibration__samples=4)``."""
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    if isinstance(recipe, Recipe):
+        recipe = load_recipe(None, {**recipe.model_dump(mode="json"), **dotted})
+    else:
+        recipe = load_recipe(recipe, dotted)
+    return run(recipe, progress)
+
+
+def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
+    """Run the conversion ``recipe`` describes and write its output directory."""
+    timings: dict[str, float] = {}
+    check_output(recipe.output, recipe.overwrite)
+    with _timed(timings, "open"), progress.stage("Open checkpoint"):
+        checkpoint = open_checkpoint(recipe.model)
+        calibration = _calibration_windows(recipe, checkpoint)
+    roles = recipe.scheme.resolved()
+    with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
+        model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance)
+    stats = None
+    if calibration is not None:
+        batches = -(-calibration.shape[0] // recipe.calibration.batch_size)
+        with _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
+            stats = activation_stats(model, calibration, recipe.calibration.batch_size, on_batch=advance)
+
+    def report(files: list[Path]) -> dict:
+        return conversion_report(model, checkpoint, recipe, files, timings, stats)
+
+    with _timed(timings, "export"), progress.stage("Export"):
+        export(
+            model,
+            checkpoint,
+            recipe.output,
+            roles=roles,
+            preset=recipe.scheme.preset,
+            recipe_yaml=recipe.to_yaml(),
+            dtype=recipe.export.dtype,
+            max_shard_size=recipe.export.max_shard_size,
+            overwrite=recipe.overwrite,
+            report=report,
+        )
+    written = json_report(recipe.output)
+    return Conversion(output=recipe.output, report=written, model=model)
+
+
+def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor | None:
+    spec = recipe.calibration
+    if spec.samples == 0:
+        return None
+    texts = load_texts(spec.data, spec.split, spec.text_field)
+    stream = token_stream(load_tokenizer(checkpoint.path), texts)
+    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed)
+
+
+def conversion_report(
+    model: torch.nn.Module,
+    checkpoint: Checkpoint,
+    recipe: Recipe,
+    files: list[Path],
+    timings: dict[str, float],
+    stats: dict | None,
+) -> dict:
+    """Parameters per precision, bits per weight of the packed linears, sizes, time and peak memory."""
+    linears = quant_linears(model)
+    ternary = sum(m.in_features * m.out_features for m in linears.values())
+    packed_bytes = sum(m.weight.numel() + 4 * m.weight_scale.numel() for m in linears.values())
+    high_precision = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    return {
+        "bitnet_convert_version": __version__,
+        "model": recipe.model,
+        "input_layout": checkpoint.layout.value,
+        "scheme": recipe.scheme.preset,
+        "activations": {role: spec.describe() for role, spec in recipe.scheme.resolved().items()},
+        "parameters": {
+            "ternary": ternary,
+            "high_precision": high_precision,
+            "high_precision_dtype": export_dtype_name(checkpoint, recipe.export.dtype),
+        },
+        "packed_linears": {"bytes": packed_bytes, "bits_per_weight": 8 * packed_bytes / ternary},
+        "files": {file.name: file.stat().st_size for file in files},
+        "output_bytes": sum(file.stat().st_size for file in files),
+        "input_bytes": checkpoint.size_bytes(),
+        "time_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "calibration": stats,
+    }
+
+
+def json_report(output: Path) -> dict:
+    return json.loads((output / "conversion_report.json").read_text())
+
+
+class _timed:
+    def __init__(self, timings: dict[str, float], key: str) -> None:
+        self.timings, self.key = timings, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.key] = time.perf_counter() - self.start

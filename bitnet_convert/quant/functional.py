@@ -1,0 +1,156 @@
+"""Pure quantizers on tensors, one equation each.
+
+Every function takes a float tensor and returns a tensor of the same shape and dtype holding the
+*fake-quantized* values (the dequantized result of quantizing), unless it says otherwise. Scales are
+computed along the last dimension ("per token") unless the function is per tensor.
+
+The ``*_ste`` variants apply the straight-through estimator ``x + (q(x) - x).detach()`` so gradients pass
+through the rounding unchanged; ``ste(x, q, lam)`` blends quantization in with a weight ``lam`` for warm-ups.
+
+References: BitNet b1.58 (arXiv 2402.17764), BitNet a4.8 (arXiv 2411.04965), LLM-FP4 (arXiv 2310.16836).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Lower bound on every scale statistic; the value transformers' BitNet integration uses.
+EPS = 1e-5
+
+
+def round_clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``RoundClip(x, a, b) = min(max(round(x), a), b)`` (round half to even, as torch.round)."""
+    return x.round().clamp(lo, hi)
+
+
+def ste(x: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """Straight-through estimator: forward ``x + lam·(q − x)``, backward the identity."""
+    if lam == 1.0:
+        return x + (q - x).detach()
+    return x + lam * (q - x).detach()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes and scale of a weight, per tensor (b1.58 Eq. 1–3).
+
+    ``α = mean(|W|)``, codes ``= RoundClip(W / α, −1, 1)`` as int8, so ``Q_w(W) = α · codes``.
+    Computed in fp32 whatever the input dtype. Returns ``(codes, alpha)`` with ``alpha`` a 1-element fp32 tensor.
+    """
+    w = w.float()
+    alpha = w.abs().mean().clamp(min=EPS)
+    codes = round_clip(w * (1.0 / alpha), -1, 1).to(torch.int8)
+    return codes, alpha.reshape(1)
+
+
+def ternary_absmean_fake(w: torch.Tensor) -> torch.Tensor:
+    """``Q_w(W) = α · RoundClip(W / α, −1, 1)`` in the dtype of ``w``."""
+    wf = w.float()
+    inv_alpha = 1.0 / wf.abs().mean().clamp(min=EPS)
+    return (round_clip(wf * inv_alpha, -1, 1) / inv_alpha).to(w.dtype)
+
+
+def ternary_absmean_ste(w: torch.Tensor) -> torch.Tensor:
+    """:func:`ternary_absmean_fake` with a straight-through gradient (b1.58 quantization-aware training)."""
+    return ste(w, ternary_absmean_fake(w))
+
+
+# ----------------------------------------------------------------------------------------- activations
+
+
+def int8_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-token INT8 absmax (b1.58 Eq. 4): ``γ/127 · RoundClip(127/γ · X, −128, 127)``, ``γ = max|X|``."""
+    xf = x.float()
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (round_clip(xf * s, -128, 127) / s).to(x.dtype)
+
+
+def absmax_int(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric absmax to ``bits``-bit signed integers; ``bits=8`` is :func:`int8_absmax`."""
+    if bits == 8:
+        return int8_absmax(x)
+    qp = 2 ** (bits - 1) - 1
+    xf = x.float()
+    s = qp / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (round_clip(xf * s, -qp - 1, qp) / s).to(x.dtype)
+
+
+def absmean_int(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Per-token absmean to signed integers (a4.8 Eq. 6–7).
+
+    For 4 bits: ``β/√7 · RoundClip(√7/β · X, −8, 7)``, ``β = mean|X|``. Other widths use ``√(2^(bits−1) − 1)``
+    in place of √7 (our generalisation; the paper defines only INT4).
+    """
+    qp = 2 ** (bits - 1) - 1
+    xf = x.float()
+    s = math.sqrt(qp) / xf.abs().mean(dim=-1, keepdim=True).clamp(min=EPS)
+    return (round_clip(xf * s, -qp - 1, qp) / s).to(x.dtype)
+
+
+def int4_absmean(x: torch.Tensor) -> torch.Tensor:
+    """The a4.8 INT4 quantizer (Eq. 6–7): :func:`absmean_int` with 4 bits."""
+    return absmean_int(x, 4)
+
+
+def topk_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the ``K = round(ratio · d)`` largest ``|x|`` per token (a4.8 Eq. 1, ``M = TopK(|X|)``)."""
+    d = x.shape[-1]
+    k = max(1, min(d, round(ratio * d)))
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def topk_sparsify(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Keep the top ``ratio`` share of ``|x|`` per token and zero the rest."""
+    return x * topk_mask(x, ratio)
+
+
+def fp4_e2m1_minmax(x: torch.Tensor, exp_bits: int = 2, man_bits: int = 1) -> torch.Tensor:
+    """Per-token floating-point quantizer with the MinMax bias of LLM-FP4 (a4.8 §2.3, E2M1 by default).
+
+    ``b = log2((2 − 2^−M) / max|X|) + 2^E − 1`` puts the largest representable value on ``max|X|``;
+    each element's exponent is ``e = max(⌊log2|x| + b⌋, 1)`` and it is rounded on the grid of step
+    ``2^(e − b − M)``, then clipped to ``±max|X|``. E2M1 gives the magnitudes ``max·{0, 1/12, …, 2/3, 1}``.
+    """
+    xf = x.float()
+    xmax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    bias = torch.log2((2.0 - 2.0**-man_bits) / xmax) + (2**exp_bits - 1)
+    exponent = torch.floor(torch.log2(xf.abs().clamp(min=torch.finfo(torch.float32).tiny)) + bias).clamp(min=1.0)
+    step = torch.exp2(exponent - bias - man_bits)
+    q = torch.round(xf / step) * step
+    return torch.minimum(torch.maximum(q, -xmax), xmax).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------- attention heads
+
+
+def minmax_uint(x: torch.Tensor, bits: int, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """Asymmetric (unsigned) min-max integer quantization over ``dim``: codes in ``[0, 2^bits − 1]``.
+
+    ``s = (max − min) / (2^bits − 1)``, ``X̂ = s · RoundClip((X − min) / s, 0, 2^bits − 1) + min``. Used for
+    Q/K/V heads after RoPE (a4.8 §3.1), no calibration data.
+    """
+    qmax = 2**bits - 1
+    xf = x.float()
+    lo = xf.amin(dim=dim, keepdim=True)
+    hi = xf.amax(dim=dim, keepdim=True)
+    s = ((hi - lo) / qmax).clamp(min=EPS)
+    return (round_clip((xf - lo) / s, 0, qmax) * s + lo).to(x.dtype)
+
+
+def absmax_uint(x: torch.Tensor, bits: int, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """Symmetric absmax over ``dim`` stored as unsigned codes ``[0, 2^bits − 1]`` around a zero point of
+    ``2^(bits−1)``: ``s = max|X| / (2^(bits−1) − 1)``, ``X̂ = s · (RoundClip(X/s + z, 0, 2^bits − 1) − z)``."""
+    zero = 2 ** (bits - 1)
+    xf = x.float()
+    s = (xf.abs().amax(dim=dim, keepdim=True) / (zero - 1)).clamp(min=EPS)
+    return ((round_clip(xf / s + zero, 0, 2**bits - 1) - zero) * s).to(x.dtype)
+
+
+def int8_absmax_ste(x: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_absmax` with a straight-through gradient."""
+    return ste(x, int8_absmax(x))

@@ -1,0 +1,66 @@
+"""The quantized linear: a packed ternary weight, its scale, and the quantizer of its input.
+
+``y = (Q_act(x) · Tᵀ) · α`` with ``T`` ∈ {−1, 0, 1} stored 2-bit packed (transformers' layout) and ``α`` the
+absmean scale — the arithmetic of transformers' offline ``AutoBitLinear``, so a ``b158`` module and stock
+transformers give the same numbers. State-dict names match that layout: ``weight`` (uint8) and
+``weight_scale`` (fp32, multiplies).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as tF
+from torch import nn
+
+from bitnet_convert.quant.packing import VALUES_PER_BYTE, pack_ternary, unpack_ternary
+from bitnet_convert.quant.schemes import ActivationSpec
+
+
+class QuantLinear(nn.Module):
+    """Ternary-weight linear with a quantized input (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: ActivationSpec, bias: bool = False) -> None:
+        super().__init__()
+        if out_features % VALUES_PER_BYTE:
+            raise ValueError(f"out_features={out_features} is not divisible by {VALUES_PER_BYTE}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self._quantize_input = spec.quantizer()
+        self.register_buffer("weight", torch.zeros(out_features // VALUES_PER_BYTE, in_features, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._dense: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_ternary(
+        cls, codes: torch.Tensor, alpha: torch.Tensor, spec: ActivationSpec, bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Build from int ternary codes ``[out, in]`` and the scale ``α`` (1 element)."""
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, spec, bias=bias is not None)
+        module.weight = pack_ternary(codes)
+        module.weight_scale = alpha.detach().to(torch.float32).reshape(1).clone()
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    def ternary(self) -> torch.Tensor:
+        """The unpacked ternary codes as int8 ``[out, in]``."""
+        return unpack_ternary(self.weight)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Unpacked ternary weight in ``dtype`` (cached until the packed buffer changes)."""
+        key = (dtype, self.weight.device, id(self.weight), self.weight._version)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, unpack_ternary(self.weight, dtype))
+        return self._dense[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tF.linear(self._quantize_input(x), self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}"

@@ -1,0 +1,108 @@
+"""Activation specs, the role table and the named schemes (b158, a48, a48-fp4).
+
+A *role* groups the linears whose inputs have the same origin in a BitNet block; a scheme maps every role to
+one :class:`ActivationSpec`. Which linear has which role is decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bitnet_convert.quant import functional as F
+
+Role = Literal["qkv", "o", "gate_up", "down"]
+ROLES: tuple[Role, ...] = ("qkv", "o", "gate_up", "down")
+
+#: Linear name (last component of the module path) → role.
+ROLE_OF_LINEAR: dict[str, Role] = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "o_proj": "o",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+    "down_proj": "down",
+}
+
+
+def role_of(module_name: str) -> Role | None:
+    """Role of a linear given its dotted module name, ``None`` when it is not a quantized linear."""
+    return ROLE_OF_LINEAR.get(module_name.rsplit(".", 1)[-1])
+
+
+class ActivationSpec(BaseModel):
+    """How the input of a linear is quantized: optional top-K sparsification, then a per-token quantizer.
+
+    ``method``: ``absmax`` (signed integers, b1.58 Eq. 4 at 8 bits), ``absmean`` (a4.8 Eq. 6–7 at 4 bits),
+    ``fp4_e2m1`` (a4.8 §2.3, 4 bits only) or ``none`` (full precision).
+    ``topk``: share of channels kept per token before quantizing (a4.8 Eq. 1); ``null`` for no sparsification.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["absmax", "absmean", "fp4_e2m1", "none"] = "absmax"
+    bits: int = Field(8, ge=2, le=8, description="integer width, 2..8")
+    topk: float | None = Field(None, gt=0.0, le=1.0, description="share of |x| kept per token, in (0, 1]")
+
+    @model_validator(mode="after")
+    def _fp4_is_four_bits(self) -> ActivationSpec:
+        if self.method == "fp4_e2m1" and self.bits != 4:
+            raise ValueError(f"method fp4_e2m1 is a 4-bit format; got bits={self.bits}")
+        return self
+
+    def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fake-quant function this spec describes (sparsify first, then quantize)."""
+        base = _BASE[self.method]
+        bits, topk = self.bits, self.topk
+
+        def quantize(x: torch.Tensor) -> torch.Tensor:
+            if topk is not None and topk < 1.0:
+                x = F.topk_sparsify(x, topk)
+            return base(x, bits)
+
+        return quantize
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``INT4 absmean`` or ``top-50% INT8 absmax``."""
+        if self.method == "none":
+            label = "full precision"
+        elif self.method == "fp4_e2m1":
+            label = "FP4 E2M1"
+        else:
+            label = f"INT{self.bits} {self.method}"
+        return f"top-{self.topk:.0%} {label}" if self.topk is not None and self.topk < 1.0 else label
+
+
+_BASE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "absmax": F.absmax_int,
+    "absmean": F.absmean_int,
+    "fp4_e2m1": lambda x, bits: F.fp4_e2m1_minmax(x),
+    "none": lambda x, bits: x,
+}
+
+_INT8 = ActivationSpec(method="absmax", bits=8)
+_INT4 = ActivationSpec(method="absmean", bits=4)
+_FP4 = ActivationSpec(method="fp4_e2m1", bits=4)
+
+#: The named schemes. ``b158`` is W1.58A8 (the input model's own semantics); ``a48`` the paper's hybrid
+#: (Table in §2); ``a48-fp4`` its FP4 variant — every input but down_proj's in FP4 E2M1, o_proj keeping its
+#: top-50% sparsification (the paper is silent on o_proj there; this is our reading).
+PRESETS: dict[str, dict[Role, ActivationSpec]] = {
+    "b158": {"qkv": _INT8, "o": _INT8, "gate_up": _INT8, "down": _INT8},
+    "a48": {
+        "qkv": _INT4,
+        "o": ActivationSpec(method="absmax", bits=8, topk=0.5),
+        "gate_up": _INT4,
+        "down": _INT8,
+    },
+    "a48-fp4": {
+        "qkv": _FP4,
+        "o": ActivationSpec(method="fp4_e2m1", bits=4, topk=0.5),
+        "gate_up": _FP4,
+        "down": _INT8,
+    },
+}

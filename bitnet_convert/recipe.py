@@ -1,0 +1,144 @@
+"""The recipe: one validated document that says everything a conversion does.
+
+Every CLI flag is an override of a field here (``--set key.path=value`` for any of them), and the output
+directory stores the resolved recipe (``recipe.yaml``), so an output can be reproduced from itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bitnet_convert.errors import RecipeError
+from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchemeSpec(_Strict):
+    """A named preset, optionally with per-role overrides of its activation quantizers."""
+
+    preset: Literal["b158", "a48", "a48-fp4"] = "a48"
+    roles: dict[Role, ActivationSpec] = Field(default_factory=dict)
+
+    def resolved(self) -> dict[Role, ActivationSpec]:
+        """The activation spec of every role: the preset's, replaced where ``roles`` names one."""
+        return {role: self.roles.get(role, PRESETS[self.preset][role]) for role in ROLES}
+
+
+class CalibrationSpec(_Strict):
+    """Text the conversion runs through the model to measure activation statistics for the report.
+
+    ``data``: ``builtin:reference``, a local ``.txt`` (one document per non-empty line) or ``.jsonl`` file
+    (``text_field`` of each record), or a Hugging Face dataset id (needs the hub). Tokenized with the
+    model's own tokenizer. ``samples: 0`` skips the stage.
+    """
+
+    data: str = "builtin:reference"
+    split: str = "calib"
+    text_field: str = "text"
+    samples: int = Field(16, ge=0)
+    seq_len: int = Field(256, ge=2)
+    batch_size: int = Field(4, ge=1)
+
+
+class ExportSpec(_Strict):
+    """How the output is written."""
+
+    max_shard_size: int = Field(2_000_000_000, ge=1_000_000, description="bytes per safetensors shard")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of embeddings and norms; auto = the input checkpoint's dtype"
+    )
+
+
+class Recipe(_Strict):
+    """A conversion: which model, which scheme, where the result goes."""
+
+    model: str = Field("builtin:reference", description="checkpoint directory, hub id, or builtin:reference")
+    output: Path = Path("out/a48-reference")
+    overwrite: bool = False
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype")
+    scheme: SchemeSpec = Field(default_factory=SchemeSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a checkpoint directory, a hub id or builtin:reference")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or start from the defaults), apply dotted-key overrides, validate.
+
+    ``overrides`` maps dotted paths (``scheme.preset``, ``calibration.samples``) to values.
+    """
+    data: dict[str, Any] = {}
+    source = "recipe"
+    if path is not None:
+        source = str(path)
+        file = Path(path)
+        if not file.is_file():
+            raise RecipeError(f"recipe file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value, source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_describe(exc)}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``key.path=value`` → ``("key.path", value)``, the value parsed as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set '{text}': expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: cannot set '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    """First validation error as ``key.path: problem (got value)``, one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "recipe"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    message = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
+    return f"{where}: {message}{shown}{more}"
