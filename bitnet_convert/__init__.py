@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from bitnet_convert.errors import BitNetConvertError  # noqa: E402
-from bitnet_convert.load import load, load_tokenizer  # noqa: E402
-from bitnet_convert.pipeline import quantize  # noqa: E402
-from bitnet_convert.recipe import Recipe, load_recipe  # noqa: E402
+from bitnet_convert.errors import BitNetConvertError
+from bitnet_convert.load import load, load_tokenizer
+from bitnet_convert.pipeline import quantize
+from bitnet_convert.recipe import Recipe, load_recipe
 
 __all__ = ["BitNetConvertError", "Recipe", "__version__", "load", "load_recipe", "load_tokenizer", "quantize"]

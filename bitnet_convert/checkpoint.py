@@ -90,14 +90,16 @@ class Checkpoint:
 
     def linear_names(self) -> list[str]:
         """Module names of the ternary linears (those the role table knows), in checkpoint order."""
-        return [n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight") and role_of(n[: -len(".weight")])]
+        modules = (name.removesuffix(".weight") for name in self.weight_map if name.endswith(".weight"))
+        return [module for module in modules if role_of(module)]
 
     def ternary(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout."""
         weight = self.tensor(f"{module}.weight")
         if self.layout is Layout.MASTER:
             if not weight.is_floating_point():
-                raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected float master weights")
+                found = f"'{module}.weight' is {weight.dtype}"
+                raise CheckpointError(f"{self.path}: {found}; expected float master weights")
             return ternary_absmean(weight)
         if weight.dtype != torch.uint8:
             raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected packed uint8 weights")
@@ -139,7 +141,7 @@ def _download(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 — the hub raises many types; all mean "could not fetch"
+    except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise CheckpointError(

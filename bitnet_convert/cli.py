@@ -60,7 +60,11 @@ class RichProgress:
         def advance(label: str = "") -> None:
             self.bar.update(task, advance=1, label=label)
 
-        yield advance
+        try:
+            yield advance
+        except BaseException:
+            self.bar.remove_task(task)  # a failed stage leaves only the error message behind
+            raise
         self.bar.update(task, completed=total or 1, label="")
 
 

@@ -18,6 +18,7 @@ from bitnet_convert import __version__
 from bitnet_convert.calibrate import activation_stats
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint
 from bitnet_convert.data import load_texts, sample_windows, token_stream
+from bitnet_convert.errors import DataError
 from bitnet_convert.export import check_output, export, export_dtype_name
 from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import build_model, quant_linears
@@ -87,6 +88,10 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor
         return None
     texts = load_texts(spec.data, spec.split, spec.text_field)
     stream = token_stream(load_tokenizer(checkpoint.path), texts)
+    vocab = checkpoint.config.get("vocab_size")
+    if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
+        raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "
+                        f"vocab_size is {vocab}; the tokenizer does not belong to this model")
     return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed)
 
 

@@ -52,7 +52,7 @@ class CalibrationSpec(_Strict):
 class ExportSpec(_Strict):
     """How the output is written."""
 
-    max_shard_size: int = Field(2_000_000_000, ge=1_000_000, description="bytes per safetensors shard")
+    max_shard_size: int = Field(2_000_000_000, ge=1, description="largest safetensors file in bytes")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of embeddings and norms; auto = the input checkpoint's dtype"
     )

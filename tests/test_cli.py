@@ -1,0 +1,174 @@
+"""The command line: the quick start end to end, inspect, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bitnet_convert.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit code 2, one ``error:`` line naming the problem (after any finished progress bars), no traceback."""
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text and isinstance(result.exception, SystemExit), text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and text.endswith(errors[0]), text
+    for fragment in fragments:
+        assert fragment in errors[0], text
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_quantize_reference_end_to_end(tmp_path):
+    out = tmp_path / "a48"
+    result = invoke("quantize", "--recipe", REPO / "recipes/a48.yaml", "--output", out,
+                    "--set", "calibration.samples=2", "--set", "calibration.seq_len=64")
+    assert result.exit_code == 0, result.output
+    assert "Quantize linears" in result.output and "packed bits / weight" in result.output
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "conversion_report.json"} <= set(
+        leftovers(out)
+    )
+    assert leftovers(tmp_path) == ["a48"]  # no temporary directories left behind
+
+
+def test_cli_flags_override_the_recipe(tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    tiny_checkpoint = write_tiny_checkpoint(tmp_path / "tiny", vocab_size=2048)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Anna has {n} red apples."}) for n in range(50)))
+    ref_tokenizer = REPO / "eval/reference/model"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tiny_checkpoint / name).write_bytes((ref_tokenizer / name).read_bytes())
+    out = tmp_path / "out"
+    result = invoke("quantize", "--recipe", REPO / "recipes/a48.yaml", "--model", tiny_checkpoint, "--output", out,
+                    "--calibration-data", data, "--set", "calibration.seq_len=16", "--set", "calibration.samples=3",
+                    "--set", "scheme.roles.down.bits=6")
+    assert result.exit_code == 0, result.output
+    stored = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert stored["model"] == str(tiny_checkpoint) and stored["calibration"]["data"] == str(data)
+    assert stored["scheme"]["roles"]["down"]["bits"] == 6
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["activations"]["down"] == "INT6 absmax" and report["calibration"]["tokens"] == 48
+
+
+def test_inspect_input_and_output(tmp_path, reference_dir):
+    result = invoke("inspect", reference_dir, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["layout"] == "master" and info["scheme"] == "b158"
+    out = tmp_path / "a48"
+    assert invoke("quantize", "--recipe", REPO / "recipes/a48.yaml", "--output", out,
+                  "--set", "calibration.samples=0").exit_code == 0
+    info = json.loads(invoke("inspect", out, "--json").output)
+    assert info["layout"] == "packed-autobitlinear" and info["scheme"] == "a48"
+    rows = {row["name"]: row for row in info["tensors"]}
+    q = rows["model.layers.*.self_attn.q_proj.weight"]
+    assert q["dtype"] == "U8" and q["count"] == info["architecture"]["num_hidden_layers"]
+    table = invoke("inspect", out)
+    assert table.exit_code == 0 and "packed-autobitlinear" in table.output and "INT4 absmean" in table.output
+
+
+def write_recipe(tmp_path: Path, body: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "fragments"),
+    [
+        ({"modle": "x"}, ["unknown key 'modle'"]),
+        ({"calibration": {"samples": "many"}}, ["calibration.samples", "integer", "'many'"]),
+        ({"scheme": {"roles": {"qkv": {"method": "absmean", "bits": 9}}}}, ["scheme.roles.qkv.bits", "8", "9"]),
+        ({"scheme": {"preset": "a47"}}, ["scheme.preset", "'a47'"]),
+        ({"model": "does/not/exist/here"}, ["model path 'does/not/exist/here' does not exist"]),
+    ],
+)
+def test_bad_recipe_values(tmp_path, body, fragments):
+    out = tmp_path / "out"
+    result = invoke("quantize", "--recipe", write_recipe(tmp_path, {**body}), "--output", out)
+    assert_user_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_bits_out_of_range_via_set(tmp_path):
+    result = invoke("quantize", "--output", tmp_path / "o", "--set", "scheme.roles.o.bits=1")
+    assert_user_error(result, "scheme.roles.o.bits", "greater than or equal to 2")
+
+
+def test_missing_recipe_file(tmp_path):
+    assert_user_error(invoke("quantize", "--recipe", tmp_path / "none.yaml"), "recipe file", "does not exist")
+
+
+def test_non_bitnet_checkpoint(tmp_path, tiny_checkpoint):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    config["model_type"] = "llama"
+    (tiny_checkpoint / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_user_error(invoke("quantize", "--model", tiny_checkpoint, "--output", out), "not a BitNet causal LM")
+    assert not out.exists()
+
+
+def test_corrupted_safetensors(tmp_path, tiny_checkpoint):
+    file = tiny_checkpoint / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:40] = b"}" * 32  # break the JSON header
+    file.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    assert_user_error(invoke("quantize", "--model", tiny_checkpoint, "--output", out), "model.safetensors",
+                      "not a readable safetensors file")
+    assert not out.exists()
+
+
+def test_out_features_not_divisible_by_four(tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    model = write_tiny_checkpoint(tmp_path / "odd", intermediate_size=50)
+    out = tmp_path / "out"
+    result = invoke("quantize", "--model", model, "--output", out, "--set", "calibration.samples=0")
+    assert_user_error(result, "gate_proj", "out_features=50", "divisible by 4")
+    assert not out.exists() and leftovers(tmp_path) == ["odd"]
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["quantize", "--model", tiny_checkpoint, "--output", out, "--set", "calibration.samples=0"]
+    assert_user_error(invoke(*args), "already exists", "--overwrite")
+    assert leftovers(out) == ["keep.txt"]
+    assert invoke(*args, "--overwrite").exit_code == 0
+    assert "keep.txt" not in leftovers(out) and "model.safetensors" in leftovers(out)
+    assert leftovers(tmp_path) == ["out", "tiny"]
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitnet_convert.cli", "quantize", "--model", str(tmp_path / "missing"),
+         "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model path '{tmp_path / 'missing'}' does not exist "
+                                                "(expected a checkpoint directory or a hub id)"]
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,147 @@
+"""End to end through the Python API on the built-in reference model: parity, round trip, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import bitnet_convert
+from bitnet_convert.checkpoint import open_checkpoint
+from bitnet_convert.modeling import build_model, quant_linears
+from bitnet_convert.optimum_api import BitNetA48Quantizer
+from bitnet_convert.quant.functional import ternary_absmean
+from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def convert(tmp_path: Path, preset: str, name: str | None = None, **overrides):
+    return bitnet_convert.quantize(
+        REPO / "recipes" / f"{preset}.yaml", output=str(tmp_path / (name or preset)), calibration__samples=4,
+        calibration__seq_len=64, **overrides,
+    )
+
+
+def test_b158_matches_stock_transformers_online(reference_dir, reference_ids):
+    ours = build_model(open_checkpoint(reference_dir), PRESETS["b158"])
+    stock = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    layer = stock.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "AutoBitLinear" and layer.online_quant
+    diff = (logits(ours, reference_ids) - logits(stock, reference_ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_export_loads_in_stock_transformers_as_b158(tmp_path, reference_ids):
+    conversion = convert(tmp_path, "b158", export__dtype="float32")
+    stock = AutoModelForCausalLM.from_pretrained(conversion.output, dtype=torch.float32)
+    layer = stock.model.layers[1].mlp.down_proj
+    assert type(layer).__name__ == "AutoBitLinear" and not layer.online_quant
+    ours = quant_linears(conversion.model)["model.layers.1.mlp.down_proj"]
+    assert torch.equal(layer.weight.to(torch.int8), ours.ternary())
+    diff = (logits(stock, reference_ids) - logits(conversion.model, reference_ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["a48", "a48-fp4", "b158"])
+def test_load_gives_bit_identical_logits(tmp_path, reference_ids, preset):
+    conversion = convert(tmp_path, preset)
+    reloaded = bitnet_convert.load(conversion.output)
+    assert torch.equal(logits(reloaded, reference_ids), logits(conversion.model, reference_ids))
+    assert {n: m.spec for n, m in quant_linears(reloaded).items()} == {
+        n: m.spec for n, m in quant_linears(conversion.model).items()
+    }
+
+
+def test_packed_values_unpack_to_the_ternarized_master(tmp_path, reference_dir):
+    conversion = convert(tmp_path, "a48")
+    source = open_checkpoint(reference_dir)
+    exported = open_checkpoint(conversion.output)
+    assert exported.layout.value == "packed-autobitlinear"
+    for name in source.linear_names():
+        codes, alpha = ternary_absmean(source.tensor(f"{name}.weight"))
+        got_codes, got_alpha = exported.ternary(name)
+        assert torch.equal(got_codes, codes), name
+        assert torch.equal(got_alpha, alpha), name
+
+
+def test_a48_changes_the_model_and_b158_does_not(reference_dir, reference_ids):
+    checkpoint = open_checkpoint(reference_dir)
+    base = logits(build_model(checkpoint, PRESETS["b158"]), reference_ids)
+    a48 = logits(build_model(checkpoint, PRESETS["a48"]), reference_ids)
+    assert (a48 - base).abs().max().item() > 1e-2
+
+
+def test_same_recipe_gives_byte_identical_files(tmp_path):
+    first = convert(tmp_path, "a48", "first")
+    second = convert(tmp_path, "a48", "second")
+    for name in ("model.safetensors", "config.json"):
+        assert _sha(first.output / name) == _sha(second.output / name), name
+
+
+def test_conversion_does_not_touch_the_global_rng(tmp_path):
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    convert(tmp_path, "a48")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sharded_export_round_trips(tmp_path, reference_ids):
+    whole = convert(tmp_path, "a48", "whole")
+    sharded = convert(tmp_path, "a48", "sharded", export__max_shard_size=300_000)
+    index = json.loads((sharded.output / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (sharded.output / "model.safetensors").exists()
+    assert all((sharded.output / s).stat().st_size <= 300_000 + 200_000 for s in shards)
+    assert torch.equal(logits(bitnet_convert.load(sharded.output), reference_ids), logits(whole.model, reference_ids))
+
+
+def test_output_carries_tokenizer_recipe_and_report(tmp_path, reference_dir):
+    conversion = convert(tmp_path, "a48")
+    out = conversion.output
+    assert _sha(out / "tokenizer.json") == _sha(reference_dir / "tokenizer.json")
+    stored = load_recipe(out / "recipe.yaml")
+    assert stored.scheme.preset == "a48" and stored.calibration.samples == 4 and stored.output == out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quantization_mode"] == "offline"
+    assert config["bitnet_convert"]["activations"]["o"] == {"method": "absmax", "bits": 8, "topk": 0.5}
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report == conversion.report
+    linears = quant_linears(conversion.model).values()
+    assert report["parameters"]["ternary"] == sum(m.in_features * m.out_features for m in linears)
+    assert 2.0 <= report["packed_linears"]["bits_per_weight"] <= 2.01
+    assert report["files"]["model.safetensors"] == (out / "model.safetensors").stat().st_size
+    roles = report["calibration"]["roles"]
+    assert roles["o"]["zero_share"] >= 0.5  # top-50% sparsification
+    assert roles["down"]["zero_share"] > 0.5  # relu² GLU: mostly zeros
+    assert 0.0 < report["calibration"]["active_parameter_share"] < 0.8
+
+
+def test_b158_report_shows_less_sparsity_than_a48(tmp_path):
+    a48 = convert(tmp_path, "a48").report["calibration"]
+    b158 = convert(tmp_path, "b158").report["calibration"]
+    assert b158["roles"]["o"]["zero_share"] < 0.2
+    assert b158["active_parameter_share"] > a48["active_parameter_share"] + 0.1
+
+
+def test_optimum_quantizer_entry_point(tmp_path, reference_ids):
+    quantizer = BitNetA48Quantizer.from_pretrained("builtin:reference", scheme__preset="a48-fp4",
+                                                   calibration__samples=0)
+    conversion = quantizer.quantize(tmp_path / "via-optimum")
+    assert json.loads((conversion.output / "config.json").read_text())["bitnet_convert"]["scheme"] == "a48-fp4"
+    assert torch.equal(logits(bitnet_convert.load(conversion.output), reference_ids),
+                       logits(conversion.model, reference_ids))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
