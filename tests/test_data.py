@@ -1,0 +1,54 @@
+"""Calibration / evaluation text sources and token windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bitnet_convert.data import load_texts, sample_windows, windows
+from bitnet_convert.errors import DataError
+
+
+def test_builtin_reference_splits_are_distinct():
+    validation = load_texts("builtin:reference", "validation")
+    test = load_texts("builtin:reference", "test")
+    assert len(validation) > 100 and not set(validation) & set(test)
+    with pytest.raises(DataError, match="no split 'train'"):
+        load_texts("builtin:reference", "train")
+
+
+def test_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\n\n  second doc  \n")
+    assert load_texts(str(txt)) == ["first doc", "second doc"]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"body": "x y"}) + "\n\n" + json.dumps({"body": "z"}) + "\n")
+    assert load_texts(str(jsonl), text_field="body") == ["x y", "z"]
+    with pytest.raises(DataError, match=r"a\.jsonl:1: expected an object with a string field 'text'"):
+        load_texts(str(jsonl))
+    jsonl.write_text("{not json\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:1: not valid JSON"):
+        load_texts(str(jsonl))
+
+
+def test_missing_file_and_offline_dataset(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_texts(str(tmp_path / "none.txt"))
+    with pytest.raises(DataError, match="could not be loaded as a hub dataset"):
+        load_texts("someone/some-dataset-not-cached", "train")
+
+
+def test_windows_and_seeded_sampling_leave_global_rng_alone():
+    stream = torch.arange(103)
+    assert windows(stream, 10).shape == (10, 10)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = sample_windows(stream, 4, 10, seed=3)
+    b = sample_windows(stream, 4, 10, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, sample_windows(stream, 4, 10, seed=4))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert (a[:, 1:] - a[:, :-1] == 1).all()  # windows are contiguous runs of the stream
+    with pytest.raises(DataError, match="need at least seq_len=200"):
+        windows(stream, 200)
