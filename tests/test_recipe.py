@@ -38,7 +38,7 @@ def test_parse_assignment(text, expected):
 
 
 def test_parse_assignment_needs_an_equals_sign():
-    with pytest.raises(RecipeError, match="expected key.path=value"):
+    with pytest.raises(RecipeError, match=r"expected key\.path=value"):
         parse_assignment("scheme.preset")
 
 
