@@ -7,7 +7,8 @@ Layouts (``quantization_config`` of a ``model_type: bitnet`` config):
   (the output is *multiplied* by it). bitnet-convert's own exports use this layout.
 * ``packed-bitlinear`` — ``bitlinear``: uint8 packed weights, ``weight_scale`` = 1/α (the output is *divided*).
 
-Tensors are read lazily with ``safe_open``; nothing holds the whole checkpoint in memory.
+Tensors are read one at a time with plain file reads (not memory maps, whose touched pages would count as
+resident memory for as long as the file stays open), so nothing holds the whole checkpoint in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.quant.functional import ternary_absmean
@@ -52,7 +52,7 @@ class Checkpoint:
     config: dict
     layout: Layout
     weight_map: dict[str, Path]
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
 
     @property
     def files(self) -> list[Path]:
@@ -66,27 +66,23 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, file: Path):
+    def _handle(self, file: Path) -> SafetensorsFile:
         if file not in self._handles:
-            self._handles[file] = _open_safetensors(file)
+            self._handles[file] = SafetensorsFile(file)
         return self._handles[file]
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor from disk."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
-        file = self.weight_map[name]
-        try:
-            return self._handle(file).get_tensor(name)
-        except (SafetensorError, RuntimeError, OSError) as exc:
-            raise CheckpointError(f"{file}: cannot read tensor '{name}' ({_first_line(exc)})") from None
+        return self._handle(self.weight_map[name]).get_tensor(name)
 
     def dtype_of(self, name: str) -> str:
         """Stored dtype of a tensor as safetensors names it (``BF16``, ``U8``…), without reading its data."""
-        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+        return self._handle(self.weight_map[name]).entries[name]["dtype"]
 
     def shape_of(self, name: str) -> list[int]:
-        return list(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+        return list(self._handle(self.weight_map[name]).entries[name]["shape"])
 
     def linear_names(self) -> list[str]:
         """Module names of the ternary linears (those the role table knows), in checkpoint order."""
@@ -220,14 +216,62 @@ def _weight_map(path: Path) -> dict[str, Path]:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
-    return {name: single for name in _open_safetensors(single).keys()}
+    return dict.fromkeys(SafetensorsFile(single).entries, single)
 
 
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(exc)})") from None
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """A safetensors file read with ``pread``: the header is parsed and checked on open, tensors on demand.
+
+    Format: 8-byte little-endian header length, a JSON header ``{name: {dtype, shape, data_offsets}}``, the data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if size < 8 or length > size - 8:
+                    raise ValueError(f"header length {length} exceeds the file size {size}")
+                header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            header.pop("__metadata__", None)
+            self.data_start = 8 + length
+            for name, entry in header.items():
+                self._check(name, entry, size - self.data_start)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        self.entries: dict[str, dict] = header
+
+    @staticmethod
+    def _check(name: str, entry: dict, data_size: int) -> None:
+        dtype = _ST_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        numel = 1
+        for dim in entry["shape"]:
+            numel *= dim
+        if not 0 <= start <= end <= data_size or end - start != numel * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"tensor '{name}' has data offsets {start}..{end} outside or inconsistent with the file")
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        tensor = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        with self.path.open("rb") as f:
+            f.seek(self.data_start + start)
+            read = f.readinto(buffer)
+        if read != end - start:
+            raise CheckpointError(f"{self.path}: tensor '{name}' is truncated ({read} of {end - start} bytes)")
+        return tensor
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,7 +22,7 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     if out % VALUES_PER_BYTE:
         raise PackingError(f"out_features={out} is not divisible by {VALUES_PER_BYTE}; 2-bit packing needs that")
     shifted = codes.to(torch.int16) + 1
-    if shifted.numel() and (int(shifted.min()) < 0 or int(shifted.max()) > 2):
+    if codes.numel() and not ((codes == -1) | (codes == 0) | (codes == 1)).all():
         raise PackingError("ternary packing expects values in {-1, 0, 1}")
     shifted = shifted.to(torch.uint8)
     rows = out // VALUES_PER_BYTE
