@@ -45,8 +45,15 @@ class ActivationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["absmax", "absmean", "fp4_e2m1", "none"] = "absmax"
-    bits: int = Field(8, ge=2, le=8, description="integer width, 2..8")
+    bits: int = Field(8, ge=2, le=8, description="integer width, 2..8 (default: 4 for absmean and fp4_e2m1, else 8)")
     topk: float | None = Field(None, gt=0.0, le=1.0, description="share of |x| kept per token, in (0, 1]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bits(cls, data: object) -> object:
+        if isinstance(data, dict) and "bits" not in data and data.get("method") in ("absmean", "fp4_e2m1"):
+            return {**data, "bits": 4}
+        return data
 
     @model_validator(mode="after")
     def _fp4_is_four_bits(self) -> ActivationSpec:
