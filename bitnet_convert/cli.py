@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from bitnet_convert.errors import BitNetConvertError
 
@@ -173,7 +173,7 @@ def inspect(
         head.add_row(key, str(value))
     head.add_row("size", f"{sum(summary['files'].values()) / 1e6:.2f} MB in {len(summary['files'])} file(s)")
     out.print(head)
-    tensors = Table("tensor", "shape", "dtype", "count", "MB")
+    tensors = Table(Column("tensor", no_wrap=True), "shape", "dtype", "count", "MB")
     for row in summary["tensors"]:
         tensors.add_row(row["name"], row["shape"], row["dtype"], str(row["count"]), f"{row['bytes'] / 1e6:.3f}")
     out.print(tensors)

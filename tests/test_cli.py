@@ -172,3 +172,22 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model path '{tmp_path / 'missing'}' does not exist "
                                                 "(expected a checkpoint directory or a hub id)"]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
+    import re
+
+    import bitnet_convert
+    from bitnet_convert.data import load_texts, token_stream, windows
+    from bitnet_convert.evaluate import perplexity
+
+    texts = tmp_path / "held_out.txt"
+    texts.write_text("\n".join(load_texts("builtin:reference", "validation")[:30]))
+    result = invoke("perplexity", reference_dir, "--data", texts, "--seq-len", "128", "--scheme", "a48")
+    assert result.exit_code == 0, result.output
+    shown = float(re.search(r"perplexity (\d+\.\d+)", result.output).group(1))
+    model = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a48"),
+                                    calibration__samples=0).model
+    ids = windows(token_stream(bitnet_convert.load_tokenizer(reference_dir), load_texts(str(texts))), 128)
+    assert shown == pytest.approx(perplexity(model, ids)["perplexity"], abs=1e-4)
+    assert_user_error(invoke("perplexity", reference_dir, "--scheme", "a47"), "--scheme 'a47' is unknown")
