@@ -14,6 +14,7 @@ resident memory for as long as the file stays open), so nothing holds the whole 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -89,14 +90,16 @@ class Checkpoint:
         modules = (name.removesuffix(".weight") for name in self.weight_map if name.endswith(".weight"))
         return [module for module in modules if role_of(module)]
 
-    def ternary(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout."""
+    def ternary(self, module: str, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout.
+
+        ``scratch`` is passed to :func:`ternary_absmean` for master weights (see there)."""
         weight = self.tensor(f"{module}.weight")
         if self.layout is Layout.MASTER:
             if not weight.is_floating_point():
                 found = f"'{module}.weight' is {weight.dtype}"
                 raise CheckpointError(f"{self.path}: {found}; expected float master weights")
-            return ternary_absmean(weight)
+            return ternary_absmean(weight, scratch)
         if weight.dtype != torch.uint8:
             raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected packed uint8 weights")
         scale = self.tensor(f"{module}.weight_scale").float().reshape(-1)[:1]
@@ -255,10 +258,8 @@ class SafetensorsFile:
     def _check(name: str, entry: dict, data_size: int) -> None:
         dtype = _ST_DTYPES[entry["dtype"]]
         start, end = entry["data_offsets"]
-        numel = 1
-        for dim in entry["shape"]:
-            numel *= dim
-        if not 0 <= start <= end <= data_size or end - start != numel * torch.empty(0, dtype=dtype).element_size():
+        nbytes = math.prod(entry["shape"]) * dtype.itemsize
+        if not 0 <= start <= end <= data_size or end - start != nbytes:
             raise ValueError(f"tensor '{name}' has data offsets {start}..{end} outside or inconsistent with the file")
 
     def get_tensor(self, name: str) -> torch.Tensor:

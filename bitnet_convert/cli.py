@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -139,12 +140,9 @@ def inspect(
             shape = checkpoint.shape_of(name)
             dtype = checkpoint.dtype_of(name)
             pattern = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
-            numel = 1
-            for dim in shape:
-                numel *= dim
             entry = groups[(pattern, "×".join(map(str, shape)), dtype)]
             entry[0] += 1
-            entry[1] += numel * _itemsize(dtype)
+            entry[1] += math.prod(shape) * _itemsize(dtype)
     config = checkpoint.config
     summary = {
         "path": str(checkpoint.path),

@@ -7,13 +7,14 @@ peak memory is the packed model plus one linear in fp32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from transformers import BitNetConfig, BitNetForCausalLM
 from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
-from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
@@ -43,15 +44,18 @@ def build_model(
     config = architecture_config(checkpoint)
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
+    packed = checkpoint.layout is not Layout.MASTER
+    largest = max((math.prod(checkpoint.shape_of(f"{n}.weight")) for n in checkpoint.linear_names()), default=0)
+    scratch = None if packed else torch.empty(2 * largest, dtype=torch.float32)
     for name in checkpoint.linear_names():
         shape = checkpoint.shape_of(f"{name}.weight")
-        out_features = shape[0] * (VALUES_PER_BYTE if checkpoint.layout.value.startswith("packed") else 1)
+        out_features = shape[0] * (VALUES_PER_BYTE if packed else 1)
         if out_features % VALUES_PER_BYTE:
             raise CheckpointError(
                 f"{checkpoint.path}: '{name}.weight' has out_features={out_features}, not divisible by "
                 f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
             )
-        codes, alpha = checkpoint.ternary(name)
+        codes, alpha = checkpoint.ternary(name, scratch)
         model.set_submodule(name, QuantLinear.from_ternary(codes, alpha, roles[role_of(name)]))
         if on_linear is not None:
             on_linear(name)

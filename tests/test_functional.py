@@ -420,3 +420,13 @@ def test_int8_absmax_matches_transformers_actquant(hf_bitnet, dtype: torch.dtype
     theirs = hf_bitnet.ActQuant.apply(x.clone())
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
+
+
+def test_ternary_absmean_with_a_reused_scratch_buffer_gives_the_same_result() -> None:
+    g = torch.Generator().manual_seed(5)
+    scratch = torch.full((2 * 64 * 48,), float("nan"))
+    for shape in [(64, 48), (16, 8), (4, 4)]:
+        w = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        codes, alpha = F.ternary_absmean(w, scratch)
+        expected_codes, expected_alpha = F.ternary_absmean(w)
+        assert torch.equal(codes, expected_codes) and torch.equal(alpha, expected_alpha)

@@ -35,16 +35,22 @@ def ste(x: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- weights
 
 
-def ternary_absmean(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ternary_absmean(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary codes and scale of a weight, per tensor (b1.58 Eq. 1–3).
 
     ``α = mean(|W|)``, codes ``= RoundClip(W / α, −1, 1)`` as int8, so ``Q_w(W) = α · codes``.
     Computed in fp32 whatever the input dtype. Returns ``(codes, alpha)`` with ``alpha`` a 1-element fp32 tensor.
+    ``scratch``: an optional flat fp32 buffer of at least ``2 · w.numel()`` elements, reused across calls when
+    converting many large weights (fresh full-size temporaries cost a page fault per 4 KiB); same result.
     """
-    w = w.float()
-    alpha = w.abs().mean().clamp(min=EPS)
-    codes = round_clip(w * (1.0 / alpha), -1, 1).to(torch.int8)
-    return codes, alpha.reshape(1)
+    n = w.numel()
+    if scratch is None:
+        wf, work = w.float(), torch.empty(w.shape, dtype=torch.float32)
+    else:
+        wf, work = scratch[:n].view(w.shape).copy_(w), scratch[n : 2 * n].view(w.shape)
+    alpha = torch.abs(wf, out=work).mean().clamp(min=EPS)
+    torch.mul(wf, 1.0 / alpha, out=work).round_().clamp_(-1, 1)
+    return work.to(torch.int8), alpha.reshape(1)
 
 
 def ternary_absmean_fake(w: torch.Tensor) -> torch.Tensor:

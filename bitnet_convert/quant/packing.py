@@ -21,10 +21,13 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     out = codes.shape[0]
     if out % VALUES_PER_BYTE:
         raise PackingError(f"out_features={out} is not divisible by {VALUES_PER_BYTE}; 2-bit packing needs that")
-    shifted = codes.to(torch.int16) + 1
-    if codes.numel() and not ((codes == -1) | (codes == 0) | (codes == 1)).all():
+    if codes.dtype != torch.int8:
+        if codes.numel() and not ((codes == -1) | (codes == 0) | (codes == 1)).all():
+            raise PackingError("ternary packing expects values in {-1, 0, 1}")
+        codes = codes.to(torch.int8)
+    shifted = (codes + 1).view(torch.uint8)  # {-1, 0, 1} → {0, 1, 2}; any other int8 lands on 3..255
+    if shifted.numel() and int(shifted.max()) > 2:
         raise PackingError("ternary packing expects values in {-1, 0, 1}")
-    shifted = shifted.to(torch.uint8)
     rows = out // VALUES_PER_BYTE
     packed = shifted[:rows].clone()
     for i in range(1, VALUES_PER_BYTE):
