@@ -34,12 +34,27 @@ def convert(tmp_path: Path, preset: str, name: str | None = None, **overrides):
 
 
 def test_b158_matches_stock_transformers_online(reference_dir, reference_ids):
-    ours = build_model(open_checkpoint(reference_dir), PRESETS["b158"])
-    stock = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    """Whole-model parity in fp64. In fp32, transformers' own online (master) and offline (packed) layouts of the
+    same weights already differ by ~0.08 in the logits: ``x·(T/s)`` and ``(x·T)·α`` round differently, and the
+    next layer's INT8 RoundClip turns 1e-7 differences into whole quantization steps. Ours computes the packed
+    way (bit-identical to the stock packed load, next test); per linear it matches online in fp32 (below)."""
+    ours = build_model(open_checkpoint(reference_dir), PRESETS["b158"], dtype=torch.float64)
+    stock = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float64)
     layer = stock.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == "AutoBitLinear" and layer.online_quant
     diff = (logits(ours, reference_ids) - logits(stock, reference_ids)).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_b158_linears_match_stock_online_linears_in_fp32(reference_dir):
+    ours = quant_linears(build_model(open_checkpoint(reference_dir), PRESETS["b158"]))
+    stock = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32)
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    for name, module in ours.items():
+        inputs = x[:, : module.in_features]
+        with torch.no_grad():
+            expected = stock.get_submodule(name)(inputs)
+            torch.testing.assert_close(module(inputs), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_export_loads_in_stock_transformers_as_b158(tmp_path, reference_ids):
@@ -49,8 +64,7 @@ def test_export_loads_in_stock_transformers_as_b158(tmp_path, reference_ids):
     assert type(layer).__name__ == "AutoBitLinear" and not layer.online_quant
     ours = quant_linears(conversion.model)["model.layers.1.mlp.down_proj"]
     assert torch.equal(layer.weight.to(torch.int8), ours.ternary())
-    diff = (logits(stock, reference_ids) - logits(conversion.model, reference_ids)).abs().max().item()
-    assert diff <= 1e-4
+    assert torch.equal(logits(stock, reference_ids), logits(conversion.model, reference_ids))
 
 
 @pytest.mark.parametrize("preset", ["a48", "a48-fp4", "b158"])
