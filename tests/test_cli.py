@@ -182,7 +182,7 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     from bitnet_convert.evaluate import perplexity
 
     texts = tmp_path / "held_out.txt"
-    texts.write_text("\n".join(load_texts("builtin:reference", "validation")[:30]))
+    texts.write_text("\n".join(load_texts("builtin:reference", "validation")[:12]))
     result = invoke("perplexity", reference_dir, "--data", texts, "--seq-len", "128", "--scheme", "a48")
     assert result.exit_code == 0, result.output
     shown = float(re.search(r"perplexity (\d+\.\d+)", result.output).group(1))
