@@ -203,7 +203,8 @@ def perplexity(
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
         name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
-        batches = windows(token_stream(load_tokenizer(checkpoint.path), load_texts(data, split)), seq_len)
+        tokenizer = load_tokenizer(checkpoint.path)
+        batches = windows(token_stream(tokenizer, load_texts(data, split)), seq_len, tokenizer.bos_token_id)
         model = build_model(checkpoint, roles)
         steps = -(-batches.shape[0] // batch_size)
         with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:

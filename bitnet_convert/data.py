@@ -81,26 +81,34 @@ def _hub_dataset(name: str, split: str, field: str) -> list[str]:
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents tokenized (each with the tokenizer's special tokens, e.g. BOS) and concatenated."""
+    """All documents tokenized without special tokens and concatenated, each followed by EOS (when the
+    tokenizer has one) — the packing BitNet-style pre-training uses."""
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows ``[n, seq_len]`` of a token stream (the ragged tail is dropped)."""
-    n = stream.numel() // seq_len
+def windows(stream: torch.Tensor, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[n, seq_len]`` of a token stream, the ragged tail dropped. With ``bos_id``
+    every window is BOS followed by the next ``seq_len − 1`` tokens of the stream."""
+    body = seq_len - (bos_id is not None)
+    n = stream.numel() // body if body > 0 else 0
     if n == 0:
         raise DataError(f"only {stream.numel()} tokens of data; need at least seq_len={seq_len}")
-    return stream[: n * seq_len].view(n, seq_len)
+    chunks = stream[: n * body].view(n, body)
+    if bos_id is None:
+        return chunks
+    return torch.cat([torch.full((n, 1), bos_id, dtype=stream.dtype), chunks], dim=1)
 
 
-def sample_windows(stream: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+def sample_windows(
+    stream: torch.Tensor, samples: int, seq_len: int, seed: int, bos_id: int | None = None
+) -> torch.Tensor:
     """``samples`` windows drawn without replacement with a private generator (the global RNG is untouched)."""
-    all_windows = windows(stream, seq_len)
+    all_windows = windows(stream, seq_len, bos_id)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(all_windows.shape[0], generator=generator)[:samples]
     return all_windows[order.sort().values]

@@ -16,8 +16,8 @@ def perplexity(
     batch_size: int = 8,
     on_batch: Callable[[], None] | None = None,
 ) -> dict:
-    """Token-level perplexity over non-overlapping windows ``[n, seq_len]`` (every token after the first of
-    each window is predicted). Returns ``{"perplexity", "nll", "tokens"}``."""
+    """Token-level perplexity over windows ``[n, seq_len]`` (see :func:`bitnet_convert.data.windows`); every
+    token after the first of each window is predicted. Returns ``{"perplexity", "nll", "tokens"}``."""
     total, count = 0.0, 0
     for start in range(0, token_windows.shape[0], batch_size):
         batch = token_windows[start : start + batch_size]

@@ -87,12 +87,13 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor
     if spec.samples == 0:
         return None
     texts = load_texts(spec.data, spec.split, spec.text_field)
-    stream = token_stream(load_tokenizer(checkpoint.path), texts)
+    tokenizer = load_tokenizer(checkpoint.path)
+    stream = token_stream(tokenizer, texts)
     vocab = checkpoint.config.get("vocab_size")
     if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
         raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "
                         f"vocab_size is {vocab}; the tokenizer does not belong to this model")
-    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed)
+    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id)
 
 
 def conversion_report(

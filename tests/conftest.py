@@ -97,8 +97,9 @@ def reference_ids(reference_dir: Path) -> torch.Tensor:
     from bitnet_convert.data import load_texts, token_stream, windows
     from bitnet_convert.load import load_tokenizer
 
-    stream = token_stream(load_tokenizer(reference_dir), load_texts("builtin:reference", "validation")[:40])
-    return windows(stream, 64)[:2]
+    tokenizer = load_tokenizer(reference_dir)
+    stream = token_stream(tokenizer, load_texts("builtin:reference", "validation")[:40])
+    return windows(stream, 64, tokenizer.bos_token_id)[:2]
 
 
 def copy_checkpoint(source: Path, target: Path) -> Path:

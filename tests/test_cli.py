@@ -188,6 +188,7 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     shown = float(re.search(r"perplexity (\d+\.\d+)", result.output).group(1))
     model = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a48"),
                                     calibration__samples=0).model
-    ids = windows(token_stream(bitnet_convert.load_tokenizer(reference_dir), load_texts(str(texts))), 128)
+    tokenizer = bitnet_convert.load_tokenizer(reference_dir)
+    ids = windows(token_stream(tokenizer, load_texts(str(texts))), 128, tokenizer.bos_token_id)
     assert shown == pytest.approx(perplexity(model, ids)["perplexity"], abs=1e-4)
     assert_user_error(invoke("perplexity", reference_dir, "--scheme", "a47"), "--scheme 'a47' is unknown")

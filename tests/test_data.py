@@ -52,3 +52,16 @@ def test_windows_and_seeded_sampling_leave_global_rng_alone():
     assert (a[:, 1:] - a[:, :-1] == 1).all()  # windows are contiguous runs of the stream
     with pytest.raises(DataError, match="need at least seq_len=200"):
         windows(stream, 200)
+    with_bos = windows(stream, 10, bos_id=-1)
+    assert with_bos.shape == (11, 10) and (with_bos[:, 0] == -1).all()
+    assert torch.equal(with_bos[:, 1:].flatten(), stream[:99])
+
+
+def test_token_stream_ends_every_document_with_eos(reference_dir):
+    from bitnet_convert.data import token_stream
+    from bitnet_convert.load import load_tokenizer
+
+    tokenizer = load_tokenizer(reference_dir)
+    stream = token_stream(tokenizer, ["Anna is kind.", "Tom sleeps."])
+    assert (stream == tokenizer.eos_token_id).sum().item() == 2 and stream[-1].item() == tokenizer.eos_token_id
+    assert tokenizer.bos_token_id not in stream.tolist()

@@ -1,0 +1,123 @@
+"""eval/bench.py: the synthetic checkpoint, the table, and one tiny end-to-end conversion benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitnet_convert.checkpoint import Layout, open_checkpoint
+
+BENCH_FILE = Path(__file__).resolve().parents[1] / "eval" / "bench.py"
+_spec = importlib.util.spec_from_file_location("bench", BENCH_FILE)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench"] = bench  # dataclasses resolve their module by name
+_spec.loader.exec_module(bench)
+
+TINY = bench.ShapeConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256)
+
+
+def test_full_shape_is_the_2b4t_parameter_count_in_three_whole_layer_shards() -> None:
+    shape = bench.ShapeConfig()
+    groups = shape.layer_groups()
+    params = sum(bench._numel(dims) for group in groups for _, dims in group)
+    per_layer = 2560 * (2560 + 2 * 640 + 2560) + 3 * 6912 * 2560 + 3 * 2560 + 6912
+    assert params == 128256 * 2560 + 30 * per_layer + 2560
+    shards = bench.plan_shards(shape)
+    assert len(shards) == 3
+    assert all(2 * sum(bench._numel(d) for _, d in shard) <= bench.SHARD_BYTES for shard in shards)
+    layer_of = {name: name.split(".")[2] for shard in shards for name, _ in shard if name.startswith("model.layers.")}
+    shard_layers = [{layer_of[n] for n, _ in shard if n in layer_of} for shard in shards]
+    assert all(not (a & b) for i, a in enumerate(shard_layers) for b in shard_layers[i + 1 :])
+
+
+def test_synthetic_checkpoint_is_a_sharded_bf16_master_checkpoint(tmp_path: Path) -> None:
+    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0, max_bytes=100_000)
+    checkpoint = open_checkpoint(tmp_path)
+    assert checkpoint.layout is Layout.MASTER
+    assert len(checkpoint.files) > 1
+    assert len(checkpoint.linear_names()) == 7 * TINY.layers
+    assert checkpoint.config["tie_word_embeddings"] is True
+    assert checkpoint.config["quantization_config"]["quantization_mode"] == "online"
+    assert "lm_head.weight" not in checkpoint.names()
+    up = checkpoint.tensor("model.layers.1.mlp.up_proj.weight")
+    assert up.dtype == torch.bfloat16 and tuple(up.shape) == (128, 64)
+    assert abs(up.float().std().item() - bench.INIT_STD) < 0.002
+    assert torch.equal(checkpoint.tensor("model.norm.weight"), torch.ones(64, dtype=torch.bfloat16))
+    index = json.loads((tmp_path / bench.INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == bench.checkpoint_bytes(tmp_path) - _headers(checkpoint)
+
+
+def _headers(checkpoint) -> int:
+    """Bytes of the safetensors headers (8-byte length + JSON) of every file."""
+    return sum(8 + int.from_bytes(f.read_bytes()[:8], "little") for f in checkpoint.files)
+
+
+def test_synthetic_weights_depend_on_the_seed_only(tmp_path: Path) -> None:
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        bench.write_synthetic_checkpoint(tmp_path / name, TINY, seed=seed)
+    read = {name: open_checkpoint(tmp_path / name).tensor("model.layers.0.self_attn.q_proj.weight") for name in "abc"}
+    assert torch.equal(read["a"], read["b"])
+    assert not torch.equal(read["a"], read["c"])
+    assert bench.synthetic_key(TINY, 0) != bench.synthetic_key(TINY, 1)
+    assert bench.synthetic_key(TINY, 0) != bench.synthetic_key(bench.ShapeConfig(layers=3, hidden=64), 0)
+
+
+def _job(**data: object) -> object:
+    return bench.JobResult(total_s=2.0, data={"peak_rss_bytes": 1000, "torch_threads": 1, **data})
+
+
+QUANTIZED = {
+    "work_s": 3.0,
+    "stage_s": {"open": 0.1, "quantize": 2.0},
+    "bits_per_weight": 2.0 + 32 * 2 / 4000,
+    "packed_bytes": 1008,
+    "ternary_parameters": 4000,
+    "linears": 2,
+    "input_bytes": 1000,
+    "output_bytes": 400,
+}
+STOCK = {"work_s": 1.0, "load_s": 0.5, "save_s": 0.5, "dtype": "bfloat16", "linear_class": "AutoBitLinear"}
+
+
+def test_conversion_rows_compare_against_the_targets() -> None:
+    rows = {r.metric: r for r in bench.conversion_rows("m", 1000, _job(**QUANTIZED), _job(**STOCK))}
+    assert rows["wall time quantize / transformers"].value == 3.0
+    assert rows["wall time quantize / transformers"].passed is False  # 3.0 > 1.5
+    assert rows["quantize wall time"].passed is False
+    assert rows["quantize peak RSS"].passed is True  # 1000 B ≤ 1.25 × 1000 B
+    assert rows["transformers peak RSS"].passed is None  # measured, no target
+    assert rows["packed ternary linears"].passed is True
+    assert rows["quantize output / input size"].value == 0.4
+    assert "export ≈ 0.9" in rows["quantize wall time"].measured
+
+
+def test_a_failed_transformers_job_becomes_a_row() -> None:
+    failed = bench.JobResult(total_s=1.0, data={}, error="NotImplementedError: nope")
+    rows = {r.metric: r for r in bench.conversion_rows("m", 1000, _job(**QUANTIZED), failed)}
+    assert rows["transformers load+save wall time"].measured == "failed: NotImplementedError: nope"
+    assert "wall time quantize / transformers" not in rows
+    assert rows["quantize wall time"].passed is None
+    assert rows["transformers peak RSS"].measured == "n/a (the job died)"
+
+
+def test_markdown_table_escapes_pipes() -> None:
+    table = bench.markdown_table([bench.Row("b", "m", "x", "a | b", "≤ 1", passed=False)])
+    assert table.splitlines()[2] == "| b | m | x | a \\| b | ≤ 1 | **FAIL** |"
+
+
+def test_conversion_benchmark_end_to_end_on_a_tiny_checkpoint(tmp_path: Path) -> None:
+    bench.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
+    rows = bench.compare_conversion("tiny", str(tmp_path / "ckpt"), tmp_path / "ckpt", bench.DEFAULT_RECIPE, 1)
+    by_metric = {r.metric: r for r in rows}
+    quantize = by_metric["quantize wall time"]
+    assert quantize.details["torch_threads"] == 1
+    assert quantize.details["linears"] == 7 * TINY.layers
+    scale_bits = 32 * 7 * TINY.layers / quantize.details["ternary_parameters"]
+    assert by_metric["packed ternary linears"].value == pytest.approx(2.0 + scale_bits)
+    assert by_metric["transformers load+save wall time"].details["linear_class"] == "AutoBitLinear"
+    assert by_metric["quantize peak RSS"].value > 0
