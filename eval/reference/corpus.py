@@ -344,7 +344,8 @@ def pronoun(story: Story) -> Sentence:
     form = rng.randrange(3)
     if form == 0:
         head = f"When {c.name} {conjugate(rng.choice(ARRIVE_VERBS), False)} the {rng.choice(PLACES)},"
-        tails = [f"{p} {third_person(rng.choice(PERSON_ACTS))} {rng.choice(ADVERBS)}." for p in ("she", "he")]
+        act = f"{third_person(rng.choice(PERSON_ACTS))} {rng.choice(ADVERBS)}"
+        tails = [f"{p} {act}." for p in ("she", "he")]
     elif form == 1:
         head = f"{c.name} {third_person(rng.choice(HANDLE_VERBS))} the {rng.choice(BELONGINGS)} and then"
         act = third_person(rng.choice(PERSON_ACTS))
@@ -472,7 +473,7 @@ TEMPLATES: dict[str, Callable[[Story], Sentence]] = {
 }
 #: The kinds of decision point that :func:`generate_probes` can test.
 PROBE_KINDS = tuple(k for k in TEMPLATES if k != "filler")
-_WEIGHTS = {"agreement": 5, "pronoun": 3, "possession": 4, "home": 1, "occupation": 1, "trait": 1, "filler": 5}
+_WEIGHTS = {"agreement": 4, "pronoun": 3, "possession": 5, "home": 2, "occupation": 2, "trait": 2, "filler": 3}
 
 
 def next_sentence(story: Story, kind: str | None = None) -> Sentence:

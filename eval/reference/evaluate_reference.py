@@ -3,7 +3,7 @@
 Text is packed the same way for training and evaluation: documents joined with ``</s>`` after each one, cut
 into non-overlapping windows of ``seq_len − 1`` tokens, each window preceded by ``<s>``; every token after
 ``<s>`` is predicted. The unigram baseline counts the tokens of the train stream packed the same way, with
-add-one smoothing.
+add-one smoothing. ``--probes N`` also scores N multiple-choice probes of each kind (see ``corpus.py``).
 
 Usage: ``python eval/reference/evaluate_reference.py`` loads ``model/`` with stock transformers.
 """
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.bitnet import AutoBitLinear
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from corpus import generate_documents
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import PROBE_KINDS, Probe, generate_documents, generate_probes
 
+HERE = Path(__file__).resolve().parent
 SEQ_LEN = 256
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,7 +47,7 @@ def windows(ids: list[int], bos_id: int, seq_len: int = SEQ_LEN, keep_partial: b
     """Non-overlapping ``<s>``-prefixed windows of at most ``seq_len`` tokens (the last one may be shorter)."""
     step = seq_len - 1
     out = [torch.tensor([bos_id, *ids[i : i + step]]) for i in range(0, len(ids), step)]
-    if out and (len(out[-1]) < seq_len and not keep_partial or len(out[-1]) < 2):
+    if out and (len(out[-1]) < 2 or (len(out[-1]) < seq_len and not keep_partial)):
         out.pop()
     return out
 
@@ -76,6 +76,27 @@ def unigram_perplexity(train_ids: list[int], wins: list[torch.Tensor], vocab_siz
     return math.exp(-logp[targets].mean().item())
 
 
+@torch.no_grad()
+def probe_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, probes: list[Probe]) -> float:
+    """Share of probes whose right choice has the highest summed log-likelihood after ``<s> context``."""
+    model.eval()
+    right = 0
+    for probe in probes:
+        context = [tokenizer.bos_token_id, *tokenizer(probe.context, add_special_tokens=False)["input_ids"]]
+        choices = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in probe.choices]
+        width = len(context) + max(len(c) for c in choices)
+        batch = torch.full((len(choices), width), tokenizer.pad_token_id)
+        for row, choice in enumerate(choices):
+            batch[row, : len(context) + len(choice)] = torch.tensor(context + choice)
+        logp = model(input_ids=batch).logits.float().log_softmax(-1)
+        scores = [
+            logp[row, len(context) - 1 + torch.arange(len(choice)), torch.tensor(choice)].sum().item()
+            for row, choice in enumerate(choices)
+        ]
+        right += max(range(len(scores)), key=scores.__getitem__) == probe.label
+    return right / len(probes)
+
+
 def check_autobitlinear(model: PreTrainedModel) -> int:
     """Raise unless every decoder linear loaded as an online ``AutoBitLinear``; return how many there are."""
     found = 0
@@ -95,6 +116,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=HERE / "model")
     parser.add_argument("--data", type=Path, default=HERE / "data" / "validation.txt")
     parser.add_argument("--unigram-docs", type=int, default=20000, help="train documents for the unigram counts")
+    parser.add_argument("--probes", type=int, default=0, help="also score this many validation probes per kind")
     parser.add_argument("--metrics", type=Path, default=HERE / "train_metrics.json", help="compare with this")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -110,6 +132,10 @@ def main() -> None:
         "validation_tokens": n_tokens,
         "autobitlinear_layers": n_linears,
     }
+    if args.probes:
+        for kind in PROBE_KINDS:
+            probes = generate_probes("validation", kind, args.probes)
+            result[f"probe_accuracy_{kind}"] = round(probe_accuracy(model, tokenizer, probes), 3)
     if args.metrics.is_file():
         trained = json.loads(args.metrics.read_text())["validation_ppl_bf16"]
         result["train_script_ppl"] = trained

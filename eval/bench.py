@@ -1,0 +1,579 @@
+"""The benchmarks behind the README's performance table.
+
+Each benchmark is a function in :data:`BENCHMARKS` that returns table rows; ``--only NAME`` runs a subset. The
+rows are printed as a markdown table on stdout and written as JSON (``--json``); progress goes to stderr.
+
+``conversion`` compares ``bitnet_convert.quantize`` (recipe a48, no calibration) with stock transformers'
+``from_pretrained`` + ``save_pretrained`` on the same checkpoint: a synthetic checkpoint with the exact shapes of
+bitnet-b1.58-2B-4T (bf16 master weights, like the public "-bf16" release; generated once into ``--cache-dir``)
+and the built-in reference model when it exists. Every job runs in a fresh subprocess, so its peak RSS is its
+own; the orchestrating process imports nothing heavier than the standard library, so the children inherit no
+high-water mark from it. Wall times are measured in the child around the work (imports excluded) and, as a
+second number, around the whole child process.
+
+Usage::
+
+    python eval/bench.py --layers 2            # quick: a 2-layer synthetic checkpoint
+    python eval/bench.py                       # the full 30-layer 2B-4T shapes (~5 GB cache, some minutes)
+    python eval/bench.py --only conversion --json eval/results/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_MODEL = REPO_ROOT / "eval" / "reference" / "model"
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "a48.yaml"
+DEFAULT_JSON = REPO_ROOT / "eval" / "results" / "bench.json"
+DEFAULT_CACHE = Path("~/.cache/bitnet-convert/bench")
+INDEX_FILE = "model.safetensors.index.json"
+RESULT_MARKER = "BENCH_RESULT "  # prefixes the one stdout line of a child job that carries its JSON result
+
+#: Synthetic master weights: normal with this std, from a ``torch.Generator`` seeded with ``--seed``.
+INIT_STD = 0.02
+#: Upper bound on one shard of the synthetic checkpoint (whole layers per shard, like the public release).
+SHARD_BYTES = 2_000_000_000
+#: Bumped whenever the generated checkpoint changes for the same arguments (part of the cache key).
+SYNTHETIC_FORMAT = 1
+
+# Targets of the conversion benchmark.
+PACKED_BITS = 2.0  # per ternary weight, plus one fp32 scale per linear
+SCALE_BITS = 32
+MAX_RSS_PER_CHECKPOINT = 1.25  # quantize peak RSS ÷ bf16 checkpoint size
+MAX_WALL_RATIO = 1.5  # quantize wall time ÷ transformers load+save wall time
+
+GB = 1e9
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One line of the results table; ``value``/``unit``/``details`` are the machine-readable side."""
+
+    benchmark: str
+    subject: str
+    metric: str
+    measured: str
+    target: str = ""
+    passed: bool | None = None
+    value: float | None = None
+    unit: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return {True: "pass", False: "**FAIL**", None: ""}[self.passed]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    header = ["benchmark", "model", "metric", "measured", "target", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.benchmark, row.subject, row.metric, row.measured, row.target, row.status]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ child processes
+
+
+@dataclass
+class JobResult:
+    """What one child job reported (``data``), or why it failed (``error``), and its total wall time."""
+
+    total_s: float
+    data: dict[str, Any]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def run_job(kind: str, spec: dict[str, Any], label: str) -> JobResult:
+    """Run ``JOBS[kind](spec)`` in a fresh Python process; return its result line and total wall time.
+
+    ``spec["threads"]``, when set, is the child's ``torch.set_num_threads`` (applied before the clock starts).
+    """
+    print(f"[bench] {label}: {kind} ...", file=sys.stderr, flush=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--job", kind, "--spec", json.dumps(spec)]
+    loadavg = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    total = time.perf_counter() - start
+    results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
+    data = json.loads(results[-1][len(RESULT_MARKER) :]) if results else {}
+    data["loadavg_1min_at_start"] = loadavg
+    error = data.get("error")
+    if proc.returncode != 0 or not results:
+        stderr_lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        error = f"exit code {proc.returncode}: {stderr_lines[-1] if stderr_lines else 'no output'}"
+    result = JobResult(total_s=total, data=data, error=error)
+    if result.ok:
+        summary = f"{data['work_s']:.1f} s (process {total:.1f} s), peak RSS {data['peak_rss_bytes'] / GB:.2f} GB"
+    else:
+        summary = f"FAILED after {total:.1f} s: {error}"
+    print(f"[bench] {label}: {kind} {summary}", file=sys.stderr, flush=True)
+    return result
+
+
+def child_main(kind: str, spec_json: str) -> int:
+    """Entry point of a child process: run one job, print its result as one JSON line."""
+    spec = json.loads(spec_json)
+    try:
+        if spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(spec["threads"])
+        data = JOBS[kind](spec)
+    except Exception as exc:  # any failure becomes a row in the parent's table
+        traceback.print_exc()
+        data = {"error": f"{type(exc).__name__}: {_first_line(exc)}"}
+    data["torch_threads"] = _torch_threads()
+    data["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(RESULT_MARKER + json.dumps(data), flush=True)
+    return 0
+
+
+def _job_generate(spec: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    write_synthetic_checkpoint(Path(spec["output"]), ShapeConfig(**spec["shape"]), spec["seed"])
+    return {"work_s": time.perf_counter() - start}
+
+
+def _job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    import bitnet_convert
+    from bitnet_convert.modeling import quant_linears
+
+    start = time.perf_counter()
+    conversion = bitnet_convert.quantize(
+        spec["recipe"], model=spec["model"], output=spec["output"], calibration__samples=0, overwrite=True
+    )
+    work = time.perf_counter() - start
+    report = conversion.report
+    return {
+        "work_s": work,
+        "stage_s": report["time_s"],
+        "bits_per_weight": report["packed_linears"]["bits_per_weight"],
+        "packed_bytes": report["packed_linears"]["bytes"],
+        "ternary_parameters": report["parameters"]["ternary"],
+        "linears": len(quant_linears(conversion.model)),
+        "input_bytes": report["input_bytes"],
+        "output_bytes": report["output_bytes"],
+        "output_files": len(report["files"]),
+    }
+
+
+def _job_transformers(spec: dict[str, Any]) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    for lazy in ("models.bitnet.modeling_bitnet", "integrations.bitnet", "quantizers.quantizer_bitnet"):
+        importlib.import_module(f"transformers.{lazy}")  # what from_pretrained would import: keep it off the clock
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    loaded = time.perf_counter()
+    model.save_pretrained(spec["output"])
+    end = time.perf_counter()
+    return {
+        "work_s": end - start,
+        "load_s": loaded - start,
+        "save_s": end - loaded,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "linear_class": type(model.model.layers[0].self_attn.q_proj).__name__,
+        "output_bytes": sum(f.stat().st_size for f in Path(spec["output"]).rglob("*") if f.is_file()),
+    }
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "generate": _job_generate,
+    "quantize": _job_quantize,
+    "transformers": _job_transformers,
+}
+
+
+# ---------------------------------------------------------------------------- synthetic 2B-4T checkpoint
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    """The architecture of bitnet-b1.58-2B-4T (its public config.json); ``layers`` may truncate the depth."""
+
+    layers: int = 30
+    hidden: int = 2560
+    intermediate: int = 6912
+    heads: int = 20
+    kv_heads: int = 5
+    head_dim: int = 128
+    vocab: int = 128256
+
+    def layer_groups(self) -> list[list[tuple[str, tuple[int, ...]]]]:
+        """Tensor names and shapes in checkpoint order, grouped so that no group is split across shards:
+        the embedding, then one group per decoder layer, then the final norm (embeddings are tied)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        groups = [[("model.embed_tokens.weight", (self.vocab, self.hidden))]]
+        for i in range(self.layers):
+            p = f"model.layers.{i}"
+            groups.append(
+                [
+                    (f"{p}.input_layernorm.weight", (self.hidden,)),
+                    (f"{p}.self_attn.q_proj.weight", (q, self.hidden)),
+                    (f"{p}.self_attn.k_proj.weight", (kv, self.hidden)),
+                    (f"{p}.self_attn.v_proj.weight", (kv, self.hidden)),
+                    (f"{p}.self_attn.attn_sub_norm.weight", (q,)),
+                    (f"{p}.self_attn.o_proj.weight", (self.hidden, q)),
+                    (f"{p}.post_attention_layernorm.weight", (self.hidden,)),
+                    (f"{p}.mlp.gate_proj.weight", (self.intermediate, self.hidden)),
+                    (f"{p}.mlp.up_proj.weight", (self.intermediate, self.hidden)),
+                    (f"{p}.mlp.ffn_sub_norm.weight", (self.intermediate,)),
+                    (f"{p}.mlp.down_proj.weight", (self.hidden, self.intermediate)),
+                ]
+            )
+        groups.append([("model.norm.weight", (self.hidden,))])
+        return groups
+
+    def hf_config(self) -> dict[str, Any]:
+        """config.json of the bf16 master release (online AutoBitLinear), with this depth."""
+        return {
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "relu2",
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": INIT_STD,
+            "bos_token_id": 128000,
+            "eos_token_id": 128001,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "bitnet",
+                "linear_class": "autobitlinear",
+                "quantization_mode": "online",
+            },
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def plan_shards(shape: ShapeConfig, max_bytes: int = SHARD_BYTES) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedily fill shards of at most ``max_bytes`` (bf16) with whole groups; a larger group gets its own."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for group in shape.layer_groups():
+        group_bytes = 2 * sum(_numel(s) for _, s in group)
+        if shards[-1] and size + group_bytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += group_bytes
+    return shards
+
+
+def write_synthetic_checkpoint(directory: Path, shape: ShapeConfig, seed: int, max_bytes: int = SHARD_BYTES) -> None:
+    """Write a bf16 master checkpoint of ``shape`` into ``directory``, one shard in memory at a time.
+
+    Weights are N(0, INIT_STD²) from one ``torch.Generator`` seeded with ``seed``, drawn tensor by tensor in
+    checkpoint order; norm weights are ones.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    shards = plan_shards(shape, max_bytes)
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        tensors = {}
+        for name, dims in shard:
+            if len(dims) == 1:
+                tensors[name] = torch.ones(dims, dtype=torch.bfloat16)
+            else:
+                tensors[name] = torch.randn(dims, generator=generator, dtype=torch.bfloat16).mul_(INIT_STD)
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, directory / file, metadata={"format": "pt"})
+        (directory / file).chmod(0o644)  # safetensors writes through a private temp file (mode 0600)
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(shape.hf_config(), indent=2) + "\n")
+
+
+def synthetic_key(shape: ShapeConfig, seed: int) -> str:
+    """Cache directory name: depth plus a hash of everything that determines the checkpoint's bytes."""
+    recipe = {"shape": asdict(shape), "seed": seed, "std": INIT_STD, "shard": SHARD_BYTES, "v": SYNTHETIC_FORMAT}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return f"bitnet-2b4t-{shape.layers}L-seed{seed}-{digest}"
+
+
+def ensure_synthetic_checkpoint(cache_dir: Path, shape: ShapeConfig, seed: int) -> Path:
+    """The cached synthetic checkpoint for ``shape``/``seed``; generated (in a child process) when missing."""
+    directory = cache_dir / synthetic_key(shape, seed)
+    if (directory / INDEX_FILE).is_file():
+        print(f"[bench] reusing synthetic checkpoint {directory}", file=sys.stderr, flush=True)
+        return directory
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    need = 2 * sum(_numel(s) for group in shape.layer_groups() for _, s in group)
+    free = shutil.disk_usage(cache_dir).free
+    if free < need * 1.1:
+        raise SystemExit(f"bench: generating {directory.name} needs {need / GB:.1f} GB, {free / GB:.1f} GB free")
+    tmp = cache_dir / f".{directory.name}.tmp-{os.getpid()}"
+    try:
+        result = run_job("generate", {"output": str(tmp), "shape": asdict(shape), "seed": seed}, directory.name)
+        if not result.ok:
+            raise SystemExit(f"bench: generating the synthetic checkpoint failed: {result.error}")
+        tmp.rename(directory)  # complete checkpoints only: the index appears with the rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    """Size of a checkpoint: the sum of its safetensors files."""
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------- conversion
+
+
+def bench_conversion(args: argparse.Namespace) -> list[Row]:
+    """bitnet-convert's quantize vs stock transformers load+save: time, peak RSS, packed size."""
+    shape = ShapeConfig(layers=args.layers)
+    synthetic = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), shape, args.seed)
+    threads = f", {_threads(args.threads)}" if args.threads else ""
+    subject = f"synthetic 2B-4T, {shape.layers} layers{threads}"
+    rows = compare_conversion(subject, str(synthetic), synthetic, args.recipe, args.threads)
+    reference = f"reference model{threads}"
+    if not (REFERENCE_MODEL / "config.json").is_file() or checkpoint_bytes(REFERENCE_MODEL) == 0:
+        why = "is missing" if not REFERENCE_MODEL.is_dir() else "has no config.json / safetensors yet"
+        message = f"skipped: {REFERENCE_MODEL.relative_to(REPO_ROOT)} {why} (train it with eval/reference/train.py)"
+        print(f"[bench] {reference}: {message}", file=sys.stderr, flush=True)
+        return [*rows, Row("conversion", reference, "all", message)]
+    return rows + compare_conversion(reference, "builtin:reference", REFERENCE_MODEL, args.recipe, args.threads)
+
+
+def compare_conversion(subject: str, model: str, directory: Path, recipe: Path, threads: int | None) -> list[Row]:
+    """Run both jobs on one checkpoint (each in its own process, outputs deleted after) and tabulate them."""
+    size = checkpoint_bytes(directory)
+    with tempfile.TemporaryDirectory(prefix="bitnet-bench-") as tmp:
+        output = str(Path(tmp) / "quantized")
+        quantize_spec = {"recipe": str(recipe), "model": model, "output": output, "threads": threads}
+        quantized = run_job("quantize", quantize_spec, subject)
+        shutil.rmtree(output, ignore_errors=True)
+        transformers_spec = {"model": str(directory), "output": str(Path(tmp) / "transformers"), "threads": threads}
+        stock = run_job("transformers", transformers_spec, subject)
+    return conversion_rows(subject, size, quantized, stock)
+
+
+def conversion_rows(subject: str, size: int, quantized: JobResult, stock: JobResult) -> list[Row]:
+    """The table rows of one checkpoint's conversion comparison (targets next to the measurements)."""
+
+    def row(metric: str, measured: str, **kwargs: Any) -> Row:
+        return Row("conversion", subject, metric, measured, **kwargs)
+
+    q, t = quantized.data, stock.data
+    rows = [row("bf16 checkpoint size", f"{size / GB:.2f} GB", value=size, unit="bytes")]
+    if quantized.ok:
+        # The report is written during export, so its time_s stops before export ends: the rest is export.
+        export = q["work_s"] - sum(q["stage_s"].values())
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in {**q["stage_s"], "export ≈": export}.items())
+        wall = f"{q['work_s']:.1f} s ({stages}; process {quantized.total_s:.1f} s; {_threads(q['torch_threads'])})"
+    else:
+        wall = f"failed: {quantized.error}"
+    wall_target, wall_passed = "", None
+    if quantized.ok and stock.ok:
+        wall_target = f"≤ {MAX_WALL_RATIO} × transformers = {MAX_WALL_RATIO * t['work_s']:.1f} s"
+        wall_passed = q["work_s"] <= MAX_WALL_RATIO * t["work_s"]
+    rows.append(
+        row(
+            "quantize wall time",
+            wall,
+            target=wall_target,
+            passed=wall_passed,
+            value=q.get("work_s"),
+            unit="s",
+            details={"total_s": quantized.total_s, **q},
+        )
+    )
+    if stock.ok:
+        measured = (
+            f"{t['work_s']:.1f} s (load {t['load_s']:.1f}, save {t['save_s']:.1f}; process {stock.total_s:.1f} s; "
+            f"{_threads(t['torch_threads'])}; {t['linear_class']} {t['dtype']})"
+        )
+    else:
+        measured = f"failed: {stock.error}"
+    rows.append(
+        row(
+            "transformers load+save wall time",
+            measured,
+            value=t.get("work_s"),
+            unit="s",
+            details={"total_s": stock.total_s, **t},
+        )
+    )
+    if quantized.ok and stock.ok:
+        ratio = q["work_s"] / t["work_s"]
+        rows.append(
+            row(
+                "wall time quantize / transformers",
+                f"{ratio:.2f}",
+                target=f"≤ {MAX_WALL_RATIO}",
+                passed=ratio <= MAX_WALL_RATIO,
+                value=ratio,
+            )
+        )
+    rss_target = f"≤ {MAX_RSS_PER_CHECKPOINT} × checkpoint = {MAX_RSS_PER_CHECKPOINT * size / GB:.2f} GB"
+    for job, label, target in ((quantized, "quantize", rss_target), (stock, "transformers", "")):
+        rss = job.data.get("peak_rss_bytes")  # absent when the child was killed (e.g. out of memory)
+        measured = f"{rss / GB:.2f} GB = {rss / size:.2f} × checkpoint" if rss else "n/a (the job died)"
+        passed = rss <= MAX_RSS_PER_CHECKPOINT * size if target and rss else None
+        rows.append(row(f"{label} peak RSS", measured, target=target, passed=passed, value=rss, unit="bytes"))
+    if quantized.ok:
+        bound = PACKED_BITS + SCALE_BITS * q["linears"] / q["ternary_parameters"]
+        rows.append(
+            row(
+                "packed ternary linears",
+                f"{q['bits_per_weight']:.6f} bits/weight ({q['packed_bytes'] / GB:.3f} GB)",
+                target=f"≤ {PACKED_BITS} + {SCALE_BITS}·{q['linears']}/{q['ternary_parameters']:.3g} = {bound:.6f}",
+                passed=q["bits_per_weight"] <= bound,
+                value=q["bits_per_weight"],
+                unit="bits/weight",
+            )
+        )
+        out, inp = q["output_bytes"], q["input_bytes"]
+        rows.append(
+            row(
+                "quantize output / input size",
+                f"{out / GB:.3f} GB / {inp / GB:.3f} GB = {out / inp:.3f}",
+                value=out / inp,
+            )
+        )
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+#: Every benchmark by name, in the order they run; each returns its rows of the table.
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
+    "conversion": bench_conversion,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", choices=list(BENCHMARKS), help="run only this benchmark")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results as JSON")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="synthetic checkpoints are kept here")
+    parser.add_argument("--layers", type=int, default=ShapeConfig.layers, help="depth of the synthetic checkpoint")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE, help="recipe of the quantize job")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads of every job (default: torch's)")
+    parser.add_argument("--job", choices=list(JOBS), help=argparse.SUPPRESS)  # internal: run one child job
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for package in ("bitnet-convert", "torch", "transformers", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "versions": versions,
+        "env": {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TORCH_COMPILE_DISABLE", "OMP_NUM_THREADS")},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.job:
+        return child_main(args.job, args.spec)
+    names = args.only or list(BENCHMARKS)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rows = [row for name in names for row in BENCHMARKS[name](args)]
+    print(markdown_table(rows))
+    results = {
+        "started": started,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "settings": {
+            "benchmarks": names,
+            "layers": args.layers,
+            "seed": args.seed,
+            "threads": args.threads,
+            "recipe": str(args.recipe),
+            "cache_dir": str(args.cache_dir),
+        },
+        "environment": environment(),
+        "rows": [{**asdict(row), "status": row.status.strip("*").lower()} for row in rows],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"[bench] wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _threads(count: int | None) -> str:
+    return f"{count} thread{'' if count == 1 else 's'}"
+
+
+def _torch_threads() -> int | None:
+    """The child's intra-op thread count (``None`` when the job never imported torch)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
