@@ -386,10 +386,15 @@ def bench_conversion(args: argparse.Namespace) -> list[Row]:
         message = f"skipped: {REFERENCE_MODEL.relative_to(REPO_ROOT)} {why} (train it with eval/reference/train.py)"
         print(f"[bench] {reference}: {message}", file=sys.stderr, flush=True)
         return [*rows, Row("conversion", reference, "all", message)]
-    return rows + compare_conversion(reference, "builtin:reference", REFERENCE_MODEL, args.recipe, args.threads)
+    # The targets are about the 2B-4T shapes; at 3.5 MB the interpreter and torch dominate time and memory.
+    return rows + compare_conversion(
+        reference, "builtin:reference", REFERENCE_MODEL, args.recipe, args.threads, targets=False
+    )
 
 
-def compare_conversion(subject: str, model: str, directory: Path, recipe: Path, threads: int | None) -> list[Row]:
+def compare_conversion(
+    subject: str, model: str, directory: Path, recipe: Path, threads: int | None, targets: bool = True
+) -> list[Row]:
     """Run both jobs on one checkpoint (each in its own process, outputs deleted after) and tabulate them."""
     size = checkpoint_bytes(directory)
     with tempfile.TemporaryDirectory(prefix="bitnet-bench-") as tmp:
@@ -399,10 +404,12 @@ def compare_conversion(subject: str, model: str, directory: Path, recipe: Path, 
         shutil.rmtree(output, ignore_errors=True)
         transformers_spec = {"model": str(directory), "output": str(Path(tmp) / "transformers"), "threads": threads}
         stock = run_job("transformers", transformers_spec, subject)
-    return conversion_rows(subject, size, quantized, stock)
+    return conversion_rows(subject, size, quantized, stock, targets)
 
 
-def conversion_rows(subject: str, size: int, quantized: JobResult, stock: JobResult) -> list[Row]:
+def conversion_rows(
+    subject: str, size: int, quantized: JobResult, stock: JobResult, targets: bool = True
+) -> list[Row]:
     """The table rows of one checkpoint's conversion comparison (targets next to the measurements)."""
 
     def row(metric: str, measured: str, **kwargs: Any) -> Row:
@@ -418,7 +425,7 @@ def conversion_rows(subject: str, size: int, quantized: JobResult, stock: JobRes
     else:
         wall = f"failed: {quantized.error}"
     wall_target, wall_passed = "", None
-    if quantized.ok and stock.ok:
+    if quantized.ok and stock.ok and targets:
         wall_target = f"≤ {MAX_WALL_RATIO} × transformers = {MAX_WALL_RATIO * t['work_s']:.1f} s"
         wall_passed = q["work_s"] <= MAX_WALL_RATIO * t["work_s"]
     rows.append(
@@ -454,12 +461,13 @@ def conversion_rows(subject: str, size: int, quantized: JobResult, stock: JobRes
             row(
                 "wall time quantize / transformers",
                 f"{ratio:.2f}",
-                target=f"≤ {MAX_WALL_RATIO}",
-                passed=ratio <= MAX_WALL_RATIO,
+                target=f"≤ {MAX_WALL_RATIO}" if targets else "",
+                passed=ratio <= MAX_WALL_RATIO if targets else None,
                 value=ratio,
             )
         )
-    rss_target = f"≤ {MAX_RSS_PER_CHECKPOINT} × checkpoint = {MAX_RSS_PER_CHECKPOINT * size / GB:.2f} GB"
+    rss_limit = MAX_RSS_PER_CHECKPOINT * size / GB
+    rss_target = f"≤ {MAX_RSS_PER_CHECKPOINT} × checkpoint = {rss_limit:.2f} GB" if targets else ""
     for job, label, target in ((quantized, "quantize", rss_target), (stock, "transformers", "")):
         rss = job.data.get("peak_rss_bytes")  # absent when the child was killed (e.g. out of memory)
         measured = f"{rss / GB:.2f} GB = {rss / size:.2f} × checkpoint" if rss else "n/a (the job died)"
