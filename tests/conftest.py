@@ -9,7 +9,6 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -102,6 +101,23 @@ def reference_ids(reference_dir: Path) -> torch.Tensor:
     return windows(stream, 64, tokenizer.bos_token_id)[:2]
 
 
-def copy_checkpoint(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
+def assert_linears_match(ours: torch.nn.Module, stock: torch.nn.Module) -> None:
+    """Every QuantLinear of ``ours`` gives the output of ``stock``'s same-named linear, to fp32 rounding."""
+    from bitnet_convert.modeling import quant_linears
+
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
+    for name, module in quant_linears(ours).items():
+        inputs = x[:, : module.in_features]
+        with torch.no_grad():
+            expected = stock.get_submodule(name)(inputs)
+            torch.testing.assert_close(module(inputs), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def assert_same_predictions(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, nll_rtol: float = 2e-3) -> None:
+    """Two models' logits on ``ids`` give the same next-token loss (relative ``nll_rtol``) and ≥ 98% the same
+    argmax — agreement as predictors, where fp32 rounding flips of activation quantizers rule out 1e-4."""
+    nll_a, nll_b = (
+        torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item() for x in (a, b)
+    )
+    assert abs(nll_a - nll_b) <= nll_rtol * nll_b
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.98
