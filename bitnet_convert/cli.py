@@ -215,6 +215,49 @@ def perplexity(
 _ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
 
 
+@app.command("eval")
+def eval_(
+    path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (evaluated as b158).")],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated: built-in reference tasks, task YAML paths or lm-eval task names.")
+    ] = "reference_ppl,reference_agreement",
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    num_fewshot: Annotated[int | None, typer.Option(min=0)] = None,
+    max_length: Annotated[int | None, typer.Option(min=2, help="Context length (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
+) -> None:
+    """Evaluate the exported (reloaded) model with lm-eval; prints a table, optionally writes a JSON report."""
+    import time
+
+    from bitnet_convert import __version__
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.evaluate import lm_eval_results
+    from bitnet_convert.load import load_tokenizer, scheme_of
+    from bitnet_convert.modeling import build_model
+
+    start = time.perf_counter()
+    with _user_errors():
+        checkpoint = open_checkpoint(path)
+        preset, roles = scheme_of(checkpoint)
+        model = build_model(checkpoint, roles)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        results = lm_eval_results(model, load_tokenizer(checkpoint.path), names, limit=limit, batch_size=batch_size,
+                                  num_fewshot=num_fewshot, max_length=max_length, device=device, seed=seed)
+    report = {"model": str(checkpoint.path), "scheme": preset, "tasks": names, "results": results, "seed": seed,
+              "limit": limit, "bitnet_convert_version": __version__, "time_s": round(time.perf_counter() - start, 2)}
+    table = Table("task", "metric", "value", title=f"{checkpoint.path} ({preset})")
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            table.add_row(task, metric, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def _itemsize(dtype: str) -> int:
     return _ITEMSIZE.get(dtype, 1)
 
