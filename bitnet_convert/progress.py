@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -10,7 +10,7 @@ class Progress:
     """A stage-by-stage progress sink. The base class reports nothing; the CLI subclasses it with rich."""
 
     @contextmanager
-    def stage(self, description: str, total: int | None = None) -> Iterator[callable]:
+    def stage(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         """Enter a stage of ``total`` steps; yields ``advance(label="")`` to call after each step."""
         yield lambda label="": None
 
