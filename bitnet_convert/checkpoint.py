@@ -85,6 +85,11 @@ class Checkpoint:
     def shape_of(self, name: str) -> list[int]:
         return list(self._handle(self.weight_map[name]).entries[name]["shape"])
 
+    def nbytes_of(self, name: str) -> int:
+        """Stored size of a tensor's data in bytes."""
+        start, end = self._handle(self.weight_map[name]).entries[name]["data_offsets"]
+        return end - start
+
     def linear_names(self) -> list[str]:
         """Module names of the ternary linears (those the role table knows), in checkpoint order."""
         modules = (name.removesuffix(".weight") for name in self.weight_map if name.endswith(".weight"))
@@ -140,7 +145,7 @@ def _download(repo_id: str) -> Path:
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:
+    except Exception as exc:  # the hub raises many types; all mean "could not fetch"
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         raise CheckpointError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -142,7 +141,7 @@ def inspect(
             pattern = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
             entry = groups[(pattern, "×".join(map(str, shape)), dtype)]
             entry[0] += 1
-            entry[1] += math.prod(shape) * _itemsize(dtype)
+            entry[1] += checkpoint.nbytes_of(name)
     config = checkpoint.config
     summary = {
         "path": str(checkpoint.path),
@@ -212,9 +211,6 @@ def perplexity(
     out.print(f"{name}\t{data}:{split}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens)")
 
 
-_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
-
-
 @app.command("eval")
 def eval_(
     path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (evaluated as b158).")],
@@ -256,10 +252,6 @@ def eval_(
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
-
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE.get(dtype, 1)
 
 
 def main() -> None:

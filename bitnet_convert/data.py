@@ -71,7 +71,7 @@ def _hub_dataset(name: str, split: str, field: str) -> list[str]:
 
         config, _, rest = name.partition(":")
         dataset = datasets.load_dataset(config, rest or None, split=split)
-    except Exception as exc:
+    except Exception as exc:  # datasets raises many types; all mean "could not load"
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise DataError(f"calibration data '{name}' is not a local .txt/.jsonl file and could not be loaded "
                         f"as a hub dataset: {first}") from None
