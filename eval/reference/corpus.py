@@ -569,6 +569,59 @@ def generate_probes(split: str, kind: str, n: int, seed: int = 0) -> list[Probe]
     return [make_probe(stream_rng(split, seed, i, purpose=f"probe-{kind}"), kind) for i in range(n)]
 
 
+#: Word classes for :func:`make_wordclass_probe`, grouped by part of speech (nouns, adjectives).
+WORD_CLASSES = {
+    "place": ("noun", PLACES),
+    "animal": ("noun", ANIMALS),
+    "belonging": ("noun", BELONGINGS),
+    "occupation": ("noun", OCCUPATIONS),
+    "mood": ("adjective", MOODS),
+    "weather": ("adjective", WEATHER),
+    "trait": ("adjective", TRAITS),
+    "look": ("adjective", ADJECTIVES),
+}
+
+
+def make_wordclass_probe(rng: random.Random) -> Probe:
+    """A story prefix and four versions of the next sentence: the real one, and three where one noun or
+    adjective is swapped for a word of another class of the same part of speech (``feels sleepy`` →
+    ``feels modest``, ``at the hill`` → ``at the violin``). Needs only local knowledge of the lexicon."""
+    story = new_story(rng)
+    for _ in range(rng.randint(0, 8)):
+        next_sentence(story)
+    prefix = " ".join(s.text for s in story.sentences)
+    while True:
+        sentence = next_sentence(story).text
+        tokens = sentence.split()
+        slots = []
+        for i, token in enumerate(tokens[1:], start=1):
+            classes = [k for k, (_, pool) in WORD_CLASSES.items() if token.rstrip(".,") in pool]
+            if classes:
+                slots.append((i, classes))
+        if slots:
+            break
+    wrong: list[str] = []
+    while len(wrong) < 3:
+        i, classes = rng.choice(slots)
+        fitting = set().union(*(WORD_CLASSES[k][1] for k in classes))
+        part = WORD_CLASSES[classes[0]][0]
+        others = [k for k, (pos, pool) in WORD_CLASSES.items() if pos == part and not fitting & set(pool)]
+        word = rng.choice(WORD_CLASSES[rng.choice(others)][1])
+        if word in tokens:
+            continue
+        swapped = " ".join([*tokens[:i], word + tokens[i][len(tokens[i].rstrip(".,")) :], *tokens[i + 1 :]])
+        if swapped not in wrong:
+            wrong.append(swapped)
+    choices = [sentence, *wrong]
+    rng.shuffle(choices)
+    return Probe(prefix, tuple(choices), choices.index(sentence), "wordclass")
+
+
+def generate_wordclass_probes(split: str, n: int, seed: int = 0) -> list[Probe]:
+    """``n`` word-class probes from their own stream of ``split`` (disjoint from documents and other probes)."""
+    return [make_wordclass_probe(stream_rng(split, seed, i, purpose="probe-wordclass")) for i in range(n)]
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
