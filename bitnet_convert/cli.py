@@ -215,43 +215,150 @@ def perplexity(
 def eval_(
     path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (evaluated as b158).")],
     tasks: Annotated[
-        str, typer.Option(help="Comma-separated: built-in reference tasks, task YAML paths or lm-eval task names.")
-    ] = "reference_ppl,reference_agreement",
+        str | None,
+        typer.Option(help="Comma-separated built-in reference tasks, task YAML paths or lm-eval task names "
+                     "[default: the reference tasks for the reference model, else arc/hellaswag/piqa/winogrande]."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     num_fewshot: Annotated[int | None, typer.Option(min=0)] = None,
     max_length: Annotated[int | None, typer.Option(min=2, help="Context length (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the JSON report here.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the JSON report here, and the Markdown beside it.")
+    ] = None,
+    baseline: Annotated[
+        Path | None, typer.Option(help="Compare with this eval report (e.g. eval/baselines/b158.json).")
+    ] = None,
+    baseline_model: Annotated[
+        str | None, typer.Option(help="Evaluate this model with the same settings first and compare with it.")
+    ] = None,
+    max_ppl_increase: Annotated[
+        list[str] | None,
+        typer.Option(help="Fail (exit 1) when a perplexity rises more than PCT percent over the baseline; "
+                     "PCT or TASK[:METRIC]=PCT, repeatable."),
+    ] = None,
+    max_acc_drop: Annotated[
+        list[str] | None,
+        typer.Option(help="Fail (exit 1) when an accuracy drops more than POINTS below the baseline; "
+                     "POINTS or TASK[:METRIC]=POINTS, repeatable."),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option("--recipe", "-r", help="Take tasks, baseline and limits from this recipe's eval section "
+                     "[default: the recipe.yaml stored in a converted directory]."),
+    ] = None,
+    no_baseline: Annotated[
+        bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
+    ] = False,
 ) -> None:
-    """Evaluate the exported (reloaded) model with lm-eval; prints a table, optionally writes a JSON report."""
-    import time
+    """Evaluate the exported (reloaded) model with lm-eval, compare with a baseline, gate on regressions.
 
-    from bitnet_convert import __version__
-    from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.evaluate import lm_eval_results
-    from bitnet_convert.load import load_tokenizer, scheme_of
-    from bitnet_convert.modeling import build_model
+    Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
+    """
+    from bitnet_convert.checkpoint import resolve_model_path
+    from bitnet_convert.errors import DataError
+    from bitnet_convert.evaluate import evaluate
+    from bitnet_convert.recipe import load_recipe
+    from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
 
-    start = time.perf_counter()
     with _user_errors():
-        checkpoint = open_checkpoint(path)
-        preset, roles = scheme_of(checkpoint)
-        model = build_model(checkpoint, roles)
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
-        results = lm_eval_results(model, load_tokenizer(checkpoint.path), names, limit=limit, batch_size=batch_size,
-                                  num_fewshot=num_fewshot, max_length=max_length, device=device, seed=seed)
-    report = {"model": str(checkpoint.path), "scheme": preset, "tasks": names, "results": results, "seed": seed,
-              "limit": limit, "bitnet_convert_version": __version__, "time_s": round(time.perf_counter() - start, 2)}
-    table = Table("task", "metric", "value", title=f"{checkpoint.path} ({preset})")
-    for task, metrics in results.items():
-        for metric, value in metrics.items():
-            table.add_row(task, metric, f"{value:.4f}" if isinstance(value, float) else str(value))
-    out.print(table)
+        if baseline is not None and baseline_model is not None:
+            _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
+        stored = resolve_model_path(path) / "recipe.yaml"
+        spec = load_recipe(recipe if recipe is not None else stored if stored.is_file() else None).eval
+        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.tasks
+        # The recipe's baseline is a default: when it cannot be compared with this run (other tasks or
+        # settings) it is skipped with a note. A baseline named on the command line must match.
+        implicit = baseline is None and baseline_model is None and spec.baseline is not None and not no_baseline
+        if implicit:
+            baseline = Path(spec.baseline)
+        thresholds = Thresholds(
+            parse_threshold_option(max_ppl_increase, spec.max_ppl_increase if implicit else None, "--max-ppl-increase"),
+            parse_threshold_option(max_acc_drop, spec.max_acc_drop if implicit else None, "--max-acc-drop"),
+        )
+        if thresholds and baseline is None and baseline_model is None:
+            _fail("the gate limits need a baseline: add --baseline REPORT.json or --baseline-model DIR")
+        base = load_report(baseline) if baseline is not None else None
+        if base is not None and names and sorted(base.get("tasks", [])) != sorted(names):
+            mismatch = (f"{baseline}: baseline was measured on tasks {', '.join(base.get('tasks', []))}, this run "
+                        f"asks for {', '.join(names)}; evaluate both with the same --tasks")
+            if not implicit:
+                _fail(mismatch)
+            base = _skip_recipe_baseline(mismatch)
+        settings = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "max_length": max_length,
+                    "device": device, "seed": seed}
+        with RichProgress() as progress:
+            if baseline_model is not None:
+                base = evaluate(baseline_model, names, progress=progress, **settings)
+                names = base["tasks"]
+            report = evaluate(path, names or (base["tasks"] if base else None), progress=progress, **settings)
+        if base is not None:
+            try:
+                check_comparable(report, base, str(baseline or baseline_model))
+            except DataError as exc:
+                if not implicit:
+                    raise
+                base = _skip_recipe_baseline(str(exc))
+        if base is not None:
+            report["baseline"] = {k: base[k] for k in ("model", "scheme", "results", "sparsity")}
+            report["comparison"] = compare(report, base)
+            report["gate"] = {"max_ppl_increase": thresholds.max_ppl_increase,
+                              "max_acc_drop": thresholds.max_acc_drop,
+                              "failures": gate(report, report["comparison"], thresholds)}
+    _print_report(report)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2) + "\n")
+        _write_atomic(output, json.dumps(report, indent=2) + "\n")
+        _write_atomic(output.with_suffix(".md"), markdown(report))
+    failures = report.get("gate", {}).get("failures")
+    if failures:
+        console.print(f"[bold red]gate failed:[/] {'; '.join(failures)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    if report.get("gate") and thresholds:
+        out.print("gate passed")
+
+
+def _skip_recipe_baseline(reason: str) -> None:
+    console.print(f"note: not comparing with the recipe's baseline: {reason}", highlight=False, soft_wrap=True)
+
+
+def parse_threshold_option(cli: list[str] | None, from_recipe, option: str) -> dict[str, float]:
+    """Limits from the command line when given there, else from the recipe."""
+    from bitnet_convert.report import parse_threshold
+
+    return parse_threshold(cli, option) if cli else parse_threshold(from_recipe, option)
+
+
+def _print_report(report: dict) -> None:
+    comparison = report.get("comparison")
+    columns = [Column("task", no_wrap=True), Column("metric", no_wrap=True), "value"]
+    columns += ["baseline", "delta", "recovery"] if comparison else []
+    title = f"{report['model']} ({report['scheme']})"
+    if comparison:
+        title += f" vs {report['baseline']['model']} ({report['baseline']['scheme']})"
+    table = Table(*columns, title=title)
+    for task, metrics in report["results"].items():
+        for metric, value in metrics.items():
+            row = [task, metric, f"{value:.4f}"]
+            if comparison:
+                c = comparison[task][metric]
+                row += [f"{c['baseline']:.4f}", f"{c['delta']:+.4f}", f"{c['recovery']:.4f}"]
+            table.add_row(*row)
+    out.print(table)
+    stats = report.get("sparsity")
+    if stats:
+        shares = ", ".join(f"{kind} {share:.1%}" for kind, share in stats["sparsity"].items())
+        out.print(f"zero inputs on the evaluation data ({stats['tokens']:,} tokens): {shares}; "
+                  f"active parameters {stats['active_parameter_share']:.1%}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, so a failure leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:

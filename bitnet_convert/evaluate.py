@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import platform
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as tF
 import yaml
 
-from bitnet_convert.checkpoint import REPO_ROOT
+from bitnet_convert.calibrate import activation_stats
+from bitnet_convert.checkpoint import BUILTIN_MODELS, REPO_ROOT, Checkpoint, open_checkpoint
+from bitnet_convert.data import token_stream, windows
 from bitnet_convert.errors import DataError
+from bitnet_convert.load import load_tokenizer, scheme_of
+from bitnet_convert.modeling import build_model
+from bitnet_convert.progress import SILENT, Progress
+from bitnet_convert.report import REPORT_FORMAT
 
 
 @torch.no_grad()
@@ -39,7 +49,101 @@ def perplexity(
 
 #: Task YAMLs over local data that ship with the project (the defaults for the built-in reference model).
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
-REFERENCE_TASKS = ("reference_ppl", "reference_agreement")
+REFERENCE_TASKS = ("reference_ppl", "reference_agreement", "reference_wordclass")
+#: The default for any other model: the paper's zero-shot suite (needs the hub for the datasets).
+HUB_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
+
+
+def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """The reference tasks for the built-in reference model and its conversions, else the paper's suite."""
+    if checkpoint.path.resolve() == BUILTIN_MODELS["builtin:reference"].resolve():
+        return REFERENCE_TASKS
+    recipe = _conversion_recipe(checkpoint.path)
+    if recipe is not None and recipe.get("model") == "builtin:reference":
+        return REFERENCE_TASKS
+    return HUB_TASKS
+
+
+def evaluate(
+    path: str | Path,
+    tasks: list[str] | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+    max_length: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    stats_chars: int = 120_000,
+    progress: Progress = SILENT,
+) -> dict:
+    """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
+    disk: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same documents.
+
+    Returns the report ``bitnet-convert eval`` writes (``format`` :data:`~bitnet_convert.report.REPORT_FORMAT`).
+    """
+    from bitnet_convert import __version__
+
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(str(path))
+    preset, roles = scheme_of(checkpoint)
+    tasks = list(tasks or default_tasks(checkpoint))
+    resolve_tasks(tasks)  # unknown names fail before the model is built
+    with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
+        model = build_model(checkpoint, roles, on_linear=lambda _name: advance())
+    tokenizer = load_tokenizer(checkpoint.path)
+    higher_is_better: dict = {}
+    with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
+        results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+                                  max_length=max_length, device=device, seed=seed, higher_is_better=higher_is_better)
+    texts = eval_texts(tasks, limit, stats_chars)
+    stats = None
+    if texts:
+        batches = windows(token_stream(tokenizer, texts), STATS_SEQ_LEN, tokenizer.bos_token_id)
+        steps = -(-batches.shape[0] // batch_size)
+        with progress.stage("Sparsity on the evaluation data", steps) as advance:
+            stats = activation_stats(model.to(device), batches.to(device), batch_size, on_batch=advance)
+    return {
+        "format": REPORT_FORMAT,
+        "model": str(path),
+        "scheme": preset,
+        "activations": {role: spec.describe() for role, spec in roles.items()},
+        "recipe": _conversion_recipe(checkpoint.path),
+        "tasks": tasks,
+        "settings": {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
+                     "device": device, "seed": seed},
+        "results": results,
+        "higher_is_better": {t: {m: bool(higher_is_better.get(t, {}).get(m, True)) for m in r}
+                             for t, r in results.items()},
+        "sparsity": stats,
+        "versions": _versions(__version__),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "time_s": round(time.perf_counter() - start, 2),
+    }
+
+
+#: Window length of the activation-statistics pass over the evaluation documents.
+STATS_SEQ_LEN = 256
+
+
+def _conversion_recipe(directory: Path) -> dict | None:
+    """The recipe a bitnet-convert output stores beside its weights (``None`` for other checkpoints)."""
+    file = directory / "recipe.yaml"
+    if not file.is_file():
+        return None
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _versions(ours: str) -> dict[str, str]:
+    import lm_eval
+    import transformers
+
+    return {"bitnet-convert": ours, "torch": torch.__version__, "transformers": transformers.__version__,
+            "lm-eval": getattr(lm_eval, "__version__", "unknown"), "python": platform.python_version()}
 
 
 def task_spec(name: str) -> str | dict:
@@ -65,21 +169,8 @@ def task_spec(name: str) -> str | dict:
     return config
 
 
-def lm_eval_results(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: list[str],
-    *,
-    limit: int | None = None,
-    batch_size: int = 16,
-    num_fewshot: int | None = None,
-    max_length: int | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-) -> dict:
-    """Run lm-eval's ``simple_evaluate`` on an in-memory model; returns ``{task: {metric: value}}``."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+def resolve_tasks(tasks: list[str]):
+    """lm-eval task specs for ``tasks`` and a ``TaskManager`` that knows them; unknown names raise."""
     from lm_eval.tasks import TaskManager
 
     specs = [task_spec(t) for t in tasks]
@@ -91,18 +182,85 @@ def lm_eval_results(
             f"unknown task '{unknown[0]}': use a built-in task ({', '.join(REFERENCE_TASKS)}), a task YAML path, "
             "or an lm-eval task name (list them with `lm-eval ls tasks`)"
         )
-    lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=device)
+    return specs, manager
+
+
+def lm_eval_results(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_fewshot: int | None = None,
+    max_length: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    higher_is_better: dict | None = None,
+) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on an in-memory model; returns ``{task: {metric: value}}``.
+
+    ``higher_is_better``, when given, is filled with lm-eval's ``{task: {metric: bool}}``.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    specs, manager = resolve_tasks(tasks)
+    hf_log = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its warnings about an in-memory model are for launchers, not for us
+    try:
+        lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  device=device)
+    finally:
+        hf_log.setLevel(level)
     with _global_rng_restored():  # simple_evaluate seeds random, numpy and torch globally
         output = simple_evaluate(
             model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+    if higher_is_better is not None:
+        higher_is_better.update({t: dict(m) for t, m in output.get("higher_is_better", {}).items()})
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
         for task, metrics in output["results"].items()
     }
+
+
+def eval_texts(tasks: list[str], limit: int | None = None, max_chars: int = 120_000) -> list[str]:
+    """The text each task scores, one string per document, for activation statistics on the evaluation data:
+    the document of a rolling-loglikelihood task, else context + the gold continuation. At most ``limit``
+    documents per task (lm-eval's first ``limit``), about ``max_chars`` characters in all, shared evenly."""
+    specs, manager = resolve_tasks(tasks)
+    found = list(manager.load(specs)["tasks"].values())
+    texts: list[str] = []
+    for task in found:
+        budget = max_chars // max(len(found), 1)
+        for i, doc in enumerate(task.eval_docs):
+            if (limit is not None and i >= limit) or budget <= 0:
+                break
+            text = _scored_text(task, doc)
+            if text:
+                texts.append(text)
+                budget -= len(text)
+    return texts
+
+
+def _scored_text(task, doc) -> str:
+    """What the model reads for the gold answer of ``doc`` (empty when the task's layout is not understood)."""
+    try:
+        if task.OUTPUT_TYPE == "loglikelihood_rolling":
+            return str(task.doc_to_target(doc))
+        context = task.doc_to_text(doc)
+        context = context if isinstance(context, str) else ""
+        if task.OUTPUT_TYPE != "multiple_choice":
+            return context
+        choices, target = task.doc_to_choice(doc), task.doc_to_target(doc)
+        gold = choices[target] if isinstance(target, int) else str(target)
+        return context + (task.config.target_delimiter or "") + str(gold)
+    except (TypeError, IndexError, KeyError, ValueError):  # a task with its own conventions: skip the document
+        return ""
 
 
 @contextmanager

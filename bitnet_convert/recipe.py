@@ -58,6 +58,32 @@ class ExportSpec(_Strict):
     )
 
 
+Limit = float | dict[str, float]
+
+
+class EvalSpec(_Strict):
+    """What ``bitnet-convert eval`` does with this recipe's output; its command-line flags override each field.
+
+    ``tasks``: lm-eval tasks (default: the built-in reference tasks for the reference model, else the paper's
+    zero-shot suite). ``baseline``: an eval report to compare with, e.g. ``eval/baselines/b158.json``.
+    ``max_ppl_increase`` (percent) and ``max_acc_drop`` (points): the gate against the baseline, one number for
+    every metric or a mapping from ``"*"``, a task or ``"task:metric"`` to a limit.
+    """
+
+    tasks: list[str] | None = None
+    baseline: str | None = None
+    max_ppl_increase: Limit | None = None
+    max_acc_drop: Limit | None = None
+
+    @field_validator("max_ppl_increase", "max_acc_drop")
+    @classmethod
+    def _non_negative(cls, value: Limit | None) -> Limit | None:
+        values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(v < 0 for v in values):
+            raise ValueError("limits must be ≥ 0")
+        return value
+
+
 class Recipe(_Strict):
     """A conversion: which model, which scheme, where the result goes."""
 
@@ -69,6 +95,7 @@ class Recipe(_Strict):
     scheme: SchemeSpec = Field(default_factory=SchemeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @field_validator("model")
     @classmethod

@@ -28,20 +28,86 @@ def test_builtin_task_specs_point_at_committed_data():
         task_spec("missing.yaml")
 
 
-def test_eval_command_on_input_and_converted_model(tmp_path, reference_dir):
-    runner = CliRunner()
-    converted = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a48"),
-                                        calibration__samples=0).output
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """The reference model converted with recipes/a48.yaml (its eval section names the b158 baseline)."""
+    out = tmp_path_factory.mktemp("eval") / "a48"
+    return bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(out), calibration__samples=0).output
+
+
+def _eval(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["eval", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_eval_command_on_input_and_converted_model(tmp_path, reference_dir, converted):
     reports = {}
     for name, model in (("b158", reference_dir), ("a48", converted)):
         report = tmp_path / f"{name}.json"
-        result = runner.invoke(app, ["eval", str(model), "--limit", "60", "--output", str(report)])
-        assert result.exit_code == 0, result.output
+        code, output = _eval(model, "--limit", "60", "--output", report)
+        assert code == 0, output
         reports[name] = json.loads(report.read_text())
-    assert reports["b158"]["scheme"] == "b158" and reports["a48"]["scheme"] == "a48"
-    b158, a48 = reports["b158"]["results"], reports["a48"]["results"]
-    assert b158["reference_agreement"]["acc"] >= 0.9  # chance is 0.5
-    assert 1.0 < b158["reference_ppl"]["word_perplexity"] < a48["reference_ppl"]["word_perplexity"] < 50
+        assert report.with_suffix(".md").read_text().startswith(f"# Evaluation of `{model}` ({name})")
+    # the recipe's baseline was measured without a limit: skipped with a note, not an error
+    assert "note: not comparing with the recipe's baseline" in output and "limit=60" in output
+    b158, a48 = reports["b158"], reports["a48"]
+    assert b158["scheme"] == "b158" and a48["scheme"] == "a48" and a48["recipe"]["scheme"]["preset"] == "a48"
+    assert set(b158["versions"]) >= {"bitnet-convert", "torch", "transformers", "lm-eval"}
+    assert b158["results"]["reference_agreement"]["acc"] >= 0.9  # chance is 0.5
+    assert b158["results"]["reference_wordclass"]["acc"] >= 0.9  # chance is 0.25
+    ppl = [r["results"]["reference_ppl"]["word_perplexity"] for r in (b158, a48)]
+    assert 1.0 < ppl[0] < ppl[1] < 50
+    # sparsity measured on the evaluation documents: the paper's pattern
+    assert a48["sparsity"]["sparsity"]["o"] == pytest.approx(0.5, abs=0.01)
+    assert b158["sparsity"]["sparsity"]["o"] < 0.1
+    assert a48["sparsity"]["active_parameter_share"] < b158["sparsity"]["active_parameter_share"]
+
+
+def test_gate_fails_on_a_degraded_conversion_and_passes_on_a_good_one(tmp_path, reference_dir, converted):
+    two_bits = {"method": "absmean", "bits": 2}
+    degraded = bitnet_convert.quantize(
+        REPO / "recipes/a48.yaml", output=str(tmp_path / "a2"), calibration__samples=0,
+        scheme__roles={"qkv": two_bits, "gate_up": two_bits},
+    ).output
+    limits = ("--max-ppl-increase", "10", "--max-acc-drop", "5", "--limit", "40")
+    report = tmp_path / "degraded.json"
+    code, output = _eval(degraded, "--baseline-model", reference_dir, *limits, "--output", report)
+    assert code == 1, output
+    failure = output[output.index("gate failed:"):]
+    assert failure.startswith("gate failed: reference_ppl word_perplexity ") and "% > 10%)" in failure
+    assert json.loads(report.read_text())["gate"]["failures"]  # the report is written before the exit
+    code, output = _eval(converted, "--baseline-model", reference_dir, *limits)
+    assert code == 0 and "gate passed" in output, output
+
+
+def test_recipe_gate_passes_against_the_committed_baseline(converted):
+    code, output = _eval(converted)  # baseline and limits from the converted directory's recipe.yaml
+    assert code == 0, output
+    assert "vs eval/reference/model (b158)" in output and "gate passed" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--tasks", "reference_agreement", "--baseline", "eval/baselines/b158.json"),
+         "baseline was measured on tasks reference_ppl, reference_agreement, reference_wordclass, this run asks for "
+         "reference_agreement"),
+        (("--max-acc-drop", "1", "--no-baseline"), "the gate limits need a baseline"),
+        (("--baseline", "eval/baselines/b158.json", "--baseline-model", "x"), "not both"),
+        (("--baseline", "missing.json"), "baseline report 'missing.json' does not exist"),
+        (("--baseline", "eval/baselines/b158.json", "--max-ppl-increase", "much"), "expected a number"),
+    ],
+)
+def test_bad_baselines_and_limits_are_clear_errors(converted, args, message, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, output = _eval(converted, *args)
+    assert code == 2 and message in output and "Traceback" not in output, output
+
+
+def test_a_directory_that_is_not_a_model_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    code, output = _eval(tmp_path)
+    assert code == 2 and "no config.json" in output and "Traceback" not in output
 
 
 def test_unknown_task_is_a_clear_error(reference_dir):

@@ -140,7 +140,9 @@ def test_b158_report_shows_less_sparsity_than_a48(tmp_path):
     a48 = convert(tmp_path, "a48").report["calibration"]
     b158 = convert(tmp_path, "b158").report["calibration"]
     assert b158["roles"]["o"]["zero_share"] < 0.2
-    assert b158["active_parameter_share"] > a48["active_parameter_share"] + 0.1
+    assert b158["sparsity"]["o"] < 0.2 < 0.45 < a48["sparsity"]["o"]
+    # the relu² zeros (up, down) count for both; a48 adds o's top-50% and INT4's zeros on qkv/gate
+    assert b158["active_parameter_share"] > a48["active_parameter_share"] + 0.05
 
 
 def test_optimum_quantizer_entry_point(tmp_path, reference_ids):
