@@ -345,7 +345,7 @@ def _print_report(report: dict) -> None:
                 c = comparison[task][metric]
                 row += [f"{c['baseline']:.4f}", f"{c['delta']:+.4f}", f"{c['recovery']:.4f}"]
             table.add_row(*row)
-    out.print(table)
+    (out if out.is_terminal else Console(width=120)).print(table)  # in logs: wide enough for every column
     stats = report.get("sparsity")
     if stats:
         shares = ", ".join(f"{kind} {share:.1%}" for kind, share in stats["sparsity"].items())
