@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import random
 import time
@@ -88,7 +89,7 @@ def evaluate(
     checkpoint = open_checkpoint(str(path))
     preset, roles = scheme_of(checkpoint)
     tasks = list(tasks or default_tasks(checkpoint))
-    resolve_tasks(tasks)  # unknown names fail before the model is built
+    texts = eval_texts(tasks, limit, stats_chars)  # loads every task's data: fails before the model is built
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, on_linear=lambda _name: advance())
     tokenizer = load_tokenizer(checkpoint.path)
@@ -96,7 +97,6 @@ def evaluate(
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
         results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                                   max_length=max_length, device=device, seed=seed, higher_is_better=higher_is_better)
-    texts = eval_texts(tasks, limit, stats_chars)
     stats = None
     if texts:
         batches = windows(token_stream(tokenizer, texts), STATS_SEQ_LEN, tokenizer.bos_token_id)
@@ -214,7 +214,7 @@ def lm_eval_results(
                   device=device)
     finally:
         hf_log.setLevel(level)
-    with _global_rng_restored():  # simple_evaluate seeds random, numpy and torch globally
+    with _global_rng_restored(), _dataset_errors():  # simple_evaluate seeds random, numpy and torch globally
         output = simple_evaluate(
             model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -233,7 +233,8 @@ def eval_texts(tasks: list[str], limit: int | None = None, max_chars: int = 120_
     the document of a rolling-loglikelihood task, else context + the gold continuation. At most ``limit``
     documents per task (lm-eval's first ``limit``), about ``max_chars`` characters in all, shared evenly."""
     specs, manager = resolve_tasks(tasks)
-    found = list(manager.load(specs)["tasks"].values())
+    with _dataset_errors():
+        found = list(manager.load(specs)["tasks"].values())
     texts: list[str] = []
     for task in found:
         budget = max_chars // max(len(found), 1)
@@ -261,6 +262,19 @@ def _scored_text(task, doc) -> str:
         return context + (task.config.target_delimiter or "") + str(gold)
     except (TypeError, IndexError, KeyError, ValueError):  # a task with its own conventions: skip the document
         return ""
+
+
+@contextmanager
+def _dataset_errors() -> Iterator[None]:
+    """A task whose dataset cannot be fetched or read becomes one clear error instead of a traceback."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        yield
+    except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as exc:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"a task's dataset could not be loaded{offline}: {first}") from None
 
 
 @contextmanager

@@ -124,3 +124,10 @@ def test_lm_eval_leaves_the_global_rng_alone(reference_dir):
     results = lm_eval_results(model, bitnet_convert.load_tokenizer(reference_dir), ["reference_agreement"], limit=8)
     assert set(results["reference_agreement"]) == {"acc", "acc_norm"}
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
+
+
+def test_a_hub_task_without_the_hub_is_a_clear_error(converted, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, output = _eval(converted, "--tasks", "arc_easy", "--limit", "2", "--no-baseline")
+    assert code == 2 and "dataset could not be loaded (HF_HUB_OFFLINE is set)" in output, output
+    assert "Traceback" not in output
