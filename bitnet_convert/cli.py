@@ -129,11 +129,12 @@ def inspect(
 ) -> None:
     """Show a checkpoint's layout, scheme, tensor shapes, precisions and sizes (inputs and outputs)."""
     from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.load import scheme_of
+    from bitnet_convert.load import attention_of, scheme_of
 
     with _user_errors():
         checkpoint = open_checkpoint(path)
         preset, roles = scheme_of(checkpoint)
+        attention = attention_of(checkpoint)
         groups: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
         for name in checkpoint.names():
             shape = checkpoint.shape_of(name)
@@ -148,6 +149,7 @@ def inspect(
         "layout": checkpoint.layout.value,
         "scheme": preset,
         "activations": {role: spec.describe() for role, spec in roles.items()},
+        "attention": attention.describe() if attention is not None else "full precision",
         "architecture": {
             k: config.get(k)
             for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -166,6 +168,7 @@ def inspect(
     head.add_row("scheme", preset + ("" if checkpoint.a48_spec else " (unconverted input: W1.58A8)"))
     for role, label in summary["activations"].items():
         head.add_row(f"  {role} input", label)
+    head.add_row("  attention Q/K/V", summary["attention"])
     for key, value in summary["architecture"].items():
         head.add_row(key, str(value))
     head.add_row("size", f"{sum(summary['files'].values()) / 1e6:.2f} MB in {len(summary['files'])} file(s)")
@@ -193,7 +196,7 @@ def perplexity(
     from bitnet_convert.checkpoint import open_checkpoint
     from bitnet_convert.data import load_texts, token_stream, windows
     from bitnet_convert.evaluate import perplexity as measure
-    from bitnet_convert.load import load_tokenizer, scheme_of
+    from bitnet_convert.load import attention_of, load_tokenizer, scheme_of
     from bitnet_convert.modeling import build_model
     from bitnet_convert.quant.schemes import PRESETS
 
@@ -204,7 +207,10 @@ def perplexity(
         name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
         tokenizer = load_tokenizer(checkpoint.path)
         batches = windows(token_stream(tokenizer, load_texts(data, split)), seq_len, tokenizer.bos_token_id)
-        model = build_model(checkpoint, roles)
+        attention = attention_of(checkpoint)
+        model = build_model(checkpoint, roles, attention=attention)
+        if attention is not None and attention.enabled:
+            name += f" + attention {attention.describe()}"
         steps = -(-batches.shape[0] // batch_size)
         with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:
             result = measure(model, batches, batch_size, on_batch=advance)
@@ -317,6 +323,71 @@ def eval_(
         raise typer.Exit(code=1)
     if report.get("gate") and thresholds:
         out.print("gate passed")
+
+
+@app.command()
+def generate(
+    path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (run as b158).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    kv_bits: Annotated[
+        int | None,
+        typer.Option(min=2, max=8, help="Store K/V in a packed cache of this many bits [default: the model's "
+                     "attention spec; a full-precision cache when it sets none]."),
+    ] = None,
+    bos_bits: Annotated[
+        int | None, typer.Option(min=2, max=8, help="Bits of the first position's K/V with --kv-bits.")
+    ] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler (the global RNG is left as it was).")] = 0,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Continue a prompt with the converted model, streaming tokens; K/V in a packed low-bit cache."""
+    import time
+
+    import torch
+    from transformers import DynamicCache, TextStreamer
+
+    from bitnet_convert.load import load, load_tokenizer
+    from bitnet_convert.quant.kv import PackedKVCache, spec_of
+
+    with _user_errors():
+        model = load(path).to(device)
+        tokenizer = load_tokenizer(path)
+    spec = spec_of(model)
+    if kv_bits is not None:
+        cache = PackedKVCache(len(model.model.layers), kv_bits, kv_bits, bos_bits, spec.method if spec else "minmax")
+    elif spec is not None and spec.k_bits is not None and spec.v_bits is not None and spec.key_granularity == "token":
+        cache = PackedKVCache.for_model(model, spec)
+    else:
+        if spec is not None and spec.key_granularity == "channel":
+            console.print("note: keys are quantized per channel, which a packed cache cannot store; K/V are kept in "
+                          "full precision and fake-quantized at every step")
+        cache = DynamicCache()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+
+    class Stream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.print(text, end="" if not stream_end else "\n", highlight=False, soft_wrap=True)
+
+    options = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        result = model.generate(ids, max_new_tokens=max_new_tokens, past_key_values=cache,
+                                streamer=Stream(tokenizer, skip_special_tokens=True),
+                                pad_token_id=tokenizer.pad_token_id, **options)
+    seconds = time.perf_counter() - start
+    sys.stdout.flush()  # the streamed text, before the summary on stderr
+    new = result.shape[1] - ids.shape[1]
+    kind = (f"packed {cache.k_bits}-bit K/V" + (f", BOS {cache.bos_bits}-bit" if cache.bos_bits else "")
+            if isinstance(cache, PackedKVCache) else "full-precision K/V")
+    size = cache.nbytes if isinstance(cache, PackedKVCache) else sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    console.print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s); cache: {kind}, "
+                  f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
 
 
 def _skip_recipe_baseline(reason: str) -> None:

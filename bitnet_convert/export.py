@@ -22,6 +22,7 @@ from bitnet_convert import __version__
 from bitnet_convert.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from bitnet_convert.errors import OutputError
 from bitnet_convert.modeling import quant_linears
+from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec, Role
 
 FORMAT_VERSION = 1
@@ -114,7 +115,10 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     file.chmod(0o644)  # safetensors writes through a private temp file (mode 0600)
 
 
-def output_config(source: Checkpoint, roles: dict[Role, ActivationSpec], preset: str, dtype: str) -> dict:
+def output_config(
+    source: Checkpoint, roles: dict[Role, ActivationSpec], preset: str, dtype: str,
+    attention: AttentionSpec | None = None,
+) -> dict:
     """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec."""
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "bitnet_convert")}
     config["dtype"] = dtype
@@ -125,6 +129,7 @@ def output_config(source: Checkpoint, roles: dict[Role, ActivationSpec], preset:
         "version": __version__,
         "scheme": preset,
         "activations": {role: spec.model_dump() for role, spec in roles.items()},
+        "attention": (attention or AttentionSpec()).model_dump(),
     }
     return config
 
@@ -149,12 +154,13 @@ def export(
     max_shard_size: int = 2_000_000_000,
     overwrite: bool = False,
     report: Callable[[list[Path]], dict] | None = None,
+    attention: AttentionSpec | None = None,
 ) -> Path:
     """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite) as tmp:
         files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
-        config = output_config(source, roles, preset, dtype_name)
+        config = output_config(source, roles, preset, dtype_name, attention)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.path / name).is_file():

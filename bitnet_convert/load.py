@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, BitNetForCausalLM, PreTrainedTokenizerBa
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.modeling import build_model
+from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,6 +28,18 @@ def scheme_of(checkpoint: Checkpoint) -> tuple[str, dict[Role, ActivationSpec]]:
     return spec.get("scheme", "custom"), roles
 
 
+def attention_of(checkpoint: Checkpoint) -> AttentionSpec | None:
+    """The attention quantization an exported directory declares (``None``: full-precision attention)."""
+    spec = checkpoint.a48_spec
+    if spec is None or spec.get("attention") is None:
+        return None
+    try:
+        return AttentionSpec.model_validate(spec["attention"])
+    except ValueError as exc:
+        where = f"{checkpoint.path / 'config.json'}: invalid 'bitnet_convert.attention'"
+        raise CheckpointError(f"{where} ({str(exc).splitlines()[0]})") from None
+
+
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetForCausalLM:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
@@ -35,7 +48,8 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetFo
     """
     checkpoint = open_checkpoint(path)
     _, roles = scheme_of(checkpoint)
-    return build_model(checkpoint, roles, DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    return build_model(checkpoint, roles, dtype, attention=attention_of(checkpoint))
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

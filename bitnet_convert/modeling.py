@@ -16,6 +16,8 @@ from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
 from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.quant import kv
+from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
@@ -35,11 +37,12 @@ def build_model(
     roles: dict[Role, ActivationSpec],
     dtype: torch.dtype = torch.float32,
     on_linear: Callable[[str], None] | None = None,
+    attention: AttentionSpec | None = None,
 ) -> BitNetForCausalLM:
     """A ``BitNetForCausalLM`` with every decoder linear replaced by a :class:`QuantLinear` of ``roles``.
 
     ``dtype`` is the compute dtype of the non-ternary tensors. ``on_linear(name)`` is called after each
-    linear (progress reporting).
+    linear (progress reporting). ``attention`` quantizes Q/K/V inside attention (:mod:`bitnet_convert.quant.kv`).
     """
     config = architecture_config(checkpoint)
     with torch.device("meta"):
@@ -72,6 +75,7 @@ def build_model(
     if missing:
         raise CheckpointError(f"{checkpoint.path}: tensor '{missing[0]}' is missing from the checkpoint")
     model.requires_grad_(False)
+    kv.install(model, attention)
     return model.eval()
 
 

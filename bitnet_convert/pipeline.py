@@ -55,7 +55,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
         calibration = _calibration_windows(recipe, checkpoint)
     roles = recipe.scheme.resolved()
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
-        model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance)
+        model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
+                            attention=recipe.scheme.attention)
     stats = None
     if calibration is not None:
         batches = -(-calibration.shape[0] // recipe.calibration.batch_size)
@@ -77,6 +78,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             max_shard_size=recipe.export.max_shard_size,
             overwrite=recipe.overwrite,
             report=report,
+            attention=recipe.scheme.attention,
         )
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
@@ -115,6 +117,7 @@ def conversion_report(
         "input_layout": checkpoint.layout.value,
         "scheme": recipe.scheme.preset,
         "activations": {role: spec.describe() for role, spec in recipe.scheme.resolved().items()},
+        "attention": recipe.scheme.attention.describe(),
         "parameters": {
             "ternary": ternary,
             "high_precision": high_precision,

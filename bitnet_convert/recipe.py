@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bitnet_convert.errors import RecipeError
+from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,10 +24,12 @@ class _Strict(BaseModel):
 
 
 class SchemeSpec(_Strict):
-    """A named preset, optionally with per-role overrides of its activation quantizers."""
+    """A named preset, optionally with per-role overrides of its activation quantizers, and the quantization
+    of Q/K/V inside attention (``attention``; off unless bits are set)."""
 
     preset: Literal["b158", "a48", "a48-fp4"] = "a48"
     roles: dict[Role, ActivationSpec] = Field(default_factory=dict)
+    attention: AttentionSpec = Field(default_factory=AttentionSpec)
 
     def resolved(self) -> dict[Role, ActivationSpec]:
         """The activation spec of every role: the preset's, replaced where ``roles`` names one."""

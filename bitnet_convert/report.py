@@ -133,13 +133,13 @@ def gate(report: dict, comparison: dict, thresholds: Thresholds) -> list[str]:
             kind, limit = rule
             if kind == "ppl":
                 change = 100.0 * (row["value"] / row["baseline"] - 1.0)
-                if change > limit:
+                if round(change, 9) > limit:  # a drop of exactly the limit passes
                     failures.append(
                         f"{task} {metric} {row['value']:.4f} vs {row['baseline']:.4f} (+{change:.2f}% > {limit:g}%)"
                     )
             else:
                 drop = 100.0 * (row["baseline"] - row["value"])
-                if drop > limit:
+                if round(drop, 9) > limit:
                     failures.append(
                         f"{task} {metric} {row['value']:.4f} vs {row['baseline']:.4f} "
                         f"(−{drop:.2f} points > {limit:g})"

@@ -121,3 +121,12 @@ def test_conversion_benchmark_end_to_end_on_a_tiny_checkpoint(tmp_path: Path) ->
     assert by_metric["packed ternary linears"].value == pytest.approx(2.0 + scale_bits)
     assert by_metric["transformers load+save wall time"].details["linear_class"] == "AutoBitLinear"
     assert by_metric["quantize peak RSS"].value > 0
+
+
+def test_kv_memory_job_counts_the_bytes_of_both_caches() -> None:
+    spec = {"layers": 2, "kv_heads": 5, "head_dim": 128, "tokens": 64, "kv_bits": 3, "bos_bits": 4}
+    data = bench._job_kv_memory(spec)
+    assert data["dense_bytes"] == 2 * 2 * 5 * 64 * 128 * 2  # K and V, layers, heads, tokens, dim, bf16
+    # 3-bit codes (48 B) + float16 scale and zero (4 B) per (token, head); the BOS position 4-bit (64 B + 4 B)
+    assert data["packed_bytes"] == 2 * 2 * 5 * (63 * 52 + 68)
+    assert data["positions"] == 64

@@ -41,3 +41,32 @@ def unpack_ternary(packed: torch.Tensor, dtype: torch.dtype = torch.int8) -> tor
         raise PackingError(f"packed ternary weights must be uint8, got {packed.dtype}")
     parts = [((packed >> (2 * i)) & 3) for i in range(VALUES_PER_BYTE)]
     return (torch.cat(parts, dim=0).to(torch.int8) - 1).to(dtype)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit codes (any integer dtype, values in ``[0, 2^bits − 1]``) along the last dim:
+    ``[..., n]`` → uint8 ``[..., ceil(n · bits / 8)]``, code ``i`` in bits ``i·bits … i·bits + bits − 1`` of the
+    row's little-endian bit string. Any ``n`` works (the last byte is zero-padded)."""
+    if not 1 <= bits <= 8:
+        raise PackingError(f"bits must be in 1..8, got {bits}")
+    n = codes.shape[-1]
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise PackingError(f"{bits}-bit packing expects codes in [0, {2**bits - 1}]")
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    bit_string = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n · bits]
+    n_bytes = -(-n * bits // 8)
+    bit_string = torch.nn.functional.pad(bit_string, (0, 8 * n_bytes - n * bits))
+    weights = torch.arange(8, device=codes.device, dtype=torch.uint8)
+    return (bit_string.unflatten(-1, (n_bytes, 8)) << weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., ceil(n · bits / 8)]`` → uint8 codes ``[..., n]``."""
+    if packed.dtype != torch.uint8:
+        raise PackingError(f"packed codes must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != -(-n * bits // 8):
+        raise PackingError(f"{packed.shape[-1]} bytes per row cannot hold {n} codes of {bits} bits")
+    weights = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bit_string = ((packed.unsqueeze(-1) >> weights) & 1).flatten(-2)[..., : n * bits]
+    shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8)
+    return (bit_string.unflatten(-1, (n, bits)) << shifts).sum(-1, dtype=torch.uint8)

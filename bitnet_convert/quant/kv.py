@@ -1,0 +1,270 @@
+"""Low-bit attention (a4.8 §3.1): Q, K and V quantized after RoPE, and a packed low-bit KV cache.
+
+The quantizer works per (token, head) over ``head_dim`` by default, with no calibration data:
+
+* ``minmax`` (default): unsigned codes ``c = RoundClip((x − min) / s, 0, 2^b − 1)``, ``s = (max − min) / (2^b − 1)``,
+  ``x̂ = c · s + min``;
+* ``absmax``: symmetric, ``s = max|x| / (2^(b−1) − 1)``, ``c = RoundClip(x / s + 2^(b−1), 0, 2^b − 1)``,
+  ``x̂ = (c − 2^(b−1)) · s``.
+
+``s`` and ``min`` are rounded to float16 — the precision the packed cache stores them in — so fake quantization
+(what evaluation measures, :func:`install`) and the packed cache (what ``generate`` uses, :class:`PackedKVCache`)
+give bit-identical K/V. The first position of a sequence (the BOS token) can keep more bits (``bos_bits``).
+Keys can instead be quantized per channel over the sequence (``key_granularity: channel``, as KIVI does); the
+statistics then change as tokens arrive, so that option exists for evaluation only, not for the packed cache.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from bitnet_convert.quant.functional import round_clip
+from bitnet_convert.quant.packing import pack_bits, unpack_bits
+
+#: The attention implementation name under which :func:`lowbit_sdpa` is registered with transformers.
+ATTN_IMPLEMENTATION = "bitnet_convert_lowbit_sdpa"
+#: Smallest stored scale: keeps float16 scales normal and the division finite for constant rows.
+MIN_SCALE = 2.0**-14
+#: Attribute set on K/V tensors that a :class:`PackedKVCache` already quantized (attention must not do it again).
+_QUANTIZED = "_bitnet_convert_kv_quantized"
+
+Bits = int
+
+
+class AttentionSpec(BaseModel):
+    """Which attention tensors are quantized, and how (``null`` bits = full precision)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    q_bits: Bits | None = Field(None, ge=2, le=8, description="query bits, per (token, head)")
+    k_bits: Bits | None = Field(None, ge=2, le=8, description="key bits")
+    v_bits: Bits | None = Field(None, ge=2, le=8, description="value bits")
+    bos_bits: Bits | None = Field(None, ge=2, le=8, description="K/V bits of the first position; null = k/v bits")
+    method: Literal["minmax", "absmax"] = "minmax"
+    key_granularity: Literal["token", "channel"] = Field(
+        "token", description="token: per (token, head) over head_dim; channel: per (head, channel) over tokens"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return any(b is not None for b in (self.q_bits, self.k_bits, self.v_bits))
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "full precision"
+        parts = [f"{name.upper()} {bits}-bit" for name, bits in (("q", self.q_bits), ("k", self.k_bits),
+                                                                  ("v", self.v_bits)) if bits is not None]
+        if self.bos_bits is not None and (self.k_bits or self.v_bits):
+            parts.append(f"BOS K/V {self.bos_bits}-bit")
+        extra = ", keys per channel" if self.key_granularity == "channel" else ""
+        return f"{', '.join(parts)} ({self.method}{extra})"
+
+
+# --------------------------------------------------------------------------------------------- quantizer
+
+
+def quantize(x: torch.Tensor, bits: int, method: str, dim: int = -1):
+    """``(codes uint8, scale fp16, zero fp16 | None)`` of ``x`` with statistics over ``dim``."""
+    xf = x.float()
+    qmax = 2**bits - 1
+    if method == "minmax":
+        lo = xf.amin(dim=dim, keepdim=True).half()
+        hi = xf.amax(dim=dim, keepdim=True)
+        scale = ((hi - lo.float()) / qmax).clamp(min=MIN_SCALE).half()
+        codes = round_clip((xf - lo.float()) / scale.float(), 0, qmax)
+        return codes.to(torch.uint8), scale, lo
+    half = 2 ** (bits - 1)
+    scale = (xf.abs().amax(dim=dim, keepdim=True) / (half - 1)).clamp(min=MIN_SCALE).half()
+    codes = round_clip(xf / scale.float() + half, 0, qmax)
+    return codes.to(torch.uint8), scale, None
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize` (up to the rounding), in ``dtype``."""
+    if zero is not None:
+        return (codes.float() * scale.float() + zero.float()).to(dtype)
+    return ((codes.float() - 2 ** (bits - 1)) * scale.float()).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, method: str, dim: int = -1) -> torch.Tensor:
+    """``dequantize(quantize(x))``: what attention sees of a quantized tensor."""
+    return dequantize(*quantize(x, bits, method, dim), bits, x.dtype)
+
+
+def fake_quantize_kv(x: torch.Tensor, bits: int, spec: AttentionSpec, channel: bool = False) -> torch.Tensor:
+    """K or V ``[batch, heads, seq, head_dim]`` as the cache would hold it: position 0 at ``bos_bits``."""
+    dim = -2 if channel else -1
+    bos = spec.bos_bits
+    if bos is None or (bos == bits and not channel):
+        return fake_quantize(x, bits, spec.method, dim)
+    first = fake_quantize(x[..., :1, :], bos, spec.method, -1)
+    if x.shape[-2] == 1:
+        return first
+    return torch.cat([first, fake_quantize(x[..., 1:, :], bits, spec.method, dim)], dim=-2)
+
+
+# ------------------------------------------------------------------------------------- attention hook
+
+
+def lowbit_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' SDPA attention with Q/K/V fake-quantized as ``module.lowbit_attention`` says. K/V coming from
+    a :class:`PackedKVCache` are already quantized and pass through unchanged."""
+    spec: AttentionSpec | None = getattr(module, "lowbit_attention", None)
+    if spec is not None:
+        if spec.q_bits is not None:
+            query = fake_quantize(query, spec.q_bits, spec.method)
+        if not getattr(key, _QUANTIZED, False):
+            if spec.k_bits is not None:
+                key = fake_quantize_kv(key, spec.k_bits, spec, channel=spec.key_granularity == "channel")
+            if spec.v_bits is not None:
+                value = fake_quantize_kv(value, spec.v_bits, spec)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, lowbit_sdpa)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder (those with q/k/v projections and a layer index)."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj") and hasattr(m, "q_proj")]
+
+
+def install(model: torch.nn.Module, spec: AttentionSpec | None) -> None:
+    """Quantize attention in ``model`` as ``spec`` says (``None`` or nothing enabled: plain SDPA)."""
+    modules = attention_modules(model)
+    if spec is not None and spec.enabled and not modules:
+        raise ValueError("the model has no attention modules with q_proj/k_proj/v_proj and a layer_idx")
+    for module in modules:
+        module.lowbit_attention = spec if spec is not None and spec.enabled else None
+    model.set_attn_implementation(ATTN_IMPLEMENTATION if spec is not None and spec.enabled else "sdpa")
+
+
+def spec_of(model: torch.nn.Module) -> AttentionSpec | None:
+    """The attention spec installed in ``model`` (``None`` when attention is full precision)."""
+    for module in attention_modules(model):
+        return getattr(module, "lowbit_attention", None)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ the cache
+
+
+class _PackedRows:
+    """A growing ``[batch, heads, seq, head_dim]`` tensor stored as packed codes + float16 scale (and zero)."""
+
+    def __init__(self, bits: int, method: str) -> None:
+        self.bits, self.method = bits, method
+        self.codes: torch.Tensor | None = None
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        self.head_dim = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        codes, scale, zero = quantize(x, self.bits, self.method)
+        self.head_dim = x.shape[-1]
+        packed = pack_bits(codes, self.bits)
+        cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=-2))  # noqa: E731
+        self.codes, self.scale = cat(self.codes, packed), cat(self.scale, scale)
+        if zero is not None:
+            self.zero = cat(self.zero, zero)
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_bits(self.codes, self.bits, self.head_dim)
+        return dequantize(codes, self.scale, self.zero, self.bits, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+
+class PackedKVLayer(DynamicLayer):
+    """One layer's K/V as packed ``k_bits``/``v_bits`` codes with a float16 scale (and zero) per (token, head);
+    the first position at ``bos_bits``. ``update`` returns the dequantized K/V of every cached position."""
+
+    is_croppable = False
+
+    def __init__(self, k_bits: int, v_bits: int, bos_bits: int | None = None, method: str = "minmax") -> None:
+        super().__init__()
+        self.k_bits, self.v_bits, self.bos_bits, self.method = k_bits, v_bits, bos_bits, method
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.parts: list[tuple[_PackedRows, _PackedRows]] = []
+        if self.bos_bits is not None:
+            self.parts.append((_PackedRows(self.bos_bits, self.method), _PackedRows(self.bos_bits, self.method)))
+        self.parts.append((_PackedRows(self.k_bits, self.method), _PackedRows(self.v_bits, self.method)))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = 0
+        if self.bos_bits is not None and self.length == 0:
+            self.parts[0][0].append(key_states[..., :1, :])
+            self.parts[0][1].append(value_states[..., :1, :])
+            start = 1
+        if key_states.shape[-2] > start:
+            self.parts[-1][0].append(key_states[..., start:, :])
+            self.parts[-1][1].append(value_states[..., start:, :])
+        self.length += key_states.shape[-2]
+        stored = [(k, v) for k, v in self.parts if k.codes is not None]
+        keys = torch.cat([k.read(self.dtype) for k, _ in stored], dim=-2)
+        values = torch.cat([v.read(self.dtype) for _, v in stored], dim=-2)
+        setattr(keys, _QUANTIZED, True)
+        setattr(values, _QUANTIZED, True)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("the packed KV cache does not support beam search")
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(k.nbytes + v.nbytes for k, v in self.parts)
+
+
+class PackedKVCache(Cache):
+    """A transformers ``Cache`` of :class:`PackedKVLayer` s, one per decoder layer; pass it to
+    ``model.generate(..., past_key_values=cache)``. :meth:`for_model` takes the bits from the model's spec."""
+
+    def __init__(self, num_layers: int, k_bits: int = 3, v_bits: int = 3, bos_bits: int | None = 4,
+                 method: str = "minmax") -> None:
+        for name, bits in (("k_bits", k_bits), ("v_bits", v_bits), ("bos_bits", bos_bits)):
+            if bits is not None and not 2 <= bits <= 8:
+                raise ValueError(f"{name} must be in 2..8, got {bits}")
+        super().__init__(layers=[PackedKVLayer(k_bits, v_bits, bos_bits, method) for _ in range(num_layers)])
+        self.k_bits, self.v_bits, self.bos_bits, self.method = k_bits, v_bits, bos_bits, method
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, spec: AttentionSpec | None = None) -> PackedKVCache:
+        """A cache with ``spec``'s K/V bits (default: the spec installed in ``model``)."""
+        spec = spec or spec_of(model)
+        if spec is None or spec.k_bits is None or spec.v_bits is None:
+            raise ValueError("the model's attention spec sets no k_bits/v_bits; give them (e.g. --kv-bits 3)")
+        if spec.key_granularity != "token":
+            raise ValueError("the packed KV cache stores keys per token; key_granularity 'channel' is for evaluation")
+        return cls(len(attention_modules(model)), spec.k_bits, spec.v_bits, spec.bos_bits, spec.method)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, scales and zeros of every layer."""
+        return sum(layer.nbytes for layer in self.layers)

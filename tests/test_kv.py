@@ -1,0 +1,167 @@
+"""Low-bit attention: bit packing, the K/V quantizer, fake quant in attention, the packed cache, generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+import bitnet_convert
+from bitnet_convert.cli import app
+from bitnet_convert.quant import kv
+from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache, fake_quantize, fake_quantize_kv, quantize
+from bitnet_convert.quant.packing import PackingError, pack_bits, unpack_bits
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 13), (2, 3, 4, 128), (4, 0)])
+def test_bit_packing_round_trips_over_odd_shapes(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, generator=torch.Generator().manual_seed(bits))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (*shape[:-1], -(-shape[-1] * bits // 8))
+    assert torch.equal(unpack_bits(packed, bits, shape[-1]), codes.to(torch.uint8))
+
+
+def test_bit_packing_layout_and_errors():
+    # codes 1..8 at 3 bits: little-endian bit string 100 010 110 001 101 011 111 000 → bytes 0xD1, 0x58, 0x1F
+    assert pack_bits(torch.tensor([1, 2, 3, 4, 5, 6, 7, 0]), 3).tolist() == [0xD1, 0x58, 0x1F]
+    with pytest.raises(PackingError, match=r"3-bit packing expects codes in \[0, 7\]"):
+        pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(PackingError, match="cannot hold"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 3, 8)
+
+
+@pytest.mark.parametrize("method", ["minmax", "absmax"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_kv_quantizer_levels_and_error(method, bits):
+    x = torch.randn(2, 3, 17, 64, generator=torch.Generator().manual_seed(0))
+    codes, scale, zero = quantize(x, bits, method)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    assert scale.dtype == torch.float16 and scale.shape == (2, 3, 17, 1)
+    assert (zero is None) == (method == "absmax")
+    assert all(len(torch.unique(row)) <= 2**bits for row in codes.flatten(0, 2))
+    error = (fake_quantize(x, bits, method) - x).abs()
+    # half a step per value (plus the float16 rounding of scale and zero)
+    assert (error <= 0.5 * scale.float() * 1.01 + 1e-3).all()
+
+
+def test_bos_position_keeps_its_own_bits():
+    x = torch.randn(1, 2, 9, 32, generator=torch.Generator().manual_seed(1))
+    out = fake_quantize_kv(x, 3, PAPER)
+    assert torch.equal(out[..., :1, :], fake_quantize(x[..., :1, :], 4, "minmax"))
+    assert torch.equal(out[..., 1:, :], fake_quantize(x[..., 1:, :], 3, "minmax"))
+    assert torch.equal(fake_quantize_kv(x, 3, AttentionSpec(k_bits=3)), fake_quantize(x, 3, "minmax"))
+    channel = fake_quantize_kv(x, 3, AttentionSpec(k_bits=3, key_granularity="channel"), channel=True)
+    assert torch.equal(channel, fake_quantize(x, 3, "minmax", dim=-2))
+
+
+@pytest.fixture(scope="module")
+def a48(tmp_path_factory):
+    """The a48 conversion of the reference model with the paper's low-bit attention installed."""
+    out = tmp_path_factory.mktemp("kv") / "a48"
+    model = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(out), calibration__samples=0).model
+    kv.install(model, PAPER)
+    return model
+
+
+def test_packed_cache_holds_exactly_the_fake_quantized_kv(a48, reference_ids):
+    ids = reference_ids[:1, :40]
+    raw = DynamicCache()  # on the fake-quant path the cache keeps K/V unquantized; attention quantizes them
+    with torch.no_grad():
+        a48(ids, past_key_values=raw, use_cache=True)
+    cache = PackedKVCache.for_model(a48)
+    with torch.no_grad():
+        a48(ids[:, :25], past_key_values=cache, use_cache=True)
+        a48(ids[:, 25:], past_key_values=cache, use_cache=True)  # a second chunk appends
+    for layer, packed in zip(raw.layers, cache.layers, strict=True):
+        keys, values = packed.update(packed_empty(keys_like=layer.keys), packed_empty(keys_like=layer.values))
+        assert torch.equal(keys, fake_quantize_kv(layer.keys, 3, PAPER))
+        assert torch.equal(values, fake_quantize_kv(layer.values, 3, PAPER))
+    assert cache.get_seq_length() == 40
+
+
+def packed_empty(keys_like: torch.Tensor) -> torch.Tensor:
+    """A zero-length update: reads the cache without adding positions."""
+    return keys_like[..., :0, :]
+
+
+def test_prefill_logits_and_greedy_tokens_match_fake_quant(a48, reference_ids):
+    ids = reference_ids[:1, :48]
+    with torch.no_grad():
+        fake = a48(ids).logits
+        packed = a48(ids, past_key_values=PackedKVCache.for_model(a48), use_cache=True).logits
+    assert torch.equal(fake, packed)
+    prompt = ids[:, :12]
+    with torch.no_grad():
+        a = a48.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        b = a48.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                         past_key_values=PackedKVCache.for_model(a48))
+    assert torch.equal(a, b)
+
+
+def test_packed_cache_is_at_most_022_of_bf16_at_4k_tokens():
+    layers, heads, head_dim, tokens = 2, 5, 128, 4096  # 2B-4T's attention per layer (it has 30 layers)
+    dense, packed = DynamicCache(), PackedKVCache(layers, 3, 3, 4)
+    for layer in range(layers):
+        k = torch.randn(1, heads, tokens, head_dim).to(torch.bfloat16)
+        dense.update(k, k, layer)
+        packed.update(k, k, layer)
+    dense_bytes = sum(t.numel() * t.element_size() for lay in dense.layers for t in (lay.keys, lay.values))
+    # per (token, head): 128 · 3 / 8 = 48 bytes of codes + float16 scale and zero = 52 bytes, vs 256 in bf16
+    assert packed.nbytes == 2 * layers * heads * ((tokens - 1) * 52 + 64 + 4)
+    assert packed.nbytes / dense_bytes <= 0.22
+
+
+def test_attention_spec_is_exported_and_restored(tmp_path, reference_ids):
+    out = bitnet_convert.quantize(
+        REPO / "recipes/a48-kv3.yaml", output=str(tmp_path / "kv3"), calibration__samples=0
+    )
+    config = json.loads((out.output / "config.json").read_text())
+    assert config["bitnet_convert"]["attention"]["k_bits"] == 3
+    loaded = bitnet_convert.load(out.output)
+    assert kv.spec_of(loaded) == PAPER and loaded.config._attn_implementation == kv.ATTN_IMPLEMENTATION
+    with torch.no_grad():
+        assert torch.equal(loaded(reference_ids[:2]).logits, out.model(reference_ids[:2]).logits)
+    assert out.report["attention"] == PAPER.describe()
+
+
+def test_generate_command_streams_with_the_packed_cache(tmp_path):
+    out = bitnet_convert.quantize(REPO / "recipes/a48-kv3.yaml", output=str(tmp_path / "kv3"),
+                                  calibration__samples=0).output
+    result = CliRunner().invoke(app, ["generate", str(out), "--prompt", "Anna is a kind baker", "--max-new-tokens",
+                                      "12"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Anna is a kind baker")
+    assert "cache: packed 3-bit K/V, BOS 4-bit" in result.output and "12 tokens in" in result.output
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("scheme.attention.k_bits=9", "scheme.attention.k_bits: Input should be less than or equal to 8 (got 9)"),
+     ("scheme.attention.v_bits=1", "scheme.attention.v_bits: Input should be greater than or equal to 2 (got 1)"),
+     ("scheme.attention.method=log", "scheme.attention.method:")],
+)
+def test_bad_attention_settings_are_clear_errors(tmp_path, setting, message):
+    result = CliRunner().invoke(app, ["quantize", "--recipe", str(REPO / "recipes/a48.yaml"), "--output",
+                                      str(tmp_path / "x"), "--set", setting])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_kv_bits_out_of_range_and_unsupported_models_are_clear_errors():
+    result = CliRunner().invoke(app, ["generate", "builtin:reference", "--prompt", "x", "--kv-bits", "9"])
+    assert result.exit_code == 2 and "--kv-bits" in result.output
+    with pytest.raises(ValueError, match=r"k_bits must be in 2\.\.8, got 1"):
+        PackedKVCache(2, k_bits=1)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(ValueError, match="no attention modules with q_proj/k_proj/v_proj"):
+        kv.install(gpt2, PAPER)
+    with pytest.raises(ValueError, match="key_granularity 'channel' is for evaluation"):
+        PackedKVCache.for_model(gpt2, AttentionSpec(k_bits=3, v_bits=3, key_granularity="channel"))
