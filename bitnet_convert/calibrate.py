@@ -15,13 +15,19 @@ Table 2's definitions, measured on every token:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
-from bitnet_convert.modeling import quant_linears
-from bitnet_convert.quant.schemes import role_of
+from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.modeling import architecture_config, build_layer, quant_linears
+from bitnet_convert.quant.kv import AttentionSpec
+from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
 
 #: Table 2's rows, and the linears each covers.
 LINEAR_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate",
@@ -113,3 +119,172 @@ def _gate_of(model: torch.nn.Module, up_name: str) -> tuple[torch.nn.Module, Cal
     parent = model.get_submodule(up_name.rsplit(".", 1)[0]) if "." in up_name else model
     gate, act = getattr(parent, "gate_proj", None), getattr(parent, "act_fn", None)
     return (gate, act) if gate is not None and callable(act) else None
+
+
+# ------------------------------------------------------------------------------------ layer-by-layer stats
+
+#: The quantizers every linear input is tried with (besides its configured one), by report name.
+CANDIDATES: dict[str, ActivationSpec] = {
+    "int4_absmean": ActivationSpec(method="absmean", bits=4),
+    "int8_absmax": ActivationSpec(method="absmax", bits=8),
+    "top50_int8": ActivationSpec(method="absmax", bits=8, topk=0.5),
+    "fp4_e2m1": ActivationSpec(method="fp4_e2m1", bits=4),
+}
+#: A channel is an outlier when its largest |x| exceeds this multiple of the median channel's.
+OUTLIER_FACTOR = 6.0
+#: Values of each linear input kept (evenly strided) for percentiles and histograms.
+SAMPLE_SIZE = 32_768
+
+
+class LinearStats:
+    """Running statistics of one linear's input and of what each candidate quantizer does to it and to the
+    linear's output. Sums are float64, so the order of batches changes nothing beyond rounding."""
+
+    def __init__(self, configured: ActivationSpec, samples_per_update: int) -> None:
+        self.spec = configured.describe()
+        self.quantizers = {"configured": configured.quantizer(), **{k: s.quantizer() for k, s in CANDIDATES.items()}}
+        self.samples_per_update = samples_per_update
+        self.count = 0
+        self.moments = torch.zeros(4, dtype=torch.float64)  # Σx, Σx², Σx³, Σx⁴
+        self.abs_sum = 0.0
+        self.absmax = 0.0
+        self.zeros = 0
+        self.channel_absmax: torch.Tensor | None = None
+        self.errors = {k: torch.zeros(4, dtype=torch.float64) for k in self.quantizers}  # Σ‖q−x‖², Σ‖x‖², out
+        self.quantized_zeros = 0
+        self.sample: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add a batch of inputs ``x [..., in]``; ``weight [out, in]`` is the linear's dense ternary weight."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        xd = rows.double()
+        self.count += rows.numel()
+        self.moments += torch.stack([xd.sum(), xd.pow(2).sum(), xd.pow(3).sum(), xd.pow(4).sum()])
+        magnitude = rows.abs()
+        self.abs_sum += float(magnitude.double().sum())
+        self.absmax = max(self.absmax, float(magnitude.max()))
+        self.zeros += int((rows == 0).sum())
+        channel = magnitude.amax(0)
+        self.channel_absmax = channel if self.channel_absmax is None else torch.maximum(self.channel_absmax, channel)
+        y = rows @ weight.t()
+        x2, y2 = float(xd.pow(2).sum()), float(y.double().pow(2).sum())
+        for name, quantize in self.quantizers.items():
+            q = quantize(rows)
+            if name == "configured":
+                self.quantized_zeros += int((q == 0).sum())
+            err = float((q - rows).double().pow(2).sum())
+            out_err = float((q @ weight.t() - y).double().pow(2).sum())
+            self.errors[name] += torch.tensor([err, x2, out_err, y2], dtype=torch.float64)
+        flat = rows.flatten()
+        stride = max(1, flat.numel() // self.samples_per_update)
+        self.sample.append(flat[::stride][: self.samples_per_update].clone())
+
+    def result(self) -> dict:
+        n = self.count
+        mean, m2, m3, m4 = (self.moments / n).tolist()
+        var = m2 - mean**2
+        central4 = m4 - 4 * mean * m3 + 6 * mean**2 * m2 - 3 * mean**4
+        sample = torch.cat(self.sample).abs()
+        quantiles = torch.quantile(sample, torch.tensor([0.5, 0.99, 0.999])).tolist()
+        channels = self.channel_absmax
+        outliers = int((channels > OUTLIER_FACTOR * channels.median()).sum())
+        quantizers = {}
+        for name, sums in self.errors.items():
+            err, x2, out_err, y2 = sums.tolist()
+            quantizers[name] = {
+                "relative_error": (err / x2) ** 0.5 if x2 else 0.0,
+                "sqnr_db": 10 * math.log10(x2 / err) if err else math.inf,
+                "output_relative_error": (out_err / y2) ** 0.5 if y2 else 0.0,
+            }
+        return {
+            "spec": self.spec,
+            "values": n,
+            "absmax": self.absmax,
+            "absmean": self.abs_sum / n,
+            "percentiles_abs": {"p50": quantiles[0], "p99": quantiles[1], "p99.9": quantiles[2]},
+            "kurtosis": central4 / var**2 if var > 0 else 0.0,
+            "zero_share": self.zeros / n,
+            "quantized_zero_share": self.quantized_zeros / n,
+            "outlier_channels": outliers,
+            "channels": int(channels.numel()),
+            "quantizers": quantizers,
+        }
+
+
+@dataclass
+class Calibration:
+    """What a calibration pass measured: per-linear statistics (``linears``, JSON-ready) and, for plots, an
+    evenly strided sample of each linear's input values (``samples``)."""
+
+    tokens: int
+    linears: dict[str, dict]
+    samples: dict[str, torch.Tensor] = field(repr=False)
+
+
+def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "") -> list:
+    def hook(name: str, module: QuantLinear):
+        def record(_module, args):
+            stats[prefix + name].update(args[0], module.dense_weight(torch.float32))
+
+        return record
+
+    return [m.register_forward_pre_hook(hook(n, m)) for n, m in modules.items()]
+
+
+@torch.no_grad()
+def hooked_calibration(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> Calibration:
+    """Per-linear statistics from whole-model forwards (the reference for :func:`sequential_calibration`)."""
+    linears = quant_linears(model)
+    samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
+    stats = {n: LinearStats(m.spec, samples) for n, m in linears.items()}
+    handles = _hook_linears(linears, stats)
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            model(ids[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},
+                       {n: torch.cat(s.sample) for n, s in stats.items()})
+
+
+@torch.no_grad()
+def sequential_calibration(
+    checkpoint: Checkpoint,
+    roles: dict[Role, ActivationSpec],
+    ids: torch.Tensor,
+    batch_size: int,
+    attention: AttentionSpec | None = None,
+    on_layer: Callable[[str], None] | None = None,
+) -> Calibration:
+    """Per-linear statistics of ``ids [n, seq_len]``, computed one decoder layer at a time: the layer is read
+    from the checkpoint, the cached hidden states of every batch go through it, its outputs become the next
+    layer's inputs, and it is freed. Peak memory is one layer plus the hidden states, whatever the depth."""
+    config = architecture_config(checkpoint)
+    embedding = checkpoint.tensor("model.embed_tokens.weight")
+    hidden = [embedding[ids[s : s + batch_size]].float() for s in range(0, ids.shape[0], batch_size)]
+    del embedding
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rotary = BitNetRotaryEmbedding(config)
+    samples = max(1, SAMPLE_SIZE // len(hidden))
+    result = Calibration(int(ids.numel()), {}, {})
+    for index in range(config.num_hidden_layers):
+        layer = build_layer(checkpoint, index, roles, attention=attention)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
+        prefix = f"model.layers.{index}."
+        stats = {prefix + n: LinearStats(m.spec, samples) for n, m in linears.items()}
+        handles = _hook_linears(linears, stats, prefix)
+        try:
+            for i, h in enumerate(hidden):
+                cos_sin = rotary(h, positions.expand(h.shape[0], -1))
+                hidden[i] = layer(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+        finally:
+            for handle in handles:
+                handle.remove()
+        result.linears.update({name: s.result() for name, s in stats.items()})
+        result.samples.update({name: torch.cat(s.sample) for name, s in stats.items()})
+        del layer, linears, stats
+        if on_layer is not None:
+            on_layer(f"layer {index + 1}/{config.num_hidden_layers}")
+    return result

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import BitNetConfig, BitNetForCausalLM
-from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
+from transformers.models.bitnet.modeling_bitnet import BitNetDecoderLayer, BitNetRotaryEmbedding
 
 from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
@@ -47,19 +47,9 @@ def build_model(
     config = architecture_config(checkpoint)
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
-    packed = checkpoint.layout is not Layout.MASTER
-    largest = max((math.prod(checkpoint.shape_of(f"{n}.weight")) for n in checkpoint.linear_names()), default=0)
-    scratch = None if packed else torch.empty(2 * largest, dtype=torch.float32)
+    scratch = _scratch(checkpoint, checkpoint.linear_names())
     for name in checkpoint.linear_names():
-        shape = checkpoint.shape_of(f"{name}.weight")
-        out_features = shape[0] * (VALUES_PER_BYTE if packed else 1)
-        if out_features % VALUES_PER_BYTE:
-            raise CheckpointError(
-                f"{checkpoint.path}: '{name}.weight' has out_features={out_features}, not divisible by "
-                f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
-            )
-        codes, alpha = checkpoint.ternary(name, scratch)
-        model.set_submodule(name, QuantLinear.from_ternary(codes, alpha, roles[role_of(name)]))
+        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch))
         if on_linear is not None:
             on_linear(name)
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
@@ -77,6 +67,63 @@ def build_model(
     model.requires_grad_(False)
     kv.install(model, attention)
     return model.eval()
+
+
+def build_layer(
+    checkpoint: Checkpoint,
+    index: int,
+    roles: dict[Role, ActivationSpec],
+    dtype: torch.dtype = torch.float32,
+    attention: AttentionSpec | None = None,
+) -> BitNetDecoderLayer:
+    """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
+    config = architecture_config(checkpoint)
+    # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
+    config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
+    with torch.device("meta"):
+        layer = BitNetDecoderLayer(config, index)
+    prefix = f"model.layers.{index}."
+    names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
+    scratch = _scratch(checkpoint, names)
+    for name in names:
+        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch))
+    linear = set(names)
+    state = {
+        n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
+        for n in checkpoint.names()
+        if n.startswith(prefix) and n.rsplit(".", 1)[0] not in linear
+    }
+    layer.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: tensor '{prefix}{missing[0]}' is missing from the checkpoint")
+    if attention is not None and attention.enabled:
+        layer.self_attn.lowbit_attention = attention
+    layer.requires_grad_(False)
+    return layer.eval()
+
+
+def load_linear(
+    checkpoint: Checkpoint, name: str, roles: dict[Role, ActivationSpec], scratch: torch.Tensor | None
+) -> QuantLinear:
+    """The :class:`QuantLinear` of linear ``name``, ternarized (master layout) or unpacked from the checkpoint."""
+    packed = checkpoint.layout is not Layout.MASTER
+    out_features = checkpoint.shape_of(f"{name}.weight")[0] * (VALUES_PER_BYTE if packed else 1)
+    if out_features % VALUES_PER_BYTE:
+        raise CheckpointError(
+            f"{checkpoint.path}: '{name}.weight' has out_features={out_features}, not divisible by "
+            f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
+        )
+    codes, alpha = checkpoint.ternary(name, scratch)
+    return QuantLinear.from_ternary(codes, alpha, roles[role_of(name)])
+
+
+def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:
+    """A reusable fp32 buffer for ternarizing the largest of ``names`` (``None`` for packed inputs)."""
+    if checkpoint.layout is not Layout.MASTER:
+        return None
+    largest = max((math.prod(checkpoint.shape_of(f"{n}.weight")) for n in names), default=0)
+    return torch.empty(2 * largest, dtype=torch.float32)
 
 
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:

@@ -1,0 +1,152 @@
+"""The human side of calibration: ``calibration.json``, ``calibration.md`` and three PNG plots.
+
+* ``error_heatmap.png`` — per layer (rows) and linear (columns), the relative output error each quantizer
+  causes, ``‖W·Q(x) − W·x‖ / ‖W·x‖``; one panel per quantizer, one colour scale for all.
+* ``worst_histograms.png`` — input histograms (log counts) of the linears whose configured quantizer hurts most.
+* ``sparsity.png`` — share of exact zeros in each linear's input, before and after its configured quantizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bitnet_convert.calibrate import CANDIDATES, Calibration
+
+LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZER_ORDER = ("configured", *CANDIDATES)
+WORST = 4
+
+
+def _layer_and_linear(name: str) -> tuple[int, str]:
+    match = re.search(r"layers\.(\d+)\.(?:\w+\.)?(\w+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (-1, name)
+
+
+def worst_linears(calibration: Calibration, n: int = WORST) -> list[str]:
+    """The ``n`` linears with the largest output error under their configured quantizer."""
+    def error(name: str) -> float:
+        return calibration.linears[name]["quantizers"]["configured"]["output_relative_error"]
+
+    return sorted(calibration.linears, key=error, reverse=True)[:n]
+
+
+def write_report(calibration: Calibration, directory: Path, meta: dict) -> list[Path]:
+    """Write ``calibration.json``, ``calibration.md`` and the PNGs into ``directory``; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {**meta, "tokens": calibration.tokens, "linears": calibration.linears}
+    files = [directory / "calibration.json"]
+    files[0].write_text(json.dumps(data, indent=2) + "\n")
+    files += _plots(calibration, directory)
+    files.append(directory / "calibration.md")
+    files[-1].write_text(markdown(calibration, meta))
+    return files
+
+
+def markdown(calibration: Calibration, meta: dict) -> str:
+    """Summary tables: the worst linears, and each quantizer's mean output error per linear kind."""
+    lines = [f"# Calibration of `{meta.get('model', '?')}` ({meta.get('scheme', '?')})", "",
+             f"{calibration.tokens:,} tokens; statistics per linear input in `calibration.json`.", "",
+             "![output error per layer, linear and quantizer](error_heatmap.png)", "",
+             f"## The {WORST} linears the configured quantizers hurt most", "",
+             "| linear | input | configured error (output) | INT8 error (output) | absmax | kurtosis | "
+             "outlier channels | zeros in / after Q |", "|---|---|---|---|---|---|---|---|"]
+    for name in worst_linears(calibration):
+        s = calibration.linears[name]
+        q = s["quantizers"]
+        lines.append(
+            f"| {name} | {s.get('spec', '')} | {q['configured']['output_relative_error']:.4f} | "
+            f"{q['int8_absmax']['output_relative_error']:.4f} | {s['absmax']:.2f} | {s['kurtosis']:.1f} | "
+            f"{s['outlier_channels']}/{s['channels']} | {s['zero_share']:.1%} / {s['quantized_zero_share']:.1%} |"
+        )
+    lines += ["", "![input histograms of the worst linears](worst_histograms.png)", "",
+              "## Mean output error per linear kind and quantizer", "",
+              "| linear | " + " | ".join(QUANTIZER_ORDER) + " |", "|---|" + "---|" * len(QUANTIZER_ORDER)]
+    for kind in LINEAR_ORDER:
+        names = [n for n in calibration.linears if _layer_and_linear(n)[1] == kind]
+        if not names:
+            continue
+        means = [sum(calibration.linears[n]["quantizers"][q]["output_relative_error"] for n in names) / len(names)
+                 for q in QUANTIZER_ORDER]
+        lines.append(f"| {kind} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    lines += ["", "![share of zero inputs per layer and linear](sparsity.png)", ""]
+    return "\n".join(lines)
+
+
+def _plots(calibration: Calibration, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "bitnet-convert"})
+    layers = sorted({_layer_and_linear(n)[0] for n in calibration.linears})
+    kinds = [k for k in LINEAR_ORDER if any(_layer_and_linear(n)[1] == k for n in calibration.linears)]
+    index = {_layer_and_linear(n): n for n in calibration.linears}
+    paths = []
+
+    # 1. output error heatmap: one panel per quantizer
+    grids = {q: np.full((len(layers), len(kinds)), np.nan) for q in QUANTIZER_ORDER}
+    for (layer, kind), name in index.items():
+        if kind in kinds and layer in layers:
+            for q in QUANTIZER_ORDER:
+                grids[q][layers.index(layer), kinds.index(kind)] = (
+                    calibration.linears[name]["quantizers"][q]["output_relative_error"])
+    vmax = max(float(np.nanmax(g)) for g in grids.values())
+    vmin = max(min(float(np.nanmin(g)) for g in grids.values()), vmax * 1e-4, 1e-6)
+    norm = matplotlib.colors.LogNorm(vmin=vmin, vmax=vmax)
+    height = max(2.8, 1.4 + 0.25 * len(layers))
+    fig, axes = plt.subplots(1, len(QUANTIZER_ORDER), figsize=(2.9 * len(QUANTIZER_ORDER) + 1.2, height),
+                             sharey=True, constrained_layout=True)
+    for ax, q in zip(axes, QUANTIZER_ORDER, strict=True):
+        image = ax.imshow(np.clip(grids[q], vmin, None), aspect="auto", cmap="magma_r", norm=norm,
+                          interpolation="nearest")
+        ax.set_title(q)
+        ax.set_xticks(range(len(kinds)), [k.removesuffix("_proj") for k in kinds], rotation=45)
+        ax.set_xlabel("linear")
+    axes[0].set_yticks(range(len(layers)), [str(i) for i in layers])
+    axes[0].set_ylabel("decoder layer")
+    fig.colorbar(image, ax=axes, label="relative output error (log scale)", shrink=0.95)
+    fig.suptitle("Output error ‖W·Q(x) − W·x‖ / ‖W·x‖ of each quantizer, per decoder layer and linear")
+    paths.append(directory / "error_heatmap.png")
+    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+    # 2. histograms of the worst linears' inputs
+    worst = worst_linears(calibration)
+    fig, axes = plt.subplots(1, len(worst), figsize=(3.4 * len(worst), 3.0), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], worst, strict=True):
+        values = calibration.samples[name].float().numpy()
+        ax.hist(values, bins=80, color="tab:blue", log=True)
+        s = calibration.linears[name]
+        error = s["quantizers"]["configured"]["output_relative_error"]
+        ax.set_title(f"{name.removeprefix('model.')}\noutput error {error:.3f}, kurtosis {s['kurtosis']:.0f}",
+                     fontsize=8)
+        ax.set_xlabel("input value x")
+        ax.set_ylabel("count (log)")
+    fig.suptitle("Input distributions of the linears the configured quantizers hurt most")
+    paths.append(directory / "worst_histograms.png")
+    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+    # 3. sparsity: zero share in / after quantization per linear kind and layer
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True, constrained_layout=True)
+    width = 0.8 / max(len(layers), 1)
+    for ax, key, title in ((axes[0], "zero_share", "zeros in the input"),
+                           (axes[1], "quantized_zero_share", "zeros after the configured quantizer")):
+        for i, layer in enumerate(layers):
+            shares = [calibration.linears[index[(layer, k)]][key] if (layer, k) in index else 0.0 for k in kinds]
+            ax.bar(np.arange(len(kinds)) + i * width - 0.4 + width / 2, shares, width, label=f"layer {layer}")
+        ax.set_xticks(range(len(kinds)), [k.removesuffix("_proj") for k in kinds])
+        ax.set_title(title)
+        ax.set_xlabel("linear")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("share of zero values")
+    axes[1].legend(fontsize=7, ncol=max(1, len(layers) // 8), loc="upper left")
+    fig.suptitle("Share of exact zeros in each linear's input, per decoder layer")
+    paths.append(directory / "sparsity.png")
+    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return paths
