@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
 from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.errors import ResourceError
 from bitnet_convert.modeling import architecture_config, build_layer, quant_linears
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
@@ -222,6 +224,23 @@ class Calibration:
     samples: dict[str, torch.Tensor] = field(repr=False)
 
 
+@contextmanager
+def memory_guard(samples: int, seq_len: int, batch_size: int) -> Iterator[None]:
+    """Turn an out-of-memory error during calibration into a :class:`ResourceError` naming the knobs."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and not (
+            "out of memory" in text or "can't allocate memory" in text
+        ):
+            raise
+        raise ResourceError(
+            f"calibration ran out of memory with calibration.samples={samples}, calibration.seq_len={seq_len}, "
+            f"calibration.batch_size={batch_size}; lower them (e.g. --set calibration.samples={max(1, samples // 2)})"
+        ) from None
+
+
 def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "") -> list:
     def hook(name: str, module: QuantLinear):
         def record(_module, args):
@@ -233,7 +252,9 @@ def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats]
 
 
 @torch.no_grad()
-def hooked_calibration(model: torch.nn.Module, ids: torch.Tensor, batch_size: int) -> Calibration:
+def hooked_calibration(
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None
+) -> Calibration:
     """Per-linear statistics from whole-model forwards (the reference for :func:`sequential_calibration`)."""
     linears = quant_linears(model)
     samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
@@ -242,6 +263,8 @@ def hooked_calibration(model: torch.nn.Module, ids: torch.Tensor, batch_size: in
     try:
         for start in range(0, ids.shape[0], batch_size):
             model(ids[start : start + batch_size], use_cache=False)
+            if on_batch is not None:
+                on_batch()
     finally:
         for handle in handles:
             handle.remove()

@@ -123,6 +123,37 @@ def quantize(
 
 
 @app.command()
+def calibrate(
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")] = None,
+    model: Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Report directory [default: <recipe output>-calibration].")
+    ] = None,
+    calibration_data: Annotated[
+        str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
+    ] = None,
+) -> None:
+    """Measure every linear's inputs layer by layer and write calibration.json, calibration.md and plots."""
+    from bitnet_convert.pipeline import calibrate as run_calibration
+    from bitnet_convert.recipe import load_recipe, parse_assignment
+
+    with _user_errors():
+        overrides = dict(parse_assignment(item) for item in set_ or [])
+        for key, value in (("model", model), ("calibration.data", calibration_data)):
+            if value is not None:
+                overrides[key] = str(value)
+        resolved = load_recipe(recipe, overrides)
+        target = output or resolved.output.with_name(resolved.output.name + "-calibration")
+        with RichProgress() as progress:
+            written = run_calibration(resolved, target, overwrite, progress)
+    out.print(f"calibration report → {written}/calibration.md")
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="Checkpoint or converted directory (or a hub id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,

@@ -17,5 +17,9 @@ class DataError(BitNetConvertError):
     """Calibration or evaluation data is missing or unreadable."""
 
 
+class ResourceError(BitNetConvertError):
+    """The machine ran out of a resource (memory) with these settings; the message names the knobs."""
+
+
 class OutputError(BitNetConvertError):
     """The output directory cannot be written as asked."""

@@ -155,8 +155,10 @@ def export(
     overwrite: bool = False,
     report: Callable[[list[Path]], dict] | None = None,
     attention: AttentionSpec | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store."""
+    """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
+    ``extra(directory)`` writes more files into the output before it is moved into place."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite) as tmp:
         files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
@@ -168,5 +170,7 @@ def export(
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         if report is not None:
             (tmp / "conversion_report.json").write_text(json.dumps(report(files), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
     return output
 

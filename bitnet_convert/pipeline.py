@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from bitnet_convert import __version__
-from bitnet_convert.calibrate import activation_stats
+from bitnet_convert.calibrate import activation_stats, hooked_calibration, memory_guard, sequential_calibration
+from bitnet_convert.calibration_report import write_report
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint
 from bitnet_convert.data import load_texts, sample_windows, token_stream
 from bitnet_convert.errors import DataError
-from bitnet_convert.export import check_output, export, export_dtype_name
+from bitnet_convert.export import atomic_directory, check_output, export, export_dtype_name
 from bitnet_convert.load import DTYPES, load_tokenizer
-from bitnet_convert.modeling import build_model, quant_linears
+from bitnet_convert.modeling import architecture_config, build_model, quant_linears
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe, load_recipe
 
@@ -57,11 +58,21 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention)
-    stats = None
+    stats = details = None
+    spec = recipe.calibration
     if calibration is not None:
-        batches = -(-calibration.shape[0] // recipe.calibration.batch_size)
-        with _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
-            stats = activation_stats(model, calibration, recipe.calibration.batch_size, on_batch=advance)
+        batches = -(-calibration.shape[0] // spec.batch_size)
+        guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+        with guard, _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
+            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
+        if spec.report:
+            guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+            with guard, _timed(timings, "calibration_report"), progress.stage("Calibration report", batches) as step:
+                details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
+
+    def write_calibration(directory: Path) -> None:
+        if details is not None:
+            write_report(details, directory / "calibration", _calibration_meta(recipe, "whole model"))
 
     def report(files: list[Path]) -> dict:
         return conversion_report(model, checkpoint, recipe, files, timings, stats)
@@ -79,9 +90,37 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             overwrite=recipe.overwrite,
             report=report,
             attention=recipe.scheme.attention,
+            extra=write_calibration,
         )
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
+
+
+def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: Progress = SILENT) -> Path:
+    """Calibrate ``recipe``'s model layer by layer (peak memory: one layer + the calibration activations) and
+    write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically)."""
+    check_output(output, overwrite)
+    with progress.stage("Open checkpoint"):
+        checkpoint = open_checkpoint(recipe.model)
+        ids = _calibration_windows(recipe, checkpoint)
+    if ids is None:
+        raise DataError("calibration.samples is 0: there is nothing to calibrate on")
+    spec = recipe.calibration
+    layers = architecture_config(checkpoint).num_hidden_layers
+    guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+    with guard, progress.stage("Calibrate, layer by layer", layers) as advance:
+        result = sequential_calibration(checkpoint, recipe.scheme.resolved(), ids, spec.batch_size,
+                                        attention=recipe.scheme.attention, on_layer=advance)
+    with progress.stage("Write report"), atomic_directory(output, overwrite) as tmp:
+        write_report(result, tmp, _calibration_meta(recipe, "layer by layer"))
+    return output
+
+
+def _calibration_meta(recipe: Recipe, mode: str) -> dict:
+    spec = recipe.calibration
+    return {"model": recipe.model, "scheme": recipe.scheme.preset, "mode": mode, "data": spec.data,
+            "split": spec.split, "samples": spec.samples, "seq_len": spec.seq_len, "seed": recipe.seed,
+            "bitnet_convert_version": __version__}
 
 
 def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor | None:

@@ -41,7 +41,8 @@ class CalibrationSpec(_Strict):
 
     ``data``: ``builtin:reference``, a local ``.txt`` (one document per non-empty line) or ``.jsonl`` file
     (``text_field`` of each record), or a Hugging Face dataset id (needs the hub). Tokenized with the
-    model's own tokenizer. ``samples: 0`` skips the stage.
+    model's own tokenizer. ``samples: 0`` skips the stage. ``report``: also write the per-linear statistics
+    and plots into ``<output>/calibration/`` (``calibration.json``, ``calibration.md``, PNGs).
     """
 
     data: str = "builtin:reference"
@@ -50,6 +51,7 @@ class CalibrationSpec(_Strict):
     samples: int = Field(16, ge=0)
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(4, ge=1)
+    report: bool = True
 
 
 class ExportSpec(_Strict):
