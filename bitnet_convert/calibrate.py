@@ -134,7 +134,7 @@ CANDIDATES: dict[str, ActivationSpec] = {
 }
 #: A channel is an outlier when its largest |x| exceeds this multiple of the median channel's.
 OUTLIER_FACTOR = 6.0
-#: Values of each linear input kept (evenly strided) for percentiles and histograms.
+#: Values of each linear input kept (a seeded uniform sample) for percentiles, histograms and thresholds.
 SAMPLE_SIZE = 32_768
 
 
@@ -179,8 +179,12 @@ class LinearStats:
             out_err = float((q @ weight.t() - y).double().pow(2).sum())
             self.errors[name] += torch.tensor([err, x2, out_err, y2], dtype=torch.float64)
         flat = rows.flatten()
-        stride = max(1, flat.numel() // self.samples_per_update)
-        self.sample.append(flat[::stride][: self.samples_per_update].clone())
+        if flat.numel() <= self.samples_per_update:
+            self.sample.append(flat.clone())
+        else:  # uniformly at random, seeded by the batch number: a stride would favour some channels
+            generator = torch.Generator().manual_seed(len(self.sample))
+            picks = torch.randperm(flat.numel(), generator=generator)[: self.samples_per_update]
+            self.sample.append(flat[picks.sort().values].clone())
 
     def result(self) -> dict:
         n = self.count
@@ -216,8 +220,8 @@ class LinearStats:
 
 @dataclass
 class Calibration:
-    """What a calibration pass measured: per-linear statistics (``linears``, JSON-ready) and, for plots, an
-    evenly strided sample of each linear's input values (``samples``)."""
+    """What a calibration pass measured: per-linear statistics (``linears``, JSON-ready) and, for plots, a
+    seeded uniform sample of each linear's input values (``samples``)."""
 
     tokens: int
     linears: dict[str, dict]
@@ -280,6 +284,7 @@ def sequential_calibration(
     batch_size: int,
     attention: AttentionSpec | None = None,
     on_layer: Callable[[str], None] | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
 ) -> Calibration:
     """Per-linear statistics of ``ids [n, seq_len]``, computed one decoder layer at a time: the layer is read
     from the checkpoint, the cached hidden states of every batch go through it, its outputs become the next
@@ -293,7 +298,7 @@ def sequential_calibration(
     samples = max(1, SAMPLE_SIZE // len(hidden))
     result = Calibration(int(ids.numel()), {}, {})
     for index in range(config.num_hidden_layers):
-        layer = build_layer(checkpoint, index, roles, attention=attention)
+        layer = build_layer(checkpoint, index, roles, attention=attention, overrides=overrides)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
         prefix = f"model.layers.{index}."
         stats = {prefix + n: LinearStats(m.spec, samples) for n, m in linears.items()}
@@ -311,3 +316,67 @@ def sequential_calibration(
         if on_layer is not None:
             on_layer(f"layer {index + 1}/{config.num_hidden_layers}")
     return result
+
+
+# ------------------------------------------------------------------------------ per-linear precision choice
+
+INT8 = ActivationSpec(method="absmax", bits=8)
+
+
+def _input_bits(spec: ActivationSpec) -> int:
+    return 16 if spec.method == "none" else spec.bits
+
+
+def mean_input_bits(linears: dict[str, QuantLinear], specs: dict[str, ActivationSpec]) -> float:
+    """Activation bits averaged over the linears, weighted by their parameter count (their share of compute)."""
+    params = {n: m.in_features * m.out_features for n, m in linears.items()}
+    return sum(params[n] * _input_bits(specs[n]) for n in linears) / sum(params.values())
+
+
+def choose_precision(
+    calibration: Calibration,
+    linears: dict[str, QuantLinear],
+    max_share: float | None = 0.1,
+    max_mean_bits: float | None = None,
+    static_o_threshold: bool = False,
+) -> tuple[dict[str, ActivationSpec], dict]:
+    """Per-linear overrides from measured output errors (see :class:`bitnet_convert.recipe.AutoSpec`).
+
+    Returns the overrides and a record of the choice: each promoted linear with its output error under the
+    configured quantizer and under INT8, the thresholds, and the mean input bits before and after.
+    """
+    specs = {n: m.spec for n, m in linears.items()}
+    before = mean_input_bits(linears, specs)
+
+    def gain(name: str) -> float:
+        errors = calibration.linears[name]["quantizers"]
+        return errors["configured"]["output_relative_error"] - errors["int8_absmax"]["output_relative_error"]
+
+    limit = len(linears) if max_share is None else math.floor(max_share * len(linears) + 1e-9)
+    candidates = sorted((n for n in linears if _input_bits(specs[n]) < 8 and gain(n) > 0), key=gain, reverse=True)
+    overrides: dict[str, ActivationSpec] = {}
+    promoted = []
+    for name in candidates:
+        if len(overrides) >= limit:
+            break
+        trial = {**specs, name: INT8}
+        if max_mean_bits is not None and mean_input_bits(linears, trial) > max_mean_bits + 1e-9:
+            continue
+        specs = trial
+        overrides[name] = INT8
+        errors = calibration.linears[name]["quantizers"]
+        promoted.append({"linear": name, "from": linears[name].spec.describe(),
+                         "output_error": errors["configured"]["output_relative_error"],
+                         "output_error_int8": errors["int8_absmax"]["output_relative_error"]})
+    thresholds = {}
+    if static_o_threshold:
+        for name, module in linears.items():
+            if not name.endswith("o_proj") or module.spec.topk is None or name in overrides:
+                continue
+            sample = calibration.samples[name].abs().float()
+            threshold = float(torch.quantile(sample, 1.0 - module.spec.topk))
+            overrides[name] = module.spec.model_copy(update={"topk": None, "threshold": threshold})
+            thresholds[name] = threshold
+    record = {"promoted_to_int8": promoted, "o_proj_thresholds": thresholds,
+              "mean_input_bits": {"before": before, "after": mean_input_bits(linears, specs)}}
+    return overrides, record

@@ -227,7 +227,7 @@ def perplexity(
     from bitnet_convert.checkpoint import open_checkpoint
     from bitnet_convert.data import load_texts, token_stream, windows
     from bitnet_convert.evaluate import perplexity as measure
-    from bitnet_convert.load import attention_of, load_tokenizer, scheme_of
+    from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
     from bitnet_convert.modeling import build_model
     from bitnet_convert.quant.schemes import PRESETS
 
@@ -239,7 +239,8 @@ def perplexity(
         tokenizer = load_tokenizer(checkpoint.path)
         batches = windows(token_stream(tokenizer, load_texts(data, split)), seq_len, tokenizer.bos_token_id)
         attention = attention_of(checkpoint)
-        model = build_model(checkpoint, roles, attention=attention)
+        overrides = {} if scheme else linear_overrides(checkpoint)
+        model = build_model(checkpoint, roles, attention=attention, overrides=overrides)
         if attention is not None and attention.enabled:
             name += f" + attention {attention.describe()}"
         steps = -(-batches.shape[0] // batch_size)

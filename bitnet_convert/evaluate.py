@@ -21,7 +21,7 @@ from bitnet_convert.calibrate import activation_stats
 from bitnet_convert.checkpoint import BUILTIN_MODELS, REPO_ROOT, Checkpoint, open_checkpoint
 from bitnet_convert.data import token_stream, windows
 from bitnet_convert.errors import DataError
-from bitnet_convert.load import attention_of, load_tokenizer, scheme_of
+from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
 from bitnet_convert.modeling import build_model
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.report import REPORT_FORMAT
@@ -92,7 +92,8 @@ def evaluate(
     tasks = list(tasks or default_tasks(checkpoint))
     texts = eval_texts(tasks, limit, stats_chars)  # loads every task's data: fails before the model is built
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
-        model = build_model(checkpoint, roles, on_linear=lambda _name: advance(), attention=attention)
+        model = build_model(checkpoint, roles, on_linear=lambda _name: advance(), attention=attention,
+                            overrides=linear_overrides(checkpoint))
     tokenizer = load_tokenizer(checkpoint.path)
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):

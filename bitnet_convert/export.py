@@ -118,6 +118,7 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
 def output_config(
     source: Checkpoint, roles: dict[Role, ActivationSpec], preset: str, dtype: str,
     attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
 ) -> dict:
     """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec."""
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "bitnet_convert")}
@@ -130,6 +131,7 @@ def output_config(
         "scheme": preset,
         "activations": {role: spec.model_dump() for role, spec in roles.items()},
         "attention": (attention or AttentionSpec()).model_dump(),
+        "linears": {name: spec.model_dump() for name, spec in sorted((overrides or {}).items())},
     }
     return config
 
@@ -156,13 +158,14 @@ def export(
     report: Callable[[list[Path]], dict] | None = None,
     attention: AttentionSpec | None = None,
     extra: Callable[[Path], None] | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
 ) -> Path:
     """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
     ``extra(directory)`` writes more files into the output before it is moved into place."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite) as tmp:
         files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
-        config = output_config(source, roles, preset, dtype_name, attention)
+        config = output_config(source, roles, preset, dtype_name, attention, overrides)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.path / name).is_file():

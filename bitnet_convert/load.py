@@ -40,6 +40,16 @@ def attention_of(checkpoint: Checkpoint) -> AttentionSpec | None:
         raise CheckpointError(f"{where} ({str(exc).splitlines()[0]})") from None
 
 
+def linear_overrides(checkpoint: Checkpoint) -> dict[str, ActivationSpec]:
+    """Per-linear activation specs an exported directory declares (from ``scheme.linears`` or ``auto``)."""
+    spec = checkpoint.a48_spec or {}
+    try:
+        return {name: ActivationSpec.model_validate(value) for name, value in (spec.get("linears") or {}).items()}
+    except ValueError as exc:
+        where = f"{checkpoint.path / 'config.json'}: invalid 'bitnet_convert.linears'"
+        raise CheckpointError(f"{where} ({str(exc).splitlines()[0]})") from None
+
+
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetForCausalLM:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
@@ -49,7 +59,8 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetFo
     checkpoint = open_checkpoint(path)
     _, roles = scheme_of(checkpoint)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    return build_model(checkpoint, roles, dtype, attention=attention_of(checkpoint))
+    return build_model(checkpoint, roles, dtype, attention=attention_of(checkpoint),
+                       overrides=linear_overrides(checkpoint))
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

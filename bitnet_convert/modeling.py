@@ -38,18 +38,23 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     on_linear: Callable[[str], None] | None = None,
     attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
 ) -> BitNetForCausalLM:
     """A ``BitNetForCausalLM`` with every decoder linear replaced by a :class:`QuantLinear` of ``roles``.
 
     ``dtype`` is the compute dtype of the non-ternary tensors. ``on_linear(name)`` is called after each
     linear (progress reporting). ``attention`` quantizes Q/K/V inside attention (:mod:`bitnet_convert.quant.kv`).
+    ``overrides`` gives single linears (by module name) their own activation spec.
     """
     config = architecture_config(checkpoint)
     with torch.device("meta"):
         model = BitNetForCausalLM(config)
     scratch = _scratch(checkpoint, checkpoint.linear_names())
+    unknown = sorted(set(overrides or {}) - set(checkpoint.linear_names()))
+    if unknown:
+        raise CheckpointError(f"{checkpoint.path}: no ternary linear named '{unknown[0]}' (per-linear override)")
     for name in checkpoint.linear_names():
-        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch))
+        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name)))
         if on_linear is not None:
             on_linear(name)
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
@@ -75,6 +80,7 @@ def build_layer(
     roles: dict[Role, ActivationSpec],
     dtype: torch.dtype = torch.float32,
     attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
 ) -> BitNetDecoderLayer:
     """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
     config = architecture_config(checkpoint)
@@ -86,7 +92,8 @@ def build_layer(
     names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
     scratch = _scratch(checkpoint, names)
     for name in names:
-        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch))
+        spec = (overrides or {}).get(name)
+        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec))
     linear = set(names)
     state = {
         n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
@@ -104,7 +111,8 @@ def build_layer(
 
 
 def load_linear(
-    checkpoint: Checkpoint, name: str, roles: dict[Role, ActivationSpec], scratch: torch.Tensor | None
+    checkpoint: Checkpoint, name: str, roles: dict[Role, ActivationSpec], scratch: torch.Tensor | None,
+    spec: ActivationSpec | None = None,
 ) -> QuantLinear:
     """The :class:`QuantLinear` of linear ``name``, ternarized (master layout) or unpacked from the checkpoint."""
     packed = checkpoint.layout is not Layout.MASTER
@@ -115,7 +123,7 @@ def load_linear(
             f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
         )
     codes, alpha = checkpoint.ternary(name, scratch)
-    return QuantLinear.from_ternary(codes, alpha, roles[role_of(name)])
+    return QuantLinear.from_ternary(codes, alpha, spec or roles[role_of(name)])
 
 
 def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:
@@ -124,6 +132,12 @@ def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:
         return None
     largest = max((math.prod(checkpoint.shape_of(f"{n}.weight")) for n in names), default=0)
     return torch.empty(2 * largest, dtype=torch.float32)
+
+
+def set_input_spec(module: QuantLinear, spec: ActivationSpec) -> None:
+    """Change how a linear's input is quantized."""
+    module.spec = spec
+    module._quantize_input = spec.quantizer()
 
 
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:

@@ -15,14 +15,20 @@ from typing import Any
 import torch
 
 from bitnet_convert import __version__
-from bitnet_convert.calibrate import activation_stats, hooked_calibration, memory_guard, sequential_calibration
+from bitnet_convert.calibrate import (
+    activation_stats,
+    choose_precision,
+    hooked_calibration,
+    memory_guard,
+    sequential_calibration,
+)
 from bitnet_convert.calibration_report import write_report
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint
 from bitnet_convert.data import load_texts, sample_windows, token_stream
-from bitnet_convert.errors import DataError
+from bitnet_convert.errors import DataError, RecipeError
 from bitnet_convert.export import atomic_directory, check_output, export, export_dtype_name
 from bitnet_convert.load import DTYPES, load_tokenizer
-from bitnet_convert.modeling import architecture_config, build_model, quant_linears
+from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe, load_recipe
 
@@ -57,25 +63,39 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     roles = recipe.scheme.resolved()
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
-                            attention=recipe.scheme.attention)
+                            attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
     stats = details = None
+    overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
+    if recipe.scheme.auto is not None and calibration is None:
+        raise RecipeError("scheme.auto: precisions are chosen from calibration data; calibration.samples must be > 0")
     if calibration is not None:
         batches = -(-calibration.shape[0] // spec.batch_size)
-        guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-        with guard, _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
-            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
-        if spec.report:
+        if spec.report or recipe.scheme.auto is not None:
             guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
             with guard, _timed(timings, "calibration_report"), progress.stage("Calibration report", batches) as step:
                 details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
+        if recipe.scheme.auto is not None:
+            auto = recipe.scheme.auto
+            linears = quant_linears(model)
+            chosen, choice = choose_precision(details, linears, auto.max_share, auto.max_mean_bits,
+                                              auto.static_o_threshold)
+            for name, linear_spec in chosen.items():
+                set_input_spec(linears[name], linear_spec)
+            overrides.update(chosen)
+        guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+        with guard, _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
+            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
 
     def write_calibration(directory: Path) -> None:
         if details is not None:
             write_report(details, directory / "calibration", _calibration_meta(recipe, "whole model"))
 
     def report(files: list[Path]) -> dict:
-        return conversion_report(model, checkpoint, recipe, files, timings, stats)
+        result = conversion_report(model, checkpoint, recipe, files, timings, stats)
+        if choice is not None:
+            result["auto"] = choice
+        return result
 
     with _timed(timings, "export"), progress.stage("Export"):
         export(
@@ -90,7 +110,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             overwrite=recipe.overwrite,
             report=report,
             attention=recipe.scheme.attention,
-            extra=write_calibration,
+            extra=write_calibration if spec.report else None,
+            overrides=overrides,
         )
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
@@ -110,7 +131,8 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
     guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
     with guard, progress.stage("Calibrate, layer by layer", layers) as advance:
         result = sequential_calibration(checkpoint, recipe.scheme.resolved(), ids, spec.batch_size,
-                                        attention=recipe.scheme.attention, on_layer=advance)
+                                        attention=recipe.scheme.attention, on_layer=advance,
+                                        overrides=recipe.scheme.linears)
     with progress.stage("Write report"), atomic_directory(output, overwrite) as tmp:
         write_report(result, tmp, _calibration_meta(recipe, "layer by layer"))
     return output

@@ -23,12 +23,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AutoSpec(_Strict):
+    """Per-linear precision chosen from calibration (beyond the paper), on top of the preset:
+
+    the linears whose 4-bit input hurts their output most (measured output error of the configured quantizer
+    minus that of INT8) move to INT8, as long as at most ``max_share`` of all linears move and the
+    parameter-weighted mean input bits stays ≤ ``max_mean_bits`` (either may be null). ``static_o_threshold``
+    replaces o_proj's per-token top-K by one calibrated magnitude threshold per layer (no sort at inference).
+    """
+
+    max_share: float | None = Field(0.1, ge=0.0, le=1.0)
+    max_mean_bits: float | None = Field(None, ge=2.0, le=8.0)
+    static_o_threshold: bool = False
+
+
 class SchemeSpec(_Strict):
     """A named preset, optionally with per-role overrides of its activation quantizers, and the quantization
     of Q/K/V inside attention (``attention``; off unless bits are set)."""
 
     preset: Literal["b158", "a48", "a48-fp4"] = "a48"
     roles: dict[Role, ActivationSpec] = Field(default_factory=dict)
+    linears: dict[str, ActivationSpec] = Field(
+        default_factory=dict, description="per-linear overrides by module name (model.layers.3.mlp.up_proj)"
+    )
+    auto: AutoSpec | None = None
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
 
     def resolved(self) -> dict[Role, ActivationSpec]:

@@ -123,7 +123,8 @@ def test_output_carries_tokenizer_recipe_and_report(tmp_path, reference_dir):
     assert stored.scheme.preset == "a48" and stored.calibration.samples == 4 and stored.output == out
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quantization_mode"] == "offline"
-    assert config["bitnet_convert"]["activations"]["o"] == {"method": "absmax", "bits": 8, "topk": 0.5}
+    o_spec = {"method": "absmax", "bits": 8, "topk": 0.5, "threshold": None}
+    assert config["bitnet_convert"]["activations"]["o"] == o_spec
     report = json.loads((out / "conversion_report.json").read_text())
     assert report == conversion.report
     linears = quant_linears(conversion.model).values()

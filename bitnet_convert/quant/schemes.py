@@ -40,6 +40,8 @@ class ActivationSpec(BaseModel):
     ``method``: ``absmax`` (signed integers, b1.58 Eq. 4 at 8 bits), ``absmean`` (a4.8 Eq. 6–7 at 4 bits),
     ``fp4_e2m1`` (a4.8 §2.3, 4 bits only) or ``none`` (full precision).
     ``topk``: share of channels kept per token before quantizing (a4.8 Eq. 1); ``null`` for no sparsification.
+    ``threshold``: a static alternative to ``topk``: inputs with ``|x| < threshold`` become 0 (one number per
+    linear, calibrated, no per-token sort).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -47,6 +49,7 @@ class ActivationSpec(BaseModel):
     method: Literal["absmax", "absmean", "fp4_e2m1", "none"] = "absmax"
     bits: int = Field(8, ge=2, le=8, description="integer width, 2..8 (default: 4 for absmean and fp4_e2m1, else 8)")
     topk: float | None = Field(None, gt=0.0, le=1.0, description="share of |x| kept per token, in (0, 1]")
+    threshold: float | None = Field(None, ge=0.0, description="zero the inputs with |x| below this (static top-K)")
 
     @model_validator(mode="before")
     @classmethod
@@ -59,16 +62,20 @@ class ActivationSpec(BaseModel):
     def _fp4_is_four_bits(self) -> ActivationSpec:
         if self.method == "fp4_e2m1" and self.bits != 4:
             raise ValueError(f"method fp4_e2m1 is a 4-bit format; got bits={self.bits}")
+        if self.topk is not None and self.threshold is not None:
+            raise ValueError("give topk or threshold, not both")
         return self
 
     def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The fake-quant function this spec describes (sparsify first, then quantize)."""
         base = _BASE[self.method]
-        bits, topk = self.bits, self.topk
+        bits, topk, threshold = self.bits, self.topk, self.threshold
 
         def quantize(x: torch.Tensor) -> torch.Tensor:
             if topk is not None and topk < 1.0:
                 x = F.topk_sparsify(x, topk)
+            elif threshold is not None:
+                x = torch.where(x.abs() >= threshold, x, torch.zeros((), dtype=x.dtype))
             return base(x, bits)
 
         return quantize
@@ -81,6 +88,8 @@ class ActivationSpec(BaseModel):
             label = "FP4 E2M1"
         else:
             label = f"INT{self.bits} {self.method}"
+        if self.threshold is not None:
+            return f"|x| ≥ {self.threshold:.4g}, {label}"
         return f"top-{self.topk:.0%} {label}" if self.topk is not None and self.topk < 1.0 else label
 
 
