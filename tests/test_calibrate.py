@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import bitnet_convert
 from bitnet_convert.calibrate import (
@@ -19,6 +20,7 @@ from bitnet_convert.calibrate import (
 )
 from bitnet_convert.calibration_report import write_report
 from bitnet_convert.checkpoint import open_checkpoint
+from bitnet_convert.cli import app
 from bitnet_convert.errors import CheckpointError, RecipeError
 from bitnet_convert.modeling import build_model, quant_linears
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
@@ -147,3 +149,30 @@ def test_bad_precision_settings_are_clear_errors(tmp_path, reference_dir):
     with pytest.raises(RecipeError, match="give topk or threshold, not both"):
         load_recipe(None, {"scheme.roles.o": {"topk": 0.5, "threshold": 0.1}})
     assert not (tmp_path / "x").exists()
+
+
+def test_calibrate_command_writes_the_report_and_refuses_to_overwrite(tmp_path):
+    runner = CliRunner()
+    target = tmp_path / "report"
+    args = ["calibrate", "--recipe", str(REPO / "recipes/a48.yaml"), "--output", str(target),
+            "--set", "calibration.samples=2", "--set", "calibration.seq_len=64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((target / "calibration.json").read_text())["mode"] == "layer by layer"
+    assert (target / "error_heatmap.png").is_file() and (target / "calibration.md").is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_during_calibration_names_the_knobs(tmp_path, monkeypatch, error):
+    def exhausted(self, x, weight):
+        raise error
+
+    monkeypatch.setattr(LinearStats, "update", exhausted)
+    target = tmp_path / "report"
+    result = CliRunner().invoke(app, ["calibrate", "--recipe", str(REPO / "recipes/a48.yaml"), "--output",
+                                      str(target), "--set", "calibration.samples=2"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "calibration ran out of memory with calibration.samples=2, calibration.seq_len=256" in result.output
+    assert not target.exists()
