@@ -81,31 +81,41 @@ def _user_errors() -> Iterator[None]:
         _fail(str(exc))
 
 
+RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
+ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
+CalibrationDataOption = Annotated[
+    str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
+]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
+]
+
+
+def _recipe_from_options(recipe: Path | None, set_: list[str] | None, **fields: object):
+    """The recipe file with ``--set`` assignments and the named options (dotted keys, ``None`` = not given)."""
+    from bitnet_convert.recipe import load_recipe, parse_assignment
+
+    overrides = dict(parse_assignment(item) for item in set_ or [])
+    overrides.update({key: value for key, value in fields.items() if value is not None})
+    return load_recipe(recipe, overrides)
+
+
 @app.command()
 def quantize(
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")] = None,
-    model: Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")] = None,
+    recipe: RecipeOption = None,
+    model: ModelOption = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
-    calibration_data: Annotated[
-        str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
-    ] = None,
+    calibration_data: CalibrationDataOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
-    ] = None,
+    set_: SetOption = None,
 ) -> None:
     """Convert a BitNet b1.58 checkpoint as the recipe says and write the packed a4.8 model."""
     from bitnet_convert.pipeline import run
-    from bitnet_convert.recipe import load_recipe, parse_assignment
 
     with _user_errors():
-        overrides = dict(parse_assignment(item) for item in set_ or [])
-        for key, value in (("model", model), ("output", output), ("calibration.data", calibration_data)):
-            if value is not None:
-                overrides[key] = str(value)
-        if overwrite:
-            overrides["overwrite"] = True
-        resolved = load_recipe(recipe, overrides)
+        fields = {"model": model, "output": output and str(output), "calibration.data": calibration_data,
+                  "overwrite": True if overwrite else None}
+        resolved = _recipe_from_options(recipe, set_, **fields)
         with RichProgress() as progress:
             result = run(resolved, progress)
     report = result.report
@@ -124,29 +134,20 @@ def quantize(
 
 @app.command()
 def calibrate(
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")] = None,
-    model: Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")] = None,
+    recipe: RecipeOption = None,
+    model: ModelOption = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Report directory [default: <recipe output>-calibration].")
     ] = None,
-    calibration_data: Annotated[
-        str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
-    ] = None,
+    calibration_data: CalibrationDataOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
-    ] = None,
+    set_: SetOption = None,
 ) -> None:
     """Measure every linear's inputs layer by layer and write calibration.json, calibration.md and plots."""
     from bitnet_convert.pipeline import calibrate as run_calibration
-    from bitnet_convert.recipe import load_recipe, parse_assignment
 
     with _user_errors():
-        overrides = dict(parse_assignment(item) for item in set_ or [])
-        for key, value in (("model", model), ("calibration.data", calibration_data)):
-            if value is not None:
-                overrides[key] = str(value)
-        resolved = load_recipe(recipe, overrides)
+        resolved = _recipe_from_options(recipe, set_, model=model, **{"calibration.data": calibration_data})
         target = output or resolved.output.with_name(resolved.output.name + "-calibration")
         with RichProgress() as progress:
             written = run_calibration(resolved, target, overwrite, progress)
