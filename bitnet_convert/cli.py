@@ -314,8 +314,8 @@ def eval_(
         if implicit:
             baseline = Path(spec.baseline)
         thresholds = Thresholds(
-            parse_threshold_option(max_ppl_increase, spec.max_ppl_increase if implicit else None, "--max-ppl-increase"),
-            parse_threshold_option(max_acc_drop, spec.max_acc_drop if implicit else None, "--max-acc-drop"),
+            _threshold_option(max_ppl_increase, spec.max_ppl_increase if implicit else None, "--max-ppl-increase"),
+            _threshold_option(max_acc_drop, spec.max_acc_drop if implicit else None, "--max-acc-drop"),
         )
         if thresholds and baseline is None and baseline_model is None:
             _fail("the gate limits need a baseline: add --baseline REPORT.json or --baseline-model DIR")
@@ -341,7 +341,7 @@ def eval_(
                     raise
                 base = _skip_recipe_baseline(str(exc))
         if base is not None:
-            report["baseline"] = {k: base[k] for k in ("model", "scheme", "results", "sparsity")}
+            report["baseline"] = {k: base.get(k) for k in ("model", "scheme", "results", "sparsity")}
             report["comparison"] = compare(report, base)
             report["gate"] = {"max_ppl_increase": thresholds.max_ppl_increase,
                               "max_acc_drop": thresholds.max_acc_drop,
@@ -427,7 +427,7 @@ def _skip_recipe_baseline(reason: str) -> None:
     console.print(f"note: not comparing with the recipe's baseline: {reason}", highlight=False, soft_wrap=True)
 
 
-def parse_threshold_option(cli: list[str] | None, from_recipe, option: str) -> dict[str, float]:
+def _threshold_option(cli: list[str] | None, from_recipe, option: str) -> dict[str, float]:
     """Limits from the command line when given there, else from the recipe."""
     from bitnet_convert.report import parse_threshold
 
