@@ -79,7 +79,8 @@ def export_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        tensors[name] = tensor if name in packed else tensor.to(dtype)
+        keep = name in packed or ".qwt." in name  # fitted compensations stay float32: an exact round trip
+        tensors[name] = tensor if keep else tensor.to(dtype)
         tensors[name] = tensors[name].detach().contiguous()
     return tensors
 
@@ -119,6 +120,7 @@ def output_config(
     source: Checkpoint, roles: dict[Role, ActivationSpec], preset: str, dtype: str,
     attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
+    qwt: dict | None = None,
 ) -> dict:
     """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec."""
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "bitnet_convert")}
@@ -133,6 +135,8 @@ def output_config(
         "attention": (attention or AttentionSpec()).model_dump(),
         "linears": {name: spec.model_dump() for name, spec in sorted((overrides or {}).items())},
     }
+    if qwt is not None:
+        config["bitnet_convert"]["qwt"] = qwt
     return config
 
 
@@ -159,13 +163,14 @@ def export(
     attention: AttentionSpec | None = None,
     extra: Callable[[Path], None] | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
+    qwt: dict | None = None,
 ) -> Path:
     """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
     ``extra(directory)`` writes more files into the output before it is moved into place."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite) as tmp:
         files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
-        config = output_config(source, roles, preset, dtype_name, attention, overrides)
+        config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.path / name).is_file():

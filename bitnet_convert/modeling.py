@@ -21,6 +21,7 @@ from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
+from bitnet_convert.recover.qwt import Compensation, attach
 
 #: Config keys that describe storage, not the architecture; dropped before building the skeleton.
 _STORAGE_KEYS = ("quantization_config", "bitnet_convert")
@@ -57,6 +58,9 @@ def build_model(
         model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name)))
         if on_linear is not None:
             on_linear(name)
+    qwt = (checkpoint.a48_spec or {}).get("qwt") or {}
+    for index in qwt.get("layers", []):
+        attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

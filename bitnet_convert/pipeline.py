@@ -31,6 +31,7 @@ from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe, load_recipe
+from bitnet_convert.recover.qwt import fit_model as fit_qwt_model
 
 
 @dataclass
@@ -64,9 +65,11 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
-    stats = details = None
+    stats = details = qwt = None
     overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
+    if recipe.recovery.qwt is not None and calibration is None:
+        raise RecipeError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
     if recipe.scheme.auto is not None and calibration is None:
         raise RecipeError("scheme.auto: precisions are chosen from calibration data; calibration.samples must be > 0")
     if calibration is not None:
@@ -83,6 +86,15 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             for name, linear_spec in chosen.items():
                 set_input_spec(linears[name], linear_spec)
             overrides.update(chosen)
+        qwt_spec = recipe.recovery.qwt
+        if qwt_spec is not None:
+            layers = len(model.model.layers)
+            guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+            with guard, _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
+                try:
+                    qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, qwt_spec, on_layer=advance)
+                except ValueError as exc:
+                    raise RecipeError(str(exc)) from None
         guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
         with guard, _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
@@ -95,6 +107,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
         result = conversion_report(model, checkpoint, recipe, files, timings, stats)
         if choice is not None:
             result["auto"] = choice
+        if qwt is not None:
+            result["qwt"] = qwt
         return result
 
     with _timed(timings, "export"), progress.stage("Export"):
@@ -112,6 +126,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             attention=recipe.scheme.attention,
             extra=write_calibration if spec.report else None,
             overrides=overrides,
+            qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
         )
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)

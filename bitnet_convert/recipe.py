@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
+from bitnet_convert.recover.qwt import QwTSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -107,6 +108,12 @@ class EvalSpec(_Strict):
         return value
 
 
+class RecoverySpec(_Strict):
+    """Accuracy recovery after conversion. ``qwt``: closed-form compensation per decoder block."""
+
+    qwt: QwTSpec | None = None
+
+
 class Recipe(_Strict):
     """A conversion: which model, which scheme, where the result goes."""
 
@@ -118,6 +125,7 @@ class Recipe(_Strict):
     scheme: SchemeSpec = Field(default_factory=SchemeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
     @field_validator("model")

@@ -1,0 +1,1 @@
+"""Accuracy recovery after conversion: closed-form compensation (:mod:`.qwt`)."""
