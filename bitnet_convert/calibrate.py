@@ -26,7 +26,7 @@ from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import ResourceError
-from bitnet_convert.modeling import architecture_config, build_layer, quant_linears
+from bitnet_convert.modeling import architecture_config, build_layer, quant_linears, run_layer
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
@@ -293,7 +293,6 @@ def sequential_calibration(
     embedding = checkpoint.tensor("model.embed_tokens.weight")
     hidden = [embedding[ids[s : s + batch_size]].float() for s in range(0, ids.shape[0], batch_size)]
     del embedding
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
     rotary = BitNetRotaryEmbedding(config)
     samples = max(1, SAMPLE_SIZE // len(hidden))
     result = Calibration(int(ids.numel()), {}, {})
@@ -304,9 +303,7 @@ def sequential_calibration(
         stats = {prefix + n: LinearStats(m.spec, samples) for n, m in linears.items()}
         handles = _hook_linears(linears, stats, prefix)
         try:
-            for i, h in enumerate(hidden):
-                cos_sin = rotary(h, positions.expand(h.shape[0], -1))
-                hidden[i] = layer(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+            hidden = [run_layer(layer, h, rotary) for h in hidden]
         finally:
             for handle in handles:
                 handle.remove()

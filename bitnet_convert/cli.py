@@ -384,7 +384,7 @@ def generate(
     from transformers import DynamicCache, TextStreamer
 
     from bitnet_convert.load import load, load_tokenizer
-    from bitnet_convert.quant.kv import PackedKVCache, spec_of
+    from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, spec_of
 
     with _user_errors():
         model = load(path).to(device)
@@ -417,8 +417,7 @@ def generate(
     new = result.shape[1] - ids.shape[1]
     kind = (f"packed {cache.k_bits}-bit K/V" + (f", BOS {cache.bos_bits}-bit" if cache.bos_bits else "")
             if isinstance(cache, PackedKVCache) else "full-precision K/V")
-    size = cache.nbytes if isinstance(cache, PackedKVCache) else sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    size = cache_nbytes(cache)
     console.print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s); cache: {kind}, "
                   f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
 

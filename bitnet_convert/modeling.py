@@ -114,6 +114,13 @@ def build_layer(
     return layer.eval()
 
 
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    """One decoder layer on its own: ``hidden [batch, seq, d]`` at positions 0.., causal (SDPA's own mask)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    cos_sin = rotary(hidden, positions.expand(hidden.shape[0], -1))
+    return layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+
+
 def load_linear(
     checkpoint: Checkpoint, name: str, roles: dict[Role, ActivationSpec], scratch: torch.Tensor | None,
     spec: ActivationSpec | None = None,

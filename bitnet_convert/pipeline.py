@@ -74,9 +74,13 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
         raise RecipeError("scheme.auto: precisions are chosen from calibration data; calibration.samples must be > 0")
     if calibration is not None:
         batches = -(-calibration.shape[0] // spec.batch_size)
+
+        def guarded():  # an out-of-memory error names the knobs
+            return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+
         if spec.report or recipe.scheme.auto is not None:
-            guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-            with guard, _timed(timings, "calibration_report"), progress.stage("Calibration report", batches) as step:
+            stage = progress.stage("Calibration report", batches)
+            with guarded(), _timed(timings, "calibration_report"), stage as step:
                 details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
         if recipe.scheme.auto is not None:
             auto = recipe.scheme.auto
@@ -89,14 +93,12 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
         qwt_spec = recipe.recovery.qwt
         if qwt_spec is not None:
             layers = len(model.model.layers)
-            guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-            with guard, _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
+            with guarded(), _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
                 try:
                     qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, qwt_spec, on_layer=advance)
                 except ValueError as exc:
                     raise RecipeError(str(exc)) from None
-        guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-        with guard, _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
+        with guarded(), _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
 
     def write_calibration(directory: Path) -> None:
@@ -143,8 +145,8 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")
     spec = recipe.calibration
     layers = architecture_config(checkpoint).num_hidden_layers
-    guard = memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-    with guard, progress.stage("Calibrate, layer by layer", layers) as advance:
+    stage = progress.stage("Calibrate, layer by layer", layers)
+    with memory_guard(spec.samples, spec.seq_len, spec.batch_size), stage as advance:
         result = sequential_calibration(checkpoint, recipe.scheme.resolved(), ids, spec.batch_size,
                                         attention=recipe.scheme.attention, on_layer=advance,
                                         overrides=recipe.scheme.linears)

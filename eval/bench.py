@@ -210,7 +210,7 @@ def _job_kv_memory(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
-    from bitnet_convert.quant.kv import PackedKVCache
+    from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes
 
     start = time.perf_counter()
     layers, heads, head_dim, tokens = spec["layers"], spec["kv_heads"], spec["head_dim"], spec["tokens"]
@@ -222,8 +222,7 @@ def _job_kv_memory(spec: dict[str, Any]) -> dict[str, Any]:
         v = torch.randn(1, heads, tokens, head_dim, generator=generator).to(torch.bfloat16)
         dense.update(k, v, layer)
         packed.update(k, v, layer)
-    dense_bytes = sum(t.numel() * t.element_size() for lay in dense.layers for t in (lay.keys, lay.values))
-    return {"work_s": time.perf_counter() - start, "dense_bytes": dense_bytes, "packed_bytes": packed.nbytes,
+    return {"work_s": time.perf_counter() - start, "dense_bytes": cache_nbytes(dense), "packed_bytes": packed.nbytes,
             "tokens": tokens, "positions": packed.get_seq_length()}
 
 

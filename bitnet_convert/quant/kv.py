@@ -35,7 +35,6 @@ MIN_SCALE = 2.0**-14
 #: Attribute set on K/V tensors that a :class:`PackedKVCache` already quantized (attention must not do it again).
 _QUANTIZED = "_bitnet_convert_kv_quantized"
 
-Bits = int
 
 
 class AttentionSpec(BaseModel):
@@ -43,10 +42,10 @@ class AttentionSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    q_bits: Bits | None = Field(None, ge=2, le=8, description="query bits, per (token, head)")
-    k_bits: Bits | None = Field(None, ge=2, le=8, description="key bits")
-    v_bits: Bits | None = Field(None, ge=2, le=8, description="value bits")
-    bos_bits: Bits | None = Field(None, ge=2, le=8, description="K/V bits of the first position; null = k/v bits")
+    q_bits: int | None = Field(None, ge=2, le=8, description="query bits, per (token, head)")
+    k_bits: int | None = Field(None, ge=2, le=8, description="key bits")
+    v_bits: int | None = Field(None, ge=2, le=8, description="value bits")
+    bos_bits: int | None = Field(None, ge=2, le=8, description="K/V bits of the first position; null = k/v bits")
     method: Literal["minmax", "absmax"] = "minmax"
     key_granularity: Literal["token", "channel"] = Field(
         "token", description="token: per (token, head) over head_dim; channel: per (head, channel) over tokens"
@@ -240,6 +239,14 @@ class PackedKVLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         return sum(k.nbytes + v.nbytes for k, v in self.parts)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes a KV cache holds: packed codes + scales for a :class:`PackedKVCache`, K/V tensors otherwise."""
+    if isinstance(cache, PackedKVCache):
+        return cache.nbytes
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
 
 
 class PackedKVCache(Cache):

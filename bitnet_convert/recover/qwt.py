@@ -209,7 +209,7 @@ def fit_model(
     """Fit and attach QwT compensations to a converted in-memory ``model`` (its decoder layers are the
     converted blocks; the b1.58 reference blocks are read from ``checkpoint`` one at a time). Returns the record
     the conversion report and the export keep."""
-    from bitnet_convert.modeling import build_layer
+    from bitnet_convert.modeling import build_layer, run_layer
     from bitnet_convert.quant.schemes import PRESETS
 
     layers = model.model.layers
@@ -219,14 +219,12 @@ def fit_model(
             f"recovery.qwt needs at least 2 calibration batches; calibration.samples={ids.shape[0]} with "
             f"batch_size={batch_size} gives {len(hidden)}"
         )
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
 
     def build_block(index: int, which: str) -> nn.Module:
         return layers[index] if which == "converted" else build_layer(checkpoint, index, PRESETS["b158"])
 
     def run_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        cos_sin = model.model.rotary_emb(h, positions.expand(h.shape[0], -1))
-        return block(h, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+        return run_layer(block, h, model.model.rotary_emb)
 
     kept, records = fit_qwt(build_block, len(layers), hidden, run_block, spec, on_layer)
     for index, comp in kept.items():
