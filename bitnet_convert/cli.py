@@ -128,6 +128,13 @@ def quantize(
     table.add_row("size", f"{report['input_bytes'] / 1e6:.2f} MB → {report['output_bytes'] / 1e6:.2f} MB")
     if report["calibration"]:
         table.add_row("active parameters", f"{report['calibration']['active_parameter_share']:.1%}")
+    if report.get("qwt"):
+        qwt = report["qwt"]
+        table.add_row("QwT", f"{qwt['form']}, {len(qwt['layers'])} blocks, {qwt['added_parameters']:,} parameters")
+    if report.get("distill"):
+        tuned = report["distill"]
+        table.add_row("distillation", f"{tuned['steps']} steps, KL {tuned['loss_first']:.4f} → "
+                                      f"{tuned['loss_last10_mean']:.4f} (mean of the last 10)")
     table.add_row("time", f"{sum(report['time_s'].values()):.1f} s")
     out.print(table)
 

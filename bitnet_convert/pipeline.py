@@ -31,6 +31,7 @@ from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe, load_recipe
+from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover.qwt import fit_model as fit_qwt_model
 
 
@@ -61,43 +62,48 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
         calibration = _calibration_windows(recipe, checkpoint)
+        distill = recipe.recovery.distill
+        teacher = None if distill is None else kd.teacher_checkpoint(checkpoint, distill)
     roles = recipe.scheme.resolved()
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
-    stats = details = qwt = None
+    stats = details = qwt = tuned = None
     overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
     if recipe.recovery.qwt is not None and calibration is None:
         raise RecipeError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
     if recipe.scheme.auto is not None and calibration is None:
         raise RecipeError("scheme.auto: precisions are chosen from calibration data; calibration.samples must be > 0")
+    batches = 0 if calibration is None else -(-calibration.shape[0] // spec.batch_size)
+
+    def guarded():  # an out-of-memory error names the knobs
+        return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+
+    if calibration is not None and (spec.report or recipe.scheme.auto is not None):
+        stage = progress.stage("Calibration report", batches)
+        with guarded(), _timed(timings, "calibration_report"), stage as step:
+            details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
+    if recipe.scheme.auto is not None:
+        auto = recipe.scheme.auto
+        linears = quant_linears(model)
+        chosen, choice = choose_precision(details, linears, auto.max_share, auto.max_mean_bits,
+                                          auto.static_o_threshold)
+        for name, linear_spec in chosen.items():
+            set_input_spec(linears[name], linear_spec)
+        overrides.update(chosen)
+    if recipe.recovery.qwt is not None:
+        layers = len(model.model.layers)
+        with guarded(), _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
+            try:
+                qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, recipe.recovery.qwt,
+                                    on_layer=advance)
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
+    if teacher is not None:
+        with _timed(timings, "distill"):
+            tuned = fine_tune(model, checkpoint, teacher, recipe, progress)
     if calibration is not None:
-        batches = -(-calibration.shape[0] // spec.batch_size)
-
-        def guarded():  # an out-of-memory error names the knobs
-            return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
-
-        if spec.report or recipe.scheme.auto is not None:
-            stage = progress.stage("Calibration report", batches)
-            with guarded(), _timed(timings, "calibration_report"), stage as step:
-                details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
-        if recipe.scheme.auto is not None:
-            auto = recipe.scheme.auto
-            linears = quant_linears(model)
-            chosen, choice = choose_precision(details, linears, auto.max_share, auto.max_mean_bits,
-                                              auto.static_o_threshold)
-            for name, linear_spec in chosen.items():
-                set_input_spec(linears[name], linear_spec)
-            overrides.update(chosen)
-        qwt_spec = recipe.recovery.qwt
-        if qwt_spec is not None:
-            layers = len(model.model.layers)
-            with guarded(), _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
-                try:
-                    qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, qwt_spec, on_layer=advance)
-                except ValueError as exc:
-                    raise RecipeError(str(exc)) from None
         with guarded(), _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
 
@@ -111,6 +117,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             result["auto"] = choice
         if qwt is not None:
             result["qwt"] = qwt
+        if tuned is not None:
+            result["distill"] = tuned
         return result
 
     with _timed(timings, "export"), progress.stage("Export"):
@@ -130,6 +138,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             overrides=overrides,
             qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
         )
+    if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
+        kd.remove_state(_distill_state_dir(recipe))
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
 
@@ -155,6 +165,46 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
     return output
 
 
+def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoint, recipe: Recipe,
+              progress: Progress = SILENT) -> dict:
+    """Distill the b1.58 ``teacher`` into the converted ``model`` (in place) as ``recovery.distill`` says; the
+    trained float tensors are rounded to the export dtype, so the model in memory is the one written."""
+    spec = recipe.recovery.distill
+    tokenizer = load_tokenizer(checkpoint.path)
+    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field)
+    state_dir = _distill_state_dir(recipe)
+    with progress.stage("Load the b1.58 teacher"):
+        teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
+    with progress.stage(f"Distillation ({spec.steps} steps)", spec.steps) as advance:
+        try:
+            record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed, state_dir=state_dir,
+                                recipe_fingerprint=kd.fingerprint(_training_inputs(recipe)),
+                                bos_id=tokenizer.bos_token_id, latent_init=kd.master_latents(checkpoint),
+                                on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+    export_dtype = DTYPES[export_dtype_name(checkpoint, recipe.export.dtype)]
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight") or name == "model.embed_tokens.weight":
+                tensor.copy_(tensor.to(export_dtype))
+    return record
+
+
+def _distill_state_dir(recipe: Recipe) -> Path:
+    spec = recipe.recovery.distill
+    return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".distill")
+
+
+def _training_inputs(recipe: Recipe) -> dict:
+    """What decides the fine-tune's result: the recipe without where things are written or how they are shown."""
+    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
+    data["calibration"].pop("report")
+    for key in ("save_every", "checkpoint_dir", "keep_checkpoint"):
+        data["recovery"]["distill"].pop(key)
+    return data
+
+
 def _calibration_meta(recipe: Recipe, mode: str) -> dict:
     spec = recipe.calibration
     return {"model": recipe.model, "scheme": recipe.scheme.preset, "mode": mode, "data": spec.data,
@@ -166,14 +216,19 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor
     spec = recipe.calibration
     if spec.samples == 0:
         return None
-    texts = load_texts(spec.data, spec.split, spec.text_field)
     tokenizer = load_tokenizer(checkpoint.path)
-    stream = token_stream(tokenizer, texts)
+    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field)
+    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id)
+
+
+def _tokens(checkpoint: Checkpoint, tokenizer, data: str, split: str, text_field: str) -> torch.Tensor:
+    """The token stream of a text source, checked against the model's vocabulary."""
+    stream = token_stream(tokenizer, load_texts(data, split, text_field))
     vocab = checkpoint.config.get("vocab_size")
     if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
         raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "
                         f"vocab_size is {vocab}; the tokenizer does not belong to this model")
-    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id)
+    return stream
 
 
 def conversion_report(

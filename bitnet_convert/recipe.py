@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
+from bitnet_convert.recover.distill import DistillSpec
 from bitnet_convert.recover.qwt import QwTSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -109,9 +110,11 @@ class EvalSpec(_Strict):
 
 
 class RecoverySpec(_Strict):
-    """Accuracy recovery after conversion. ``qwt``: closed-form compensation per decoder block."""
+    """Accuracy recovery after conversion, in this order: ``qwt``, closed-form compensation per decoder block;
+    ``distill``, a short fine-tune of the converted model towards the b1.58 model (logit distillation)."""
 
     qwt: QwTSpec | None = None
+    distill: DistillSpec | None = None
 
 
 class Recipe(_Strict):

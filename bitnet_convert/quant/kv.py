@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from bitnet_convert.quant.functional import round_clip
+from bitnet_convert.quant.functional import round_clip, ste
 from bitnet_convert.quant.packing import pack_bits, unpack_bits
 
 #: The attention implementation name under which :func:`lowbit_sdpa` is registered with transformers.
@@ -119,13 +119,20 @@ def lowbit_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     a :class:`PackedKVCache` are already quantized and pass through unchanged."""
     spec: AttentionSpec | None = getattr(module, "lowbit_attention", None)
     if spec is not None:
+        # in training mode (distillation) gradients pass straight through the quantizers
+        lam = getattr(module, "ste_lambda", 1.0)
+
+        def through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            return ste(x, q, lam) if module.training else q
+
         if spec.q_bits is not None:
-            query = fake_quantize(query, spec.q_bits, spec.method)
+            query = through(query, fake_quantize(query, spec.q_bits, spec.method))
         if not getattr(key, _QUANTIZED, False):
             if spec.k_bits is not None:
-                key = fake_quantize_kv(key, spec.k_bits, spec, channel=spec.key_granularity == "channel")
+                channel = spec.key_granularity == "channel"
+                key = through(key, fake_quantize_kv(key, spec.k_bits, spec, channel=channel))
             if spec.v_bits is not None:
-                value = fake_quantize_kv(value, spec.v_bits, spec)
+                value = through(value, fake_quantize_kv(value, spec.v_bits, spec))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

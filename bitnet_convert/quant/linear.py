@@ -4,6 +4,11 @@
 absmean scale — the arithmetic of transformers' offline ``AutoBitLinear``, so a ``b158`` module and stock
 transformers give the same numbers. State-dict names match that layout: ``weight`` (uint8) and
 ``weight_scale`` (fp32, multiplies).
+
+A new module is in eval mode. In training mode (``module.train()``, used by the distillation fine-tune) the
+forward is quantization-aware: straight-through estimators through the input quantizer (top-K included) and,
+when a float ``latent`` weight is set, through its absmean ternarization; ``ste_lambda`` < 1 blends
+quantization in during a warm-up.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 import torch.nn.functional as tF
 from torch import nn
 
+from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.packing import VALUES_PER_BYTE, pack_ternary, unpack_ternary
 from bitnet_convert.quant.schemes import ActivationSpec
 
@@ -31,6 +37,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._dense: tuple[tuple, torch.Tensor] | None = None
+        #: float master weight trained with a straight-through ternarization (plain attribute, not saved)
+        self.latent: torch.Tensor | None = None
+        #: λ of the straight-through blend ``x + λ·(q(x) − x)`` in training mode
+        self.ste_lambda = 1.0
+        self.train(False)  # an inference module until a fine-tune asks for the training forward
 
     @classmethod
     def from_ternary(
@@ -39,8 +50,7 @@ class QuantLinear(nn.Module):
         """Build from int ternary codes ``[out, in]`` and the scale ``α`` (1 element)."""
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, spec, bias=bias is not None)
-        module.weight = pack_ternary(codes)
-        module.weight_scale = alpha.detach().to(torch.float32).reshape(1).clone()
+        module.set_ternary(codes, alpha)
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
@@ -56,11 +66,28 @@ class QuantLinear(nn.Module):
             self._dense = (key, unpack_ternary(self.weight, dtype))
         return self._dense[1]
 
+    def set_ternary(self, codes: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Replace the packed weight and its scale."""
+        self.weight = pack_ternary(codes).to(self.weight.device)
+        self.weight_scale = alpha.detach().to(torch.float32).reshape(1).clone()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self._forward_train(x)
         y = tF.linear(self._quantize_input(x), self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        lam = self.ste_lambda
+        xq = F.ste(x, self._quantize_input(x), lam)
+        if self.latent is None:
+            w = self.dense_weight(x.dtype) * self.weight_scale.to(x.dtype)
+        else:
+            w = F.ste(self.latent, F.ternary_absmean_fake(self.latent), lam).to(x.dtype)
+        y = tF.linear(xq, w)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}"

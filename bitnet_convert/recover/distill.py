@@ -1,0 +1,367 @@
+"""A short distillation fine-tune: the b1.58 model teaches the converted a4.8 model.
+
+The student runs in training mode, so every quantizer passes its gradient straight through
+(``x + λ·(q(x) − x).detach()``: the input quantizers with their top-K, the ternarization of the latent weights,
+the Q/K/V quantizers of low-bit attention). The loss is the KL divergence from the teacher's next-token
+distribution to the student's (at ``temperature`` τ, scaled by τ²), plus ``hidden_mse`` × the mean over layers
+of the normalized squared error of the hidden states.
+
+What trains is chosen by ``trainable``: ``norms`` (every RMSNorm weight), ``linears`` (a float latent weight per
+ternary linear, re-ternarized with absmean at the end; it starts from the master weight when the checkpoint has
+one, else from the codes scaled so that the absmean ternarization gives back the same codes and α), ``qwt``
+(the QwT compensations) and ``embeddings`` (tied with the output layer in BitNet).
+
+Training state (trained tensors, optimizer, losses) is saved every ``save_every`` steps into a checkpoint
+directory; a run with the same recipe resumes from it and ends with exactly the tensors an uninterrupted run
+ends with. Batches are random windows of the training text drawn by a private generator from the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as tF
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bitnet_convert.quant.functional import ternary_absmean
+from bitnet_convert.quant.linear import QuantLinear
+
+Group = Literal["norms", "linears", "qwt", "embeddings"]
+STATE_FILE = "state.pt"
+STATE_VERSION = 1
+
+
+class DistillSpec(BaseModel):
+    """The recipe's ``recovery.distill`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=2)
+    lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after the warm-up: cosine to 0, or flat")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up from 0")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
+    temperature: float = Field(1.0, gt=0.0)
+    hidden_mse: float = Field(0.0, ge=0.0, description="weight of the hidden-state loss (0: logits only)")
+    ste_warmup_steps: int = Field(0, ge=0, description="λ of the quantizers rises 0 → 1 over these steps")
+    trainable: list[Group] = Field(default_factory=lambda: ["norms", "linears"], min_length=1)
+    data: str = Field("builtin:reference", description="training text: like calibration.data")
+    split: str = "calib"
+    text_field: str = "text"
+    teacher: str | None = Field(None, description="b1.58 teacher checkpoint; default: the input model as b1.58")
+    save_every: int = Field(50, ge=1, description="write the resumable training state every N steps")
+    checkpoint_dir: Path | None = Field(None, description="where the training state goes (default <output>.distill)")
+    keep_checkpoint: bool = Field(False, description="keep the training state after a successful conversion")
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def learning_rate(spec: DistillSpec, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based)."""
+    if step < spec.lr_warmup_steps:
+        return spec.lr * (step + 1) / (spec.lr_warmup_steps + 1)
+    if spec.schedule == "constant":
+        return spec.lr
+    span = max(1, spec.steps - spec.lr_warmup_steps)
+    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - spec.lr_warmup_steps) / span))
+
+
+def ste_lambda(spec: DistillSpec, step: int) -> float:
+    """How much of the quantization the forward of step ``step`` applies (1 after the warm-up)."""
+    if step >= spec.ste_warmup_steps:
+        return 1.0
+    return (step + 1) / (spec.ste_warmup_steps + 1)
+
+
+def set_ste_lambda(model: nn.Module, lam: float) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear) or hasattr(module, "lowbit_attention"):
+            module.ste_lambda = lam
+
+
+# ------------------------------------------------------------------------------------------ the losses
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))``, summed over the vocabulary and averaged over tokens."""
+    vocab = student_logits.shape[-1]
+    log_s = tF.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    log_t = tF.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    return tF.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over the decoder layers' outputs of ``‖h_s − h_t‖² / ‖h_t‖²``."""
+    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp(min=1e-12)
+             for s, t in zip(student[1:], teacher[1:], strict=True)]
+    return torch.stack(terms).mean()
+
+
+# ------------------------------------------------------------------------------------ trainable tensors
+
+
+def trainable_tensors(
+    model: nn.Module, groups: list[Group], latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors to optimize by name, in a fixed order; marks them ``requires_grad``. ``linears`` sets a float
+    latent weight on every :class:`QuantLinear`, from ``latent_init(name, module)`` (default: codes scaled as
+    :func:`latent_from_codes` does)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if "embeddings" in groups:
+        tensors["model.embed_tokens.weight"] = model.model.embed_tokens.weight
+    if "norms" in groups:
+        tensors.update((n, p) for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    if "linears" in groups:
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                init = latent_init(name, module) if latent_init else latent_from_codes(module.ternary(),
+                                                                                        module.weight_scale)
+                module.latent = init.detach().to(torch.float32).clone()
+                tensors[f"{name}.latent"] = module.latent
+    if "qwt" in groups:
+        comps = [(n, m) for n, m in model.named_modules() if n.endswith(".qwt")]
+        if not comps:
+            raise ValueError("recovery.distill.trainable names 'qwt' but the model has no QwT compensation "
+                             "(set recovery.qwt, or drop 'qwt' from trainable)")
+        for name, comp in comps:
+            tensors.update((f"{name}.{b}", t) for b, t in comp.named_buffers())
+    for tensor in tensors.values():
+        tensor.requires_grad_(True)
+    return tensors
+
+
+def latent_from_codes(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """A float weight whose absmean ternarization gives ``codes`` and (up to rounding) ``alpha`` back:
+    ``codes · α / p`` with ``p`` the share of non-zero codes (so ``mean|W| = α`` and ``|W|/α = 1/p ≥ 1``)."""
+    share = codes.ne(0).float().mean().clamp(min=1e-12)
+    return codes.float() * (alpha.float().reshape(()) / share)
+
+
+def finish(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Re-ternarize the latent weights into the packed buffers, freeze everything, back to eval mode."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.latent is not None:
+            codes, alpha = ternary_absmean(module.latent.detach())
+            module.set_ternary(codes, alpha)
+            module.latent = None
+    for tensor in tensors.values():
+        tensor.requires_grad_(False)
+    set_ste_lambda(model, 1.0)
+    model.eval()
+
+
+# ---------------------------------------------------------------------------------------- the batches
+
+
+def batch_offsets(stream_len: int, spec: DistillSpec, seed: int, body: int) -> torch.Tensor:
+    """Start offsets ``[steps, batch]`` of every training window, drawn up front by a private generator."""
+    if stream_len <= body:
+        raise ValueError(f"recovery.distill: only {stream_len} tokens of training text; need more than "
+                         f"seq_len={spec.seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, stream_len - body, (spec.steps, spec.batch_size), generator=generator)
+
+
+def batch(stream: torch.Tensor, offsets: torch.Tensor, body: int, bos_id: int | None) -> torch.Tensor:
+    rows = torch.stack([stream[o : o + body] for o in offsets.tolist()])
+    if bos_id is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=rows.dtype), rows], dim=1)
+
+
+# ---------------------------------------------------------------------------------------- the state
+
+
+def fingerprint(data: dict) -> str:
+    """A short hash of what decides the training (the recipe without output locations)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_state(directory: Path, state: dict) -> None:
+    """Write the training state atomically (a temporary file renamed into place)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / STATE_FILE)
+
+
+def load_state(directory: Path, expected: str) -> dict | None:
+    """The saved state in ``directory`` (``None`` when there is none); a state written by another recipe is
+    an error, never silently resumed."""
+    file = directory / STATE_FILE
+    if not file.is_file():
+        return None
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        reason = type(exc).__name__
+        raise ValueError(f"{file}: unreadable fine-tune state ({reason}); delete it to start over") from None
+    if state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
+        raise ValueError(f"{file}: fine-tune state from a different recipe; delete '{directory}' to start over, "
+                         "or set recovery.distill.checkpoint_dir")
+    return state
+
+
+def remove_state(directory: Path) -> None:
+    if (directory / STATE_FILE).is_file():
+        (directory / STATE_FILE).unlink()
+        if directory.is_dir() and not any(directory.iterdir()):
+            shutil.rmtree(directory)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    stream: torch.Tensor,
+    spec: DistillSpec,
+    *,
+    seed: int,
+    state_dir: Path,
+    recipe_fingerprint: str,
+    bos_id: int | None = None,
+    latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Fine-tune ``student`` towards ``teacher`` on windows of the token ``stream``, in place.
+
+    ``on_step(step, loss)`` is called after each optimizer step (1-based; also for the steps a resumed run
+    skips, with ``nan``). Returns the record the conversion report keeps."""
+    start_time = time.perf_counter()
+    body = spec.seq_len - (bos_id is not None)
+    offsets = batch_offsets(stream.numel(), spec, seed, body)
+    tensors = trainable_tensors(student, spec.trainable, latent_init)
+    optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
+    teacher.eval().requires_grad_(False)
+    losses: list[float] = []
+    start = 0
+    state = load_state(state_dir, recipe_fingerprint)
+    if state is not None:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(state["tensors"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = state["step"], list(state["losses"])
+    for step in range(start):
+        if on_step is not None:
+            on_step(step + 1, float("nan"))
+    student.train()
+    try:
+        for step in range(start, spec.steps):
+            ids = batch(stream, offsets[step], body, bos_id)
+            lam = ste_lambda(spec, step)
+            set_ste_lambda(student, lam)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(spec, step)
+            hidden = spec.hidden_mse > 0
+            with torch.no_grad():
+                target = teacher(input_ids=ids, output_hidden_states=hidden)
+            output = student(input_ids=ids, output_hidden_states=hidden)
+            loss = kd_loss(output.logits, target.logits, spec.temperature)
+            if hidden:
+                loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states)
+            loss.backward()
+            if spec.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            done = step + 1
+            if done % spec.save_every == 0 or done == spec.steps:
+                save_state(state_dir, {
+                    "version": STATE_VERSION,
+                    "fingerprint": recipe_fingerprint,
+                    "step": done,
+                    "tensors": {n: t.detach().clone() for n, t in tensors.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "losses": losses,
+                })
+            if on_step is not None:
+                on_step(done, losses[-1])
+    finally:
+        finish(student, tensors)
+    tail = losses[-min(10, len(losses)):]
+    return {
+        "steps": spec.steps,
+        "resumed_from_step": start,
+        "trainable": list(spec.trainable),
+        "trained_parameters": sum(t.numel() for t in tensors.values()),
+        "tokens": spec.steps * spec.batch_size * spec.seq_len,
+        "loss_first": losses[0] if losses else None,
+        "loss_last10_mean": sum(tail) / len(tail) if tail else None,
+        "losses": [round(v, 6) for v in losses],
+        "time_s": round(time.perf_counter() - start_time, 3),
+    }
+
+
+# ------------------------------------------------------------------------------- teacher and student
+
+
+def teacher_checkpoint(checkpoint, spec: DistillSpec):
+    """The checkpoint of the b1.58 teacher: ``spec.teacher`` when set, else the input ``checkpoint`` itself (built
+    with b1.58 semantics, W1.58A8). An a4.8 conversion cannot teach: its b1.58 model is not recoverable from it
+    (compensations, trained weights). Cheap: reads configs only."""
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.errors import CheckpointError, RecipeError
+
+    source = checkpoint
+    if spec.teacher is not None:
+        try:
+            source = open_checkpoint(spec.teacher)
+        except CheckpointError as exc:
+            raise RecipeError(f"recovery.distill.teacher: {exc}") from None
+    converted = _conversion_of(source)
+    if converted is not None:
+        where = (f"recovery.distill.teacher '{spec.teacher}'" if spec.teacher is not None
+                 else f"the input model '{checkpoint.path}'")
+        raise RecipeError(f"no b1.58 teacher for the fine-tune: {where} is a bitnet-convert {converted} conversion; "
+                          "set recovery.distill.teacher to the b1.58 checkpoint it came from")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if source.config.get(key) != checkpoint.config.get(key):
+            raise RecipeError(f"recovery.distill.teacher '{spec.teacher}': {key} {source.config.get(key)} differs "
+                              f"from the student's {checkpoint.config.get(key)}")
+    return source
+
+
+def build_teacher(checkpoint, dtype: torch.dtype) -> nn.Module:
+    """The teacher model of :func:`teacher_checkpoint`'s result, with b1.58 semantics."""
+    from bitnet_convert.modeling import build_model
+    from bitnet_convert.quant.schemes import PRESETS
+
+    return build_model(checkpoint, PRESETS["b158"], dtype)
+
+
+def _conversion_of(checkpoint) -> str | None:
+    """The scheme of a bitnet-convert output other than plain b1.58, ``None`` for a b1.58 model."""
+    spec = checkpoint.a48_spec
+    if spec is None:
+        return None
+    attention = spec.get("attention") or {}
+    plain = (spec.get("scheme") == "b158" and not spec.get("qwt") and not spec.get("linears")
+             and not any(attention.get(k) is not None for k in ("q_bits", "k_bits", "v_bits")))
+    return None if plain else str(spec.get("scheme"))
+
+
+def master_latents(checkpoint) -> Callable[[str, QuantLinear], torch.Tensor] | None:
+    """Latent initialisation from the master weights of a master-layout checkpoint (``None`` otherwise)."""
+    from bitnet_convert.checkpoint import Layout
+
+    if checkpoint.layout is not Layout.MASTER:
+        return None
+    return lambda name, module: checkpoint.tensor(f"{name}.weight").float()
