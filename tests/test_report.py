@@ -59,7 +59,7 @@ def test_sparsity_and_active_parameters_match_a_hand_count():
 
 @pytest.fixture(scope="module")
 def baselines() -> dict[str, dict]:
-    return {name: load_report(BASELINES / f"{name}.json") for name in ("b158", "a48", "a48-fp4")}
+    return {file.stem: load_report(file) for file in sorted(BASELINES.glob("*.json"))}
 
 
 def test_committed_baselines_show_the_papers_sparsity_pattern(baselines):
@@ -74,12 +74,25 @@ def test_committed_baselines_show_the_papers_sparsity_pattern(baselines):
 
 
 def test_committed_baselines_pass_their_recipes_gates(baselines):
-    for name in ("a48", "a48-fp4"):
+    assert {"b158", "a48", "a48-fp4", "a48-kv3", "a48-qwt", "a48-kd", "a48-qwt-kd", "a48-kv3-kd"} <= set(baselines)
+    for name in sorted(set(baselines) - {"b158"}):
         spec = load_recipe(REPO / "recipes" / f"{name}.yaml").eval
         assert Path(spec.baseline) == Path("eval/baselines/b158.json")
         limits = Thresholds(parse_threshold(spec.max_ppl_increase, "x"), parse_threshold(spec.max_acc_drop, "x"))
         report = baselines[name]
-        assert gate(report, compare(report, baselines["b158"]), limits) == []
+        assert gate(report, compare(report, baselines["b158"]), limits) == [], name
+
+
+def test_committed_baselines_show_the_recovery(baselines):
+    def word(name: str) -> float:
+        return baselines[name]["results"]["reference_ppl"]["word_perplexity"]
+
+    assert word("b158") < word("a48-kd") < word("a48-qwt") < word("a48")
+    assert word("a48-kd") < 1.01 * word("b158") and word("a48-qwt-kd") < 1.01 * word("b158")
+    assert word("a48-kv3-kd") < word("a48-kv3")
+    assert baselines["a48-kv3-kd"]["attention"] == baselines["a48-kv3"]["attention"]
+    assert baselines["a48-qwt"]["recipe"]["recovery"]["qwt"]["form"] == "full"
+    assert baselines["a48-kd"]["recipe"]["recovery"]["distill"]["steps"] == 300
 
 
 def test_comparison_orients_recovery_so_higher_is_better(baselines):
