@@ -79,6 +79,9 @@ def _user_errors() -> Iterator[None]:
         yield
     except BitNetConvertError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt as exc:
+        console.print(f"interrupted: {exc}" if str(exc) else "interrupted", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
 
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]

@@ -23,3 +23,7 @@ class ResourceError(BitNetConvertError):
 
 class OutputError(BitNetConvertError):
     """The output directory cannot be written as asked."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during long work; the message says what was kept and how to go on."""

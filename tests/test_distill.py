@@ -103,7 +103,8 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(reference_dir, tmp_path
         if step == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"fine-tune stopped at step 3 of 4; the state of step 2 is in "
+                                                r"'.*cut'; run the same recipe again to resume from it"):
         kd.distill(student, teacher, stream, spec, state_dir=tmp_path / "cut", on_step=crash, **common)
     assert torch.load(tmp_path / "cut" / kd.STATE_FILE, weights_only=True)["step"] == 2
     _, student, teacher, _, _ = _models(reference_dir)
@@ -202,3 +203,18 @@ def test_cli_reports_a_missing_teacher_on_one_line(tmp_path):
                     "--output", tmp_path / "kd")
     assert_user_error(result, "no b1.58 teacher for the fine-tune", "recovery.distill.teacher")
     assert leftovers(tmp_path) == ["a48"]
+
+
+def test_cli_says_where_an_interrupted_fine_tune_left_its_state(monkeypatch):
+    from bitnet_convert import pipeline
+    from bitnet_convert.errors import Interrupted
+    from tests.test_cli import invoke
+
+    def stop(*args, **kwargs):
+        raise Interrupted("fine-tune stopped at step 7 of 300; the state of step 5 is in 'out/x.distill'")
+
+    monkeypatch.setattr(pipeline, "run", stop)
+    result = invoke("quantize", "--recipe", REPO / "recipes/a48-kd.yaml")
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.output.strip().endswith("interrupted: fine-tune stopped at step 7 of 300; the state of step 5 is "
+                                          "in 'out/x.distill'")

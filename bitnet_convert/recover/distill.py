@@ -33,6 +33,7 @@ import torch.nn.functional as tF
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bitnet_convert.errors import Interrupted
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
 
@@ -262,6 +263,7 @@ def distill(
         if on_step is not None:
             on_step(step + 1, float("nan"))
     student.train()
+    saved = start
     try:
         for step in range(start, spec.steps):
             ids = batch(stream, offsets[step], body, bos_id)
@@ -292,8 +294,13 @@ def distill(
                     "optimizer": optimizer.state_dict(),
                     "losses": losses,
                 })
+                saved = done
             if on_step is not None:
                 on_step(done, losses[-1])
+    except KeyboardInterrupt:
+        kept = (f"the state of step {saved} is in '{state_dir}'; run the same recipe again to resume from it"
+                if saved else "no state saved yet")
+        raise Interrupted(f"fine-tune stopped at step {len(losses)} of {spec.steps}; {kept}") from None
     finally:
         finish(student, tensors)
     tail = losses[-min(10, len(losses)):]
