@@ -229,8 +229,8 @@ class Calibration:
 
 
 @contextmanager
-def memory_guard(samples: int, seq_len: int, batch_size: int) -> Iterator[None]:
-    """Turn an out-of-memory error during calibration into a :class:`ResourceError` naming the knobs."""
+def out_of_memory(message: str) -> Iterator[None]:
+    """Turn an out-of-memory error into a :class:`ResourceError` with ``message`` (which names the knobs)."""
     try:
         yield
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
@@ -239,10 +239,15 @@ def memory_guard(samples: int, seq_len: int, batch_size: int) -> Iterator[None]:
             "out of memory" in text or "can't allocate memory" in text
         ):
             raise
-        raise ResourceError(
-            f"calibration ran out of memory with calibration.samples={samples}, calibration.seq_len={seq_len}, "
-            f"calibration.batch_size={batch_size}; lower them (e.g. --set calibration.samples={max(1, samples // 2)})"
-        ) from None
+        raise ResourceError(message) from None
+
+
+def memory_guard(samples: int, seq_len: int, batch_size: int):
+    """:func:`out_of_memory` for calibration."""
+    return out_of_memory(
+        f"calibration ran out of memory with calibration.samples={samples}, calibration.seq_len={seq_len}, "
+        f"calibration.batch_size={batch_size}; lower them (e.g. --set calibration.samples={max(1, samples // 2)})"
+    )
 
 
 def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "") -> list:

@@ -20,6 +20,7 @@ from bitnet_convert.calibrate import (
     choose_precision,
     hooked_calibration,
     memory_guard,
+    out_of_memory,
     sequential_calibration,
 )
 from bitnet_convert.calibration_report import write_report
@@ -175,7 +176,12 @@ def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoin
     state_dir = _distill_state_dir(recipe)
     with progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
-    with progress.stage(f"Distillation ({spec.steps} steps)", spec.steps) as advance:
+    guard = out_of_memory(
+        f"the fine-tune ran out of memory with recovery.distill.batch_size={spec.batch_size}, "
+        f"recovery.distill.seq_len={spec.seq_len}, trainable={spec.trainable}; lower them "
+        f"(e.g. --set recovery.distill.batch_size={max(1, spec.batch_size // 2)})"
+    )
+    with guard, progress.stage(f"Distillation ({spec.steps} steps)", spec.steps) as advance:
         try:
             record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed, state_dir=state_dir,
                                 recipe_fingerprint=kd.fingerprint(_training_inputs(recipe)),

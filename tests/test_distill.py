@@ -218,3 +218,17 @@ def test_cli_says_where_an_interrupted_fine_tune_left_its_state(monkeypatch):
     assert result.exit_code == 130 and "Traceback" not in result.output
     assert result.output.strip().endswith("interrupted: fine-tune stopped at step 7 of 300; the state of step 5 is "
                                           "in 'out/x.distill'")
+
+
+def test_out_of_memory_during_the_fine_tune_names_the_knobs(tmp_path, monkeypatch):
+    from tests.test_cli import assert_user_error, invoke, leftovers
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+
+    monkeypatch.setattr(kd, "kd_loss", exhausted)
+    result = invoke("quantize", "--recipe", REPO / "recipes/a48-kd.yaml", "--output", tmp_path / "kd",
+                    "--set", "calibration.samples=0")
+    assert_user_error(result, "the fine-tune ran out of memory with recovery.distill.batch_size=8, "
+                              "recovery.distill.seq_len=256", "--set recovery.distill.batch_size=4")
+    assert leftovers(tmp_path) == []
