@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
@@ -137,6 +137,12 @@ class Recipe(_Strict):
         if not value.strip():
             raise ValueError("must name a checkpoint directory, a hub id or builtin:reference")
         return value
+
+    @model_validator(mode="after")
+    def _fine_tune_in_float32(self) -> Recipe:
+        if self.recovery.distill is not None and self.dtype != "float32":
+            raise ValueError(f"recovery.distill trains in float32; set dtype: float32 (got dtype: {self.dtype})")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

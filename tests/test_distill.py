@@ -128,8 +128,10 @@ def test_fine_tune_lowers_the_divergence_from_the_teacher(reference_dir, tmp_pat
         target = teacher(reference_ids).logits
         before = float(kd.kd_loss(student(reference_ids).logits, target))
     spec = kd.DistillSpec(steps=6, batch_size=4, seq_len=64, lr=1e-3, trainable=["norms"])
+    rng = torch.get_rng_state()
     record = kd.distill(student, teacher, stream, spec, seed=0, state_dir=tmp_path / "s", recipe_fingerprint="a",
                         bos_id=bos)
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's global RNG is left alone
     with torch.no_grad():
         after = float(kd.kd_loss(student(reference_ids).logits, target))
     assert after < 0.9 * before
@@ -175,6 +177,9 @@ def test_kd_without_a_teacher_is_a_clear_error(tmp_path):
                                 recovery__distill={**SMALL, "trainable": ["qwt"]})
     with pytest.raises(RecipeError, match=r"recovery\.distill\.trainable\.0: Input should be 'norms'"):
         bitnet_convert.quantize(recipe, output=str(tmp_path / "x"), recovery__distill={"trainable": ["heads"]})
+    with pytest.raises(RecipeError, match=r"recovery\.distill trains in float32; set dtype: float32 \(got dtype: "
+                                          r"bfloat16\)"):
+        bitnet_convert.quantize(recipe, output=str(tmp_path / "x"), recovery__distill={}, dtype="bfloat16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a48"]  # nothing written by the failures
 
 
