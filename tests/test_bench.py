@@ -130,3 +130,14 @@ def test_kv_memory_job_counts_the_bytes_of_both_caches() -> None:
     # 3-bit codes (48 B) + float16 scale and zero (4 B) per (token, head); the BOS position 4-bit (64 B + 4 B)
     assert data["packed_bytes"] == 2 * 2 * 5 * (63 * 52 + 68)
     assert data["positions"] == 64
+
+
+def test_distill_job_runs_and_the_extrapolation_is_a_straight_line(tmp_path: Path) -> None:
+    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
+    data = bench._job_distill({"model": str(tmp_path), "steps": 3, "seq_len": 16, "trainable": ["norms", "linears"]})
+    per_layer = 64 * (64 + 2 * 32 + 64) + 3 * 128 * 64  # q, k, v, o + gate, up, down
+    norms = 2 * (3 * 64 + 128) + 64
+    assert data["trained_parameters"] == 2 * per_layer + norms
+    assert 0 < data["step_s"] < data["work_s"]
+    measured = {2: {"x": 10.0}, 4: {"x": 16.0}}
+    assert bench._extrapolate(measured, "x", 30) == 94.0

@@ -91,7 +91,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_a_resumed_fine_tune_equals_an_uninterrupted_one(reference_dir, tmp_path):
-    spec = kd.DistillSpec(**SMALL, hidden_mse=0.5, ste_warmup_steps=2, lr=1e-3)
+    spec = kd.DistillSpec(**SMALL, hidden_mse=0.5, ste_warmup_steps=2, lr=1e-3,
+                          trainable=["norms", "linears", "embeddings"])
     checkpoint, student, teacher, stream, bos = _models(reference_dir)
     common = {"seed": 3, "recipe_fingerprint": "abc", "bos_id": bos, "latent_init": kd.master_latents(checkpoint)}
     whole = kd.distill(student, teacher, stream, spec, state_dir=tmp_path / "whole", **common)
@@ -118,6 +119,7 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(reference_dir, tmp_path
     assert all(torch.equal(after[k], uninterrupted[k]) for k in after)
     assert any(not torch.equal(after[k], v) for k, v in _state(_models(reference_dir)[1]).items())
     # the state of another recipe is never resumed
+    assert teacher.model.embed_tokens.weight is not student.model.embed_tokens.weight  # trained: never shared
     with pytest.raises(ValueError, match="fine-tune state from a different recipe"):
         kd.distill(student, teacher, stream, spec, state_dir=tmp_path / "cut", **{**common, "recipe_fingerprint": "x"})
 
@@ -132,6 +134,8 @@ def test_fine_tune_lowers_the_divergence_from_the_teacher(reference_dir, tmp_pat
     record = kd.distill(student, teacher, stream, spec, seed=0, state_dir=tmp_path / "s", recipe_fingerprint="a",
                         bos_id=bos)
     assert torch.equal(torch.get_rng_state(), rng)  # the user's global RNG is left alone
+    # the frozen embedding (tied with the output layer) is held once, by both models
+    assert teacher.model.embed_tokens.weight is student.model.embed_tokens.weight is teacher.lm_head.weight
     with torch.no_grad():
         after = float(kd.kd_loss(student(reference_ids).logits, target))
     assert after < 0.9 * before

@@ -82,11 +82,11 @@ class QuantLinear(nn.Module):
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.ste_lambda
         xq = F.ste(x, self._quantize_input(x), lam)
-        if self.latent is None:
-            w = self.dense_weight(x.dtype) * self.weight_scale.to(x.dtype)
+        if self.latent is None:  # frozen weight: the cached dense codes, no weight-sized temporary kept for backward
+            y = tF.linear(xq, self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
         else:
-            w = F.ste(self.latent, F.ternary_absmean_fake(self.latent), lam).to(x.dtype)
-        y = tF.linear(xq, w)
+            self._dense = None  # the packed weight is not used while a latent trains
+            y = tF.linear(xq, F.ste(self.latent, F.ternary_absmean_fake(self.latent), lam).to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -165,6 +165,21 @@ def finish(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     model.eval()
 
 
+def share_embeddings(teacher: nn.Module, student: nn.Module) -> int:
+    """Let the teacher use the student's embedding and output matrices where the two models' are equal: the
+    largest tensors of a small-hidden-size LLM (1.3 GB in fp32 for 2B-4T, tied) are then held once. Only for a
+    frozen student embedding (the teacher must not move). Returns how many matrices are shared."""
+    shared = 0
+    for path in ("model.embed_tokens", "lm_head"):
+        mine, theirs = student.get_submodule(path).weight, teacher.get_submodule(path).weight
+        if mine is theirs:
+            shared += 1
+        elif mine.shape == theirs.shape and mine.dtype == theirs.dtype and torch.equal(mine, theirs):
+            teacher.get_submodule(path).weight = mine
+            shared += 1
+    return shared
+
+
 # ---------------------------------------------------------------------------------------- the batches
 
 
@@ -250,6 +265,8 @@ def distill(
     tensors = trainable_tensors(student, spec.trainable, latent_init)
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     teacher.eval().requires_grad_(False)
+    if "embeddings" not in spec.trainable:
+        share_embeddings(teacher, student)
     losses: list[float] = []
     start = 0
     state = load_state(state_dir, recipe_fingerprint)
