@@ -268,20 +268,20 @@ def distill(
     if "embeddings" not in spec.trainable:
         share_embeddings(teacher, student)
     losses: list[float] = []
-    start = 0
-    state = load_state(state_dir, recipe_fingerprint)
-    if state is not None:
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                tensor.copy_(state["tensors"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = state["step"], list(state["losses"])
-    for step in range(start):
-        if on_step is not None:
-            on_step(step + 1, float("nan"))
-    student.train()
-    saved = start
+    start = saved = 0
     try:
+        state = load_state(state_dir, recipe_fingerprint)
+        if state is not None:
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    tensor.copy_(state["tensors"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            start, losses = state["step"], list(state["losses"])
+            saved = start
+        for step in range(start):
+            if on_step is not None:
+                on_step(step + 1, float("nan"))
+        student.train()
         for step in range(start, spec.steps):
             ids = batch(stream, offsets[step], body, bos_id)
             lam = ste_lambda(spec, step)
@@ -307,7 +307,7 @@ def distill(
                     "version": STATE_VERSION,
                     "fingerprint": recipe_fingerprint,
                     "step": done,
-                    "tensors": {n: t.detach().clone() for n, t in tensors.items()},
+                    "tensors": {n: t.detach() for n, t in tensors.items()},  # serialized now: no copy needed
                     "optimizer": optimizer.state_dict(),
                     "losses": losses,
                 })
