@@ -126,6 +126,8 @@ def quantize(
     table.add_row("scheme", report["scheme"])
     for role, label in report["activations"].items():
         table.add_row(f"  {role} input", label)
+    if report.get("attention", "full precision") != "full precision":
+        table.add_row("  attention Q/K/V", report["attention"])
     table.add_row("ternary parameters", f"{report['parameters']['ternary']:,}")
     table.add_row("packed bits / weight", f"{report['packed_linears']['bits_per_weight']:.3f}")
     table.add_row("size", f"{report['input_bytes'] / 1e6:.2f} MB → {report['output_bytes'] / 1e6:.2f} MB")

@@ -61,8 +61,9 @@ def test_cli_flags_override_the_recipe(tmp_path):
     out = tmp_path / "out"
     result = invoke("quantize", "--recipe", REPO / "recipes/a48.yaml", "--model", tiny_checkpoint, "--output", out,
                     "--calibration-data", data, "--set", "calibration.seq_len=16", "--set", "calibration.samples=3",
-                    "--set", "scheme.roles.down.bits=6")
+                    "--set", "scheme.roles.down.bits=6", "--set", "scheme.attention.k_bits=3")
     assert result.exit_code == 0, result.output
+    assert "attention Q/K/V" in result.output and "K 3-bit" in result.output
     stored = yaml.safe_load((out / "recipe.yaml").read_text())
     assert stored["model"] == str(tiny_checkpoint) and stored["calibration"]["data"] == str(data)
     assert stored["scheme"]["roles"]["down"]["bits"] == 6
