@@ -36,7 +36,75 @@ LINEAR_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o"
                 "up_proj": "up", "down_proj": "down"}
 
 
+class _Sparsity:
+    """Hooks that count zero inputs per role and Table 2's sparsity per linear (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.roles: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.zeros: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # linear → [zero count, value count]
+        self.linears = quant_linears(model)
+        self.gates = {n: g for n in self.linears if n.endswith(".up_proj") and (g := _gate_of(model, n)) is not None}
+        self.tokens = 0
+
+    def attach(self) -> list:
+        handles = [m.register_forward_pre_hook(self._count_input(n, m)) for n, m in self.linears.items()]
+        handles += [gate.register_forward_hook(self._count_skipped_up(n, act)) for n, (gate, act) in self.gates.items()]
+        return handles
+
+    def _count_input(self, name: str, module):
+        role = role_of(name)
+
+        def record(_module, args):
+            x = args[0].float()
+            q = module._quantize_input(args[0]).float()
+            zero = (q == 0).sum().item()
+            entry = self.roles[role]
+            entry["zero"] += zero
+            entry["numel"] += q.numel()
+            entry["err2"] += (q - x).pow(2).sum().item()
+            entry["x2"] += x.pow(2).sum().item()
+            if name not in self.gates:  # up's sparsity is that of its outputs, counted below
+                self.zeros[name][0] += zero
+                self.zeros[name][1] += q.numel()
+
+        return record
+
+    def _count_skipped_up(self, up_name: str, act: Callable[[torch.Tensor], torch.Tensor]):
+        def record(_module, _args, output):
+            self.zeros[up_name][0] += (act(output) == 0).sum().item()
+            self.zeros[up_name][1] += output.numel()
+
+        return record
+
+    def result(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "roles": {
+                role: {
+                    "zero_share": s["zero"] / s["numel"],
+                    "relative_error": (s["err2"] / s["x2"]) ** 0.5 if s["x2"] else 0.0,
+                }
+                for role, s in self.roles.items()
+            },
+            **table2(self.linears, self.zeros),
+        }
+
+
 @torch.no_grad()
+def _run(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: list,
+         on_batch: Callable[[], None] | None, **call: object) -> None:
+    """Run ``ids`` through ``model`` in batches with the forward ``handles`` attached, then remove them."""
+    try:
+        for start in range(0, ids.shape[0], batch_size):
+            model(ids[start : start + batch_size], **call)
+            if on_batch is not None:
+                on_batch()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def activation_stats(
     model: torch.nn.Module, batches: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None
 ) -> dict:
@@ -45,57 +113,10 @@ def activation_stats(
     Returns ``{"tokens", "roles": {role: {"zero_share", "relative_error"}}, "sparsity": {kind: share},
     "active_parameter_share"}`` (see the module docstring for the definitions).
     """
-    roles: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    zeros: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # linear name → [zero count, value count]
-    linears = quant_linears(model)
-    gates = {n: g for n in linears if n.endswith(".up_proj") and (g := _gate_of(model, n)) is not None}
-
-    def count_input(name: str, module):
-        role = role_of(name)
-
-        def record(_module, args):
-            x = args[0].float()
-            q = module._quantize_input(args[0]).float()
-            zero = (q == 0).sum().item()
-            entry = roles[role]
-            entry["zero"] += zero
-            entry["numel"] += q.numel()
-            entry["err2"] += (q - x).pow(2).sum().item()
-            entry["x2"] += x.pow(2).sum().item()
-            if name not in gates:  # up's sparsity is that of its outputs, counted below
-                zeros[name][0] += zero
-                zeros[name][1] += q.numel()
-
-        return record
-
-    def count_skipped_up(up_name: str, act: Callable[[torch.Tensor], torch.Tensor]):
-        def record(_module, _args, output):
-            zeros[up_name][0] += (act(output) == 0).sum().item()
-            zeros[up_name][1] += output.numel()
-
-        return record
-
-    handles = [m.register_forward_pre_hook(count_input(n, m)) for n, m in linears.items()]
-    handles += [gate.register_forward_hook(count_skipped_up(n, act)) for n, (gate, act) in gates.items()]
-    try:
-        for start in range(0, batches.shape[0], batch_size):
-            model(batches[start : start + batch_size])
-            if on_batch is not None:
-                on_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {
-        "tokens": int(batches.numel()),
-        "roles": {
-            role: {
-                "zero_share": s["zero"] / s["numel"],
-                "relative_error": (s["err2"] / s["x2"]) ** 0.5 if s["x2"] else 0.0,
-            }
-            for role, s in roles.items()
-        },
-        **table2(linears, zeros),
-    }
+    sparsity = _Sparsity(model)
+    sparsity.tokens = int(batches.numel())
+    _run(model, batches, batch_size, sparsity.attach(), on_batch)
+    return sparsity.result()
 
 
 def table2(linears: dict[str, torch.nn.Module], zeros: dict[str, list[float]]) -> dict:
@@ -265,20 +286,27 @@ def hooked_calibration(
     model: torch.nn.Module, ids: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None
 ) -> Calibration:
     """Per-linear statistics from whole-model forwards (the reference for :func:`sequential_calibration`)."""
+    return calibration_and_stats(model, ids, batch_size, on_batch, sparsity=False)[0]
+
+
+def calibration_and_stats(
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None,
+    sparsity: bool = True,
+) -> tuple[Calibration, dict | None]:
+    """:func:`hooked_calibration` and, with ``sparsity``, :func:`activation_stats` from the same forwards (one
+    pass over the calibration tokens instead of two, for a model that does not change in between)."""
     linears = quant_linears(model)
     samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
     stats = {n: LinearStats(m.spec, samples) for n, m in linears.items()}
     handles = _hook_linears(linears, stats)
-    try:
-        for start in range(0, ids.shape[0], batch_size):
-            model(ids[start : start + batch_size], use_cache=False)
-            if on_batch is not None:
-                on_batch()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},
-                       {n: torch.cat(s.sample) for n, s in stats.items()})
+    counter = _Sparsity(model) if sparsity else None
+    if counter is not None:
+        counter.tokens = int(ids.numel())
+        handles += counter.attach()
+    _run(model, ids, batch_size, handles, on_batch, use_cache=False)
+    calibration = Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},
+                              {n: torch.cat(s.sample) for n, s in stats.items()})
+    return calibration, None if counter is None else counter.result()
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch
 from bitnet_convert import __version__
 from bitnet_convert.calibrate import (
     activation_stats,
+    calibration_and_stats,
     choose_precision,
-    hooked_calibration,
     memory_guard,
     out_of_memory,
     sequential_calibration,
@@ -81,10 +81,12 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     def guarded():  # an out-of-memory error names the knobs
         return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
 
+    # the statistics of the final model come from the report's own pass when nothing changes the model after it
+    changes = recipe.scheme.auto is not None or recipe.recovery.qwt is not None or teacher is not None
     if calibration is not None and (spec.report or recipe.scheme.auto is not None):
-        stage = progress.stage("Calibration report", batches)
+        stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), batches)
         with guarded(), _timed(timings, "calibration_report"), stage as step:
-            details = hooked_calibration(model, calibration, spec.batch_size, on_batch=step)
+            details, stats = calibration_and_stats(model, calibration, spec.batch_size, step, sparsity=not changes)
     if recipe.scheme.auto is not None:
         auto = recipe.scheme.auto
         linears = quant_linears(model)
@@ -104,7 +106,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     if teacher is not None:
         with _timed(timings, "distill"):
             tuned = fine_tune(model, checkpoint, teacher, recipe, progress)
-    if calibration is not None:
+    if calibration is not None and stats is None:
         with guarded(), _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
 

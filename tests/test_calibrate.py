@@ -14,6 +14,8 @@ import bitnet_convert
 from bitnet_convert.calibrate import (
     CANDIDATES,
     LinearStats,
+    activation_stats,
+    calibration_and_stats,
     choose_precision,
     hooked_calibration,
     sequential_calibration,
@@ -176,3 +178,30 @@ def test_out_of_memory_during_calibration_names_the_knobs(tmp_path, monkeypatch,
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "calibration ran out of memory with calibration.samples=2, calibration.seq_len=256" in result.output
     assert not target.exists()
+
+
+def test_one_pass_gives_the_report_and_the_statistics_of_two(reference_dir, calibration_ids):
+    model = build_model(open_checkpoint(reference_dir), PRESETS["a48"])
+    details, stats = calibration_and_stats(model, calibration_ids, batch_size=4)
+    assert stats == activation_stats(model, calibration_ids, batch_size=4)
+    separate = hooked_calibration(model, calibration_ids, batch_size=4)
+    assert details.linears == separate.linears and details.tokens == separate.tokens
+    assert all(torch.equal(details.samples[n], separate.samples[n]) for n in separate.samples)
+
+
+def test_quantize_runs_one_calibration_pass_unless_the_model_changes_after_it(tmp_path, reference_dir):
+    from bitnet_convert.pipeline import _calibration_windows
+
+    options = {"calibration__samples": 4, "calibration__batch_size": 2}
+    recipe = load_recipe(REPO / "recipes/a48.yaml", {"calibration.samples": 4})
+    ids = _calibration_windows(recipe, open_checkpoint(reference_dir))
+    plain = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a"), **options)
+    assert "calibrate" not in plain.report["time_s"] and "calibration_report" in plain.report["time_s"]
+    assert (plain.output / "calibration" / "calibration.json").is_file()
+    assert plain.report["calibration"] == activation_stats(plain.model, ids, 2)
+    tuned = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "b"),
+                                    recovery__qwt={"form": "channel"}, **options)
+    assert {"calibration_report", "qwt", "calibrate"} <= set(tuned.report["time_s"])
+    # the statistics describe the model as exported: after the compensation, not before it
+    assert tuned.report["calibration"] == activation_stats(tuned.model, ids, 2)
+    assert tuned.report["calibration"] != plain.report["calibration"]
