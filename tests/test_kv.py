@@ -106,6 +106,28 @@ def test_prefill_logits_and_greedy_tokens_match_fake_quant(a48, reference_ids):
     assert torch.equal(a, b)
 
 
+def test_beam_search_with_the_packed_cache_matches_fake_quant(a48, reference_ids):
+    prompt = reference_ids[:2, :10]
+    options = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "num_beams": 3,
+               "num_return_sequences": 2}
+    with torch.no_grad():
+        fake = a48.generate(prompt, **options)
+        packed = a48.generate(prompt, past_key_values=PackedKVCache.for_model(a48), **options)
+    assert fake.shape == (4, 26) and torch.equal(fake, packed)
+    # the batch operations move codes, scales and zeros together
+    cache = PackedKVCache.for_model(a48)
+    with torch.no_grad():
+        a48(reference_ids[:2, :9], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    empty = torch.zeros(2, 2, 0, 32)
+    before = layer.update(empty, empty)[0]
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.update(empty.flip(0), empty)[0], before.flip(0))
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.update(torch.zeros(4, 2, 0, 32), torch.zeros(4, 2, 0, 32))[0],
+                       before.flip(0).repeat_interleave(2, dim=0))
+
+
 def test_packed_cache_is_at_most_022_of_bf16_at_4k_tokens():
     layers, heads, head_dim, tokens = 2, 5, 128, 4096  # 2B-4T's attention per layer (it has 30 layers)
     dense, packed = DynamicCache(), PackedKVCache(layers, 3, 3, 4)

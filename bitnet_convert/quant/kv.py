@@ -16,6 +16,7 @@ statistics then change as tokens arrive, so that option exists for evaluation on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -188,6 +189,10 @@ class _PackedRows:
         codes = unpack_bits(self.codes, self.bits, self.head_dim)
         return dequantize(codes, self.scale, self.zero, self.bits, dtype)
 
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension operation (beam reordering, selection, repetition) to every stored tensor."""
+        self.codes, self.scale, self.zero = (None if t is None else fn(t) for t in (self.codes, self.scale, self.zero))
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
@@ -238,8 +243,21 @@ class PackedKVLayer(DynamicLayer):
         self.length = 0
         self.is_initialized = False
 
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.is_initialized:
+            for rows in self.parts:
+                for part in rows:
+                    part.map_batch(fn)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("the packed KV cache does not support beam search")
+        """Beam search: reorder the batch (codes, scales and zeros move together)."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     @property
     def nbytes(self) -> int:
