@@ -39,13 +39,12 @@ LINEAR_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o"
 class _Sparsity:
     """Hooks that count zero inputs per role and Table 2's sparsity per linear (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, tokens: int) -> None:
+        self.tokens = tokens
         self.roles: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.zeros: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # linear → [zero count, value count]
         self.linears = quant_linears(model)
         self.gates = {n: g for n in self.linears if n.endswith(".up_proj") and (g := _gate_of(model, n)) is not None}
-        self.tokens = 0
 
     def attach(self) -> list:
         handles = [m.register_forward_pre_hook(self._count_input(n, m)) for n, m in self.linears.items()]
@@ -113,8 +112,7 @@ def activation_stats(
     Returns ``{"tokens", "roles": {role: {"zero_share", "relative_error"}}, "sparsity": {kind: share},
     "active_parameter_share"}`` (see the module docstring for the definitions).
     """
-    sparsity = _Sparsity(model)
-    sparsity.tokens = int(batches.numel())
+    sparsity = _Sparsity(model, int(batches.numel()))
     _run(model, batches, batch_size, sparsity.attach(), on_batch)
     return sparsity.result()
 
@@ -299,9 +297,8 @@ def calibration_and_stats(
     samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
     stats = {n: LinearStats(m.spec, samples) for n, m in linears.items()}
     handles = _hook_linears(linears, stats)
-    counter = _Sparsity(model) if sparsity else None
+    counter = _Sparsity(model, int(ids.numel())) if sparsity else None
     if counter is not None:
-        counter.tokens = int(ids.numel())
         handles += counter.attach()
     _run(model, ids, batch_size, handles, on_batch, use_cache=False)
     calibration = Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},
