@@ -11,6 +11,10 @@ own; the orchestrating process imports nothing heavier than the standard library
 high-water mark from it. Wall times are measured in the child around the work (imports excluded) and, as a
 second number, around the whole child process.
 
+``kv_cache`` measures the packed KV cache's memory and decode speed, ``calibration`` the peak memory of
+layer-by-layer calibration at several depths, and ``distill`` the fine-tune's step time and peak memory at two
+depths (the 30-layer memory extrapolated).
+
 Usage::
 
     python eval/bench.py --layers 2            # quick: a 2-layer synthetic checkpoint
