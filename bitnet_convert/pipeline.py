@@ -192,10 +192,9 @@ def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoin
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
     export_dtype = DTYPES[export_dtype_name(checkpoint, recipe.export.dtype)]
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("norm.weight") or name == "model.embed_tokens.weight":
-                tensor.copy_(tensor.to(export_dtype))
+    with torch.no_grad():  # the float parameters (norms, embeddings); packed linears and compensations are buffers
+        for tensor in model.parameters():
+            tensor.copy_(tensor.to(export_dtype))
     return record
 
 

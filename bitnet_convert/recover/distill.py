@@ -373,13 +373,15 @@ def build_teacher(checkpoint, dtype: torch.dtype) -> nn.Module:
 
 def _conversion_of(checkpoint) -> str | None:
     """The scheme of a bitnet-convert output other than plain b1.58, ``None`` for a b1.58 model."""
-    spec = checkpoint.a48_spec
-    if spec is None:
+    from bitnet_convert.load import attention_of, linear_overrides, scheme_of
+
+    if checkpoint.a48_spec is None:
         return None
-    attention = spec.get("attention") or {}
-    plain = (spec.get("scheme") == "b158" and not spec.get("qwt") and not spec.get("linears")
-             and not any(attention.get(k) is not None for k in ("q_bits", "k_bits", "v_bits")))
-    return None if plain else str(spec.get("scheme"))
+    scheme, _ = scheme_of(checkpoint)
+    attention = attention_of(checkpoint)
+    plain = (scheme == "b158" and not checkpoint.a48_spec.get("qwt") and not linear_overrides(checkpoint)
+             and (attention is None or not attention.enabled))
+    return None if plain else scheme
 
 
 def master_latents(checkpoint) -> Callable[[str, QuantLinear], torch.Tensor] | None:
