@@ -55,8 +55,9 @@ class _Sparsity:
         role = role_of(name)
 
         def record(_module, args):
-            x = args[0].float()
-            q = module._quantize_input(args[0]).float()
+            x = module.quantizer_input(args[0])
+            q = module._quantize_input(x).float()
+            x = x.float()
             zero = (q == 0).sum().item()
             entry = self.roles[role]
             entry["zero"] += zero
@@ -272,7 +273,7 @@ def memory_guard(samples: int, seq_len: int, batch_size: int):
 def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "") -> list:
     def hook(name: str, module: QuantLinear):
         def record(_module, args):
-            stats[prefix + name].update(args[0], module.dense_weight(torch.float32))
+            stats[prefix + name].update(module.quantizer_input(args[0]), module.dense_weight(torch.float32))
 
         return record
 

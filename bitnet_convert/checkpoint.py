@@ -9,6 +9,11 @@ Layouts (``quantization_config`` of a ``model_type: bitnet`` config):
 
 Tensors are read one at a time with plain file reads (not memory maps, whose touched pages would count as
 resident memory for as long as the file stays open), so nothing holds the whole checkpoint in memory.
+
+Opening a checkpoint audits it against its config before any work (:func:`audit`): every ``quantization_config``
+key is one bitnet-convert honours or a refusal, every tensor is one the model consumes (right shape and dtype)
+or a refusal, and every tensor the config implies is present. Nothing that changes what the model computes is
+silently dropped.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Checkpoint:
     config: dict
     layout: Layout
     weight_map: dict[str, Path]
+    #: ``quantization_config.use_rms_norm``: an RMSNorm (this epsilon) on the input of every ternary linear,
+    #: as transformers' ``BitLinear``/``AutoBitLinear`` apply it; ``None`` when the checkpoint has none.
+    input_norm_eps: float | None = None
     _handles: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False)
 
     @property
@@ -95,6 +103,16 @@ class Checkpoint:
         modules = (name.removesuffix(".weight") for name in self.weight_map if name.endswith(".weight"))
         return [module for module in modules if role_of(module)]
 
+    def input_norm(self, module: str) -> torch.Tensor | None:
+        """Weight ``[in]`` of the RMSNorm on ``module``'s input (``use_rms_norm``); ``None`` without one. A
+        missing tensor is ones, the initialisation stock transformers gives it (the audit warned about it)."""
+        if self.input_norm_eps is None:
+            return None
+        name = f"{module}.rms_norm.weight"
+        if name in self.weight_map:
+            return self.tensor(name)
+        return torch.ones(self.shape_of(f"{module}.weight")[1])
+
     def ternary(self, module: str, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout.
 
@@ -113,13 +131,25 @@ class Checkpoint:
 
     def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor that is not part of a ternary linear (embeddings, norms, lm_head), one at a time."""
-        linear = set(self.linear_names())
         for name in self.weight_map:
-            if name.rsplit(".", 1)[0] not in linear:
+            if not _linear_part(name):
                 yield name, self.tensor(name)
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+
+def uses_reference_tokenizer(path: Path) -> bool:
+    """Whether the checkpoint in ``path`` has the built-in reference model's tokenizer (byte for byte): the
+    reference model, its conversions, and models of its family — those the built-in corpus and tasks fit.
+    Decided by content, not by where the directory lies."""
+    import hashlib
+
+    ours = path / "tokenizer.json"
+    reference = BUILTIN_MODELS["builtin:reference"] / "tokenizer.json"
+    if not ours.is_file() or not reference.is_file() or ours.stat().st_size != reference.stat().st_size:
+        return False
+    return hashlib.sha256(ours.read_bytes()).digest() == hashlib.sha256(reference.read_bytes()).digest()
 
 
 def resolve_model_path(model: str) -> Path:
@@ -159,13 +189,176 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     path = resolve_model_path(str(model))
     config = _read_config(path)
     layout = detect_layout(path, config)
+    eps = _input_norm_eps(path, config)
     weight_map = _weight_map(path)
-    checkpoint = Checkpoint(path=path, config=config, layout=layout, weight_map=weight_map)
+    checkpoint = Checkpoint(path=path, config=config, layout=layout, weight_map=weight_map, input_norm_eps=eps)
     if not checkpoint.linear_names():
         raise CheckpointError(f"{path}: no q/k/v/o/gate/up/down projection weights found; not a BitNet checkpoint")
     for file in checkpoint.files:
-        checkpoint._handle(file)  # validates every header up front
+        handle = checkpoint._handle(file)  # validates every header up front
+        for name in [n for n, f in weight_map.items() if f == file and n not in handle.entries]:
+            raise CheckpointError(f"{path / INDEX_FILE}: maps tensor '{name}' to shard '{file.name}', which does "
+                                  "not hold it")
+    audit(checkpoint)
     return checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+#: ``quantization_config`` keys and what bitnet-convert does with them; any other key is refused.
+QUANTIZATION_KEYS = {
+    "quant_method": "must be 'bitnet'",
+    "linear_class": "the storage layout",
+    "quantization_mode": "the storage layout",
+    "modules_to_not_convert": "may name lm_head (kept in full precision), never a decoder linear",
+    "use_rms_norm": "an RMSNorm on every ternary linear's input, applied as transformers does",
+    "rms_norm_eps": "the epsilon of that RMSNorm",
+}
+#: Architecture keys of ``BitNetConfig`` whose non-default value bitnet-convert cannot compute.
+REFUSED_ARCHITECTURE = {"attention_bias": False}
+
+
+def architecture_config(config: dict, path: Path | None = None):
+    """The ``BitNetConfig`` of a checkpoint's ``config.json`` without its storage description (one-line
+    :class:`CheckpointError` when transformers rejects a value)."""
+    from transformers import BitNetConfig
+
+    raw = {k: v for k, v in config.items() if k not in ("quantization_config", "bitnet_convert")}
+    try:
+        return BitNetConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        where = path / "config.json" if path is not None else "config.json"
+        raise CheckpointError(f"{where}: not a valid BitNet config ({_first_line(exc)})") from None
+
+
+def _linear_part(name: str) -> str | None:
+    """For a tensor of a ternary linear, what it is (``weight``, ``weight_scale``, ``bias``, ``rms_norm.weight``
+    or another suffix); ``None`` for a tensor outside the ternary linears."""
+    parts = name.split(".")
+    for cut in (len(parts) - 1, len(parts) - 2):
+        if cut > 0 and role_of(".".join(parts[:cut])):
+            return ".".join(parts[cut:])
+    return None
+
+
+def audit(checkpoint: Checkpoint) -> None:
+    """Check every tensor against what ``config.json`` implies, before any work: shapes and dtypes, tensors the
+    model would not consume (refused: they would change what it computes, or mean another architecture) and
+    tensors the config needs but the checkpoint lacks. Raises :class:`CheckpointError` naming the first problem."""
+    from transformers import BitNetForCausalLM
+
+    path, config = checkpoint.path, checkpoint.config
+    file = path / "config.json"
+    for key, default in REFUSED_ARCHITECTURE.items():
+        if config.get(key, default) != default:
+            raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported (biased projections are not "
+                                  f"ternary BitLinear layers); supported: {key}={default!r}")
+    arch = architecture_config(config, path)
+    try:
+        with torch.device("meta"):
+            skeleton = BitNetForCausalLM(arch)
+    except (TypeError, ValueError, KeyError, RuntimeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{file}: cannot build the model this config describes ({_first_line(exc)})") from None
+    expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
+    packed = checkpoint.layout is not Layout.MASTER
+    qwt_layers = set(((checkpoint.a48_spec or {}).get("qwt") or {}).get("layers", []))
+    size = (f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}, "
+            f"num_hidden_layers={arch.num_hidden_layers}")
+    for name in checkpoint.names():
+        where = f"{path}: tensor '{name}'"
+        shape, dtype = checkpoint.shape_of(name), checkpoint.dtype_of(name)
+        part = _linear_part(name)
+        module = name.removesuffix("." + part) if part else None
+        if part == "bias":
+            raise CheckpointError(f"{where}: biased ternary linears are not supported (no bias in a BitNet linear)")
+        if part == "rms_norm.weight":
+            if checkpoint.input_norm_eps is None:
+                raise CheckpointError(f"{where} is an input RMSNorm, but config.json's quantization_config does not "
+                                      "set use_rms_norm: true (set it, or remove the tensor)")
+            want = [expected[f"{module}.weight"][1]]
+        elif part == "weight_scale":
+            if not packed:
+                raise CheckpointError(f"{where}: a weight_scale belongs to a packed layout, but quantization_config "
+                                      f"describes '{checkpoint.layout.value}' (float master weights)")
+            want = [1] if len(shape) == 1 else shape
+            if math.prod(shape) != 1:
+                raise CheckpointError(f"{where} has shape {shape}; expected one per-tensor scale")
+        elif part == "weight":
+            out_features, in_features = expected[name] if name in expected else (None, None)
+            if out_features is None:
+                raise CheckpointError(f"{where} is not part of a BitNet model with {size}")
+            want = [out_features // 4, in_features] if packed else [out_features, in_features]
+            if packed and dtype != "U8":
+                raise CheckpointError(f"{where} is {dtype}; the '{checkpoint.layout.value}' layout stores packed U8")
+            if not packed and not dtype.startswith(("F", "BF")):
+                raise CheckpointError(f"{where} is {dtype}; the 'master' layout stores float weights "
+                                      "(packed weights need quantization_config.quantization_mode: offline)")
+        elif part is not None:
+            raise CheckpointError(f"{where} is not part of a ternary linear bitnet-convert can compute "
+                                  "(expected weight, weight_scale or rms_norm.weight)")
+        elif name in expected:
+            want = expected[name]
+        elif ".qwt." in name and any(name.startswith(f"model.layers.{i}.qwt.") for i in qwt_layers):
+            continue  # a compensation of an export; its shapes are checked when it is loaded
+        else:
+            raise CheckpointError(f"{where} is not part of a BitNet model with {size} (an extra tensor "
+                                  "bitnet-convert would not use)")
+        if shape != want:
+            implied = "packed [out_features/4, in_features] " if part == "weight" and packed else ""
+            raise CheckpointError(f"{where} has shape {shape}; config.json ({size}) implies {implied}{want}")
+    present = set(checkpoint.names())
+    tied = arch.tie_word_embeddings
+    for name in expected:
+        if name in present or (tied and name == "lm_head.weight"):
+            continue
+        raise CheckpointError(f"{path}: tensor '{name}' is missing from the checkpoint (config.json: {size})")
+    if packed:
+        for module in checkpoint.linear_names():
+            if f"{module}.weight_scale" not in present:
+                raise CheckpointError(f"{path}: tensor '{module}.weight_scale' is missing (the packed layout stores "
+                                      "one scale per linear)")
+    if checkpoint.input_norm_eps is not None:
+        absent = [m for m in checkpoint.linear_names() if f"{m}.rms_norm.weight" not in present]
+        if absent:
+            from bitnet_convert.notes import warn
+
+            warn(f"{path}: quantization_config.use_rms_norm is true but {len(absent)} linear(s) have no "
+                 f"rms_norm.weight (first: '{absent[0]}'); they get weight 1, as stock transformers initialises them")
+
+
+def _input_norm_eps(path: Path, config: dict) -> float | None:
+    """Check every ``quantization_config`` key (:data:`QUANTIZATION_KEYS`); the epsilon of ``use_rms_norm``."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    qc = config.get("quantization_config") or {}
+    file = path / "config.json"
+    unknown = sorted(set(qc) - set(QUANTIZATION_KEYS))
+    if unknown:
+        raise CheckpointError(f"{file}: quantization_config.{unknown[0]} is not supported (bitnet-convert reads "
+                              f"{', '.join(QUANTIZATION_KEYS)}; an unknown key might change what the model computes)")
+    skip = qc.get("modules_to_not_convert")
+    if skip is not None:
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            raise CheckpointError(f"{file}: quantization_config.modules_to_not_convert must be a list of names")
+        layers = config.get("num_hidden_layers")
+        linears = [f"model.layers.{i}.{m}" for i in range(layers if isinstance(layers, int) else 1)
+                   for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        kept = [m for m in linears if not should_convert_module(m, skip)]
+        if kept:
+            raise CheckpointError(f"{file}: quantization_config.modules_to_not_convert keeps '{kept[0]}' in full "
+                                  "precision; bitnet-convert converts every decoder linear (remove it from the list)")
+        if should_convert_module("lm_head", skip):
+            raise CheckpointError(f"{file}: quantization_config.modules_to_not_convert {skip} does not name lm_head, "
+                                  "so transformers ternarizes lm_head; bitnet-convert keeps lm_head in full precision "
+                                  "(add 'lm_head' to the list)")
+    use = qc.get("use_rms_norm", False)
+    if not isinstance(use, bool):
+        raise CheckpointError(f"{file}: quantization_config.use_rms_norm must be true or false (got {use!r})")
+    eps = qc.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+        raise CheckpointError(f"{file}: quantization_config.rms_norm_eps must be a positive number (got {eps!r})")
+    return float(eps) if use else None
 
 
 def detect_layout(path: Path, config: dict) -> Layout:
@@ -180,12 +373,17 @@ def detect_layout(path: Path, config: dict) -> Layout:
     qc = config.get("quantization_config") or {}
     if not qc:
         return Layout.MASTER  # plain BitNetConfig: float weights, ternarized here
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config must be a JSON object")
     if qc.get("quant_method") != "bitnet":
         raise CheckpointError(
             f"{path / 'config.json'}: quantization_config.quant_method is '{qc.get('quant_method')}', expected 'bitnet'"
         )
     linear_class = qc.get("linear_class", "bitlinear")
     mode = qc.get("quantization_mode", "offline")
+    if mode not in ("offline", "online"):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config.quantization_mode '{mode}' is unknown "
+                              "(expected 'offline' or 'online')")
     if linear_class == "bitlinear":
         return Layout.PACKED_BITLINEAR
     if linear_class == "autobitlinear":

@@ -26,9 +26,36 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: …]" must not be read as rich markup
 )
 console = Console(stderr=True)
 out = Console()
+
+
+class _WarningLines(logging.Handler):
+    """bitnet-convert's warnings (:mod:`bitnet_convert.notes`) as ``warning: …`` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[bold yellow]warning:[/] {_escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+_WARNINGS = _WarningLines(logging.WARNING)
+
+
+@app.callback()
+def _setup() -> None:
+    """Console setup before every command: warnings as one line each; whole lines when stdout is not a terminal."""
+    logger = logging.getLogger("bitnet_convert")
+    if _WARNINGS not in logger.handlers:
+        logger.addHandler(_WARNINGS)
+    logger.propagate = False
+    out.width = None if out.is_terminal else 10_000  # piped or logged: no table cut to 80 columns
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 class RichProgress:
@@ -69,7 +96,7 @@ class RichProgress:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -80,7 +107,8 @@ def _user_errors() -> Iterator[None]:
     except BitNetConvertError as exc:
         _fail(str(exc))
     except KeyboardInterrupt as exc:
-        console.print(f"interrupted: {exc}" if str(exc) else "interrupted", highlight=False, soft_wrap=True)
+        console.print(f"interrupted: {_escape(str(exc))}" if str(exc) else "interrupted", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 
@@ -235,6 +263,9 @@ def perplexity(
     scheme: Annotated[
         str | None, typer.Option(help="Evaluate an input checkpoint under this preset (b158, a48, a48-fp4).")
     ] = None,
+    txt_documents: Annotated[
+        str, typer.Option(help="A .txt file's documents: paragraphs (blank-line separated, newlines kept) or lines.")
+    ] = "paragraphs",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
     from bitnet_convert.checkpoint import open_checkpoint
@@ -242,6 +273,7 @@ def perplexity(
     from bitnet_convert.evaluate import perplexity as measure
     from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
     from bitnet_convert.modeling import build_model
+    from bitnet_convert.notes import warn
     from bitnet_convert.quant.schemes import PRESETS
 
     with _user_errors():
@@ -249,8 +281,16 @@ def perplexity(
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
         name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
+        if txt_documents not in ("paragraphs", "lines"):
+            _fail(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
         tokenizer = load_tokenizer(checkpoint.path)
-        batches = windows(token_stream(tokenizer, load_texts(data, split)), seq_len, tokenizer.bos_token_id)
+        texts = load_texts(data, split, txt_documents=txt_documents)
+        batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
+                          f"--data '{data}'" + (f" (split {split})" if data.startswith("builtin:") else ""),
+                          "--seq-len")
+        if tokenizer.bos_token_id is None:
+            warn(f"the tokenizer of {checkpoint.path} has no BOS token: windows start mid-text, so this perplexity "
+                 "is not comparable with one measured on windows that start with BOS")
         attention = attention_of(checkpoint)
         overrides = {} if scheme else linear_overrides(checkpoint)
         model = build_model(checkpoint, roles, attention=attention, overrides=overrides)
@@ -259,7 +299,8 @@ def perplexity(
         steps = -(-batches.shape[0] // batch_size)
         with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:
             result = measure(model, batches, batch_size, on_batch=advance)
-    out.print(f"{name}\t{data}:{split}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens)")
+    no_bos = "" if tokenizer.bos_token_id is not None else ", windows without BOS"
+    out.print(f"{name}\t{data}:{split}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens{no_bos})")
 
 
 @app.command("eval")
@@ -308,18 +349,23 @@ def eval_(
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
-    from bitnet_convert.checkpoint import resolve_model_path
+    from bitnet_convert.checkpoint import resolve_model_path, uses_reference_tokenizer
     from bitnet_convert.errors import DataError
-    from bitnet_convert.evaluate import evaluate
+    from bitnet_convert.evaluate import evaluate, resolve_tasks
+    from bitnet_convert.notes import collect, warn
     from bitnet_convert.recipe import load_recipe
     from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
 
-    with _user_errors():
+    with _user_errors(), collect() as notes:
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
+        if output is not None:
+            _check_report_path(output)
         stored = resolve_model_path(path) / "recipe.yaml"
         spec = load_recipe(recipe if recipe is not None else stored if stored.is_file() else None).eval
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.tasks
+        if names:
+            resolve_tasks(names)  # an unknown name fails here, before any model or data is loaded
         # The recipe's baseline is a default: when it cannot be compared with this run (other tasks or
         # settings) it is skipped with a note. A baseline named on the command line must match.
         implicit = baseline is None and baseline_model is None and spec.baseline is not None and not no_baseline
@@ -332,6 +378,11 @@ def eval_(
         if thresholds and baseline is None and baseline_model is None:
             _fail("the gate limits need a baseline: add --baseline REPORT.json or --baseline-model DIR")
         base = load_report(baseline) if baseline is not None else None
+        if base is not None and implicit and _of_reference_model(base) and not uses_reference_tokenizer(
+                resolve_model_path(path)):
+            warn(f"not comparing with the recipe's baseline {baseline}: it was measured on the built-in reference "
+                 f"model, not on '{path}' (give --baseline or --baseline-model for this model)")
+            base = None
         if base is not None and names and sorted(base.get("tasks", [])) != sorted(names):
             mismatch = (f"{baseline}: baseline was measured on tasks {', '.join(base.get('tasks', []))}, this run "
                         f"asks for {', '.join(names)}; evaluate both with the same --tasks")
@@ -358,13 +409,14 @@ def eval_(
             report["gate"] = {"max_ppl_increase": thresholds.max_ppl_increase,
                               "max_acc_drop": thresholds.max_acc_drop,
                               "failures": gate(report, report["comparison"], thresholds)}
+        report["warnings"] = list(notes)
     _print_report(report)
     if output is not None:
         _write_atomic(output, json.dumps(report, indent=2) + "\n")
         _write_atomic(output.with_suffix(".md"), markdown(report))
     failures = report.get("gate", {}).get("failures")
     if failures:
-        console.print(f"[bold red]gate failed:[/] {'; '.join(failures)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]gate failed:[/] {_escape('; '.join(failures))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
     if report.get("gate") and thresholds:
         out.print("gate passed")
@@ -421,7 +473,7 @@ def generate(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        result = model.generate(ids, max_new_tokens=max_new_tokens, past_key_values=cache,
+        result = model.generate(ids, max_new_tokens=max_new_tokens, cache=cache,
                                 streamer=Stream(tokenizer, skip_special_tokens=True),
                                 pad_token_id=tokenizer.pad_token_id, **options)
     seconds = time.perf_counter() - start
@@ -434,8 +486,17 @@ def generate(
                   f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
 
 
+def _of_reference_model(report: dict) -> bool:
+    """Whether an eval report was measured on the built-in reference model (or a conversion of it)."""
+    model = str(report.get("model", "")).rstrip("/")
+    recipe = report.get("recipe") or {}
+    return model == "builtin:reference" or model.endswith("eval/reference/model") or (
+        recipe.get("model") == "builtin:reference")
+
+
 def _skip_recipe_baseline(reason: str) -> None:
-    console.print(f"note: not comparing with the recipe's baseline: {reason}", highlight=False, soft_wrap=True)
+    console.print(f"note: not comparing with the recipe's baseline: {_escape(reason)}", highlight=False,
+                  soft_wrap=True)
 
 
 def _threshold_option(cli: list[str] | None, from_recipe, option: str) -> dict[str, float]:
@@ -460,12 +521,26 @@ def _print_report(report: dict) -> None:
                 c = comparison[task][metric]
                 row += [f"{c['baseline']:.4f}", f"{c['delta']:+.4f}", f"{c['recovery']:.4f}"]
             table.add_row(*row)
-    (out if out.is_terminal else Console(width=120)).print(table)  # in logs: wide enough for every column
+    out.print(table)
     stats = report.get("sparsity")
     if stats:
         shares = ", ".join(f"{kind} {share:.1%}" for kind, share in stats["sparsity"].items())
         out.print(f"zero inputs on the evaluation data ({stats['tokens']:,} tokens): {shares}; "
                   f"active parameters {stats['active_parameter_share']:.1%}")
+
+
+def _check_report_path(output: Path) -> None:
+    """Fail before any work when the report (and its Markdown sibling) cannot be written at ``output``."""
+    from bitnet_convert.errors import OutputError
+
+    for target in (output, output.with_suffix(".md")):
+        if target.is_dir():
+            raise OutputError(f"--output '{target}' is a directory; expected a report file name such as eval.json")
+    for parent in output.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"--output '{output}' cannot be created: '{parent}' is a file, not a directory")
+            break
 
 
 def _write_atomic(path: Path, text: str) -> None:

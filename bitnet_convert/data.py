@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -11,45 +13,71 @@ from bitnet_convert.checkpoint import REPO_ROOT
 from bitnet_convert.errors import DataError
 
 BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data"}
+#: How a ``.txt`` file is cut into documents: ``paragraphs`` (the default: text as written, newlines kept,
+#: documents separated by blank lines) or ``lines`` (one document per non-empty line).
+TxtDocuments = Literal["paragraphs", "lines"]
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
 
 
-def load_texts(source: str, split: str = "validation", text_field: str = "text") -> list[str]:
+def load_texts(source: str, split: str = "validation", text_field: str = "text",
+               txt_documents: TxtDocuments = "paragraphs") -> list[str]:
     """Documents from ``source``.
 
-    ``builtin:reference`` (splits ``calib``, ``validation``, ``test``), a ``.txt`` file (one document per
-    non-empty line), a ``.jsonl`` file (``text_field`` of each record), or a hub dataset id (``split``).
+    ``builtin:reference`` (splits ``calib``, ``validation``, ``test``; one document per line), a ``.txt`` file
+    (``txt_documents``: ``paragraphs`` — text as written, newlines kept, documents separated by blank lines — or
+    ``lines``, one document per non-empty line), a ``.jsonl`` file (``text_field`` of each record, as written), or
+    a hub dataset id (``split``). Raises :class:`DataError` naming the file for unreadable input.
     """
     if source in BUILTIN_DATA:
         file = BUILTIN_DATA[source] / f"{split}.txt"
         if not file.is_file():
             splits = sorted(p.stem for p in BUILTIN_DATA[source].glob("*.txt"))
             raise DataError(f"{source}: no split '{split}' (available: {', '.join(splits) or 'none'})")
-        return _txt(file)
+        return _txt(file, "lines")
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl") or path.exists():
+        if path.is_dir():
+            raise DataError(f"data file '{source}' is a directory; expected a .txt or .jsonl file")
         if not path.is_file():
             raise DataError(f"data file '{source}' does not exist")
         if path.suffix == ".jsonl":
             return _jsonl(path, text_field)
         if path.suffix == ".txt":
-            return _txt(path)
+            return _txt(path, txt_documents)
         raise DataError(f"data file '{source}': expected a .txt or .jsonl file")
     return _hub_dataset(source, split, text_field)
 
 
-def _txt(file: Path) -> list[str]:
+def read_text(file: Path) -> str:
+    """A file's UTF-8 text (one reader for every text format); :class:`DataError` naming the file and the byte
+    offset when it is not UTF-8 text (a binary file included)."""
     try:
-        docs = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:
+        raise DataError(f"{file}: not UTF-8 text (a NUL byte at byte {data.index(0)}; a binary file?)")
+    return text
+
+
+def _txt(file: Path, documents: TxtDocuments) -> list[str]:
+    text = read_text(file).replace("\r\n", "\n")
+    if documents == "lines":
+        docs = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        docs = [doc.lstrip("\n").rstrip() for doc in _BLANK_LINES.split(text) if doc.strip()]
     if not docs:
-        raise DataError(f"{file}: no text (expected one document per non-empty line)")
+        raise DataError(f"{file}: no text")
     return docs
 
 
 def _jsonl(file: Path, field: str) -> list[str]:
     docs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(file).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -91,13 +119,16 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(stream: torch.Tensor, seq_len: int, bos_id: int | None = None) -> torch.Tensor:
+def windows(stream: torch.Tensor, seq_len: int, bos_id: int | None = None, source: str = "the data",
+            setting: str = "seq_len") -> torch.Tensor:
     """Non-overlapping windows ``[n, seq_len]`` of a token stream, the ragged tail dropped. With ``bos_id``
-    every window is BOS followed by the next ``seq_len − 1`` tokens of the stream."""
+    every window is BOS followed by the next ``seq_len − 1`` tokens of the stream. Too short a stream is a
+    :class:`DataError` naming ``source`` (the data) and ``setting`` (the knob that sets ``seq_len``)."""
     body = seq_len - (bos_id is not None)
     n = stream.numel() // body if body > 0 else 0
     if n == 0:
-        raise DataError(f"only {stream.numel()} tokens of data; need at least seq_len={seq_len}")
+        raise DataError(f"{source} gives only {stream.numel()} tokens; {setting}={seq_len} needs at least {body}: "
+                        f"give more text or lower {setting}")
     chunks = stream[: n * body].view(n, body)
     if bos_id is None:
         return chunks
@@ -105,10 +136,12 @@ def windows(stream: torch.Tensor, seq_len: int, bos_id: int | None = None) -> to
 
 
 def sample_windows(
-    stream: torch.Tensor, samples: int, seq_len: int, seed: int, bos_id: int | None = None
+    stream: torch.Tensor, samples: int, seq_len: int, seed: int, bos_id: int | None = None,
+    source: str = "the data", setting: str = "seq_len",
 ) -> torch.Tensor:
-    """``samples`` windows drawn without replacement with a private generator (the global RNG is untouched)."""
-    all_windows = windows(stream, seq_len, bos_id)
+    """``samples`` windows drawn without replacement with a private generator (the global RNG is untouched);
+    fewer when the stream holds fewer."""
+    all_windows = windows(stream, seq_len, bos_id, source, setting)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(all_windows.shape[0], generator=generator)[:samples]
     return all_windows[order.sort().values]

@@ -18,7 +18,7 @@ import torch.nn.functional as tF
 import yaml
 
 from bitnet_convert.calibrate import activation_stats
-from bitnet_convert.checkpoint import BUILTIN_MODELS, REPO_ROOT, Checkpoint, open_checkpoint
+from bitnet_convert.checkpoint import REPO_ROOT, Checkpoint, open_checkpoint, uses_reference_tokenizer
 from bitnet_convert.data import token_stream, windows
 from bitnet_convert.errors import DataError
 from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
@@ -56,13 +56,9 @@ HUB_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 
 
 def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
-    """The reference tasks for the built-in reference model and its conversions, else the paper's suite."""
-    if checkpoint.path.resolve() == BUILTIN_MODELS["builtin:reference"].resolve():
-        return REFERENCE_TASKS
-    recipe = _conversion_recipe(checkpoint.path)
-    if recipe is not None and recipe.get("model") == "builtin:reference":
-        return REFERENCE_TASKS
-    return HUB_TASKS
+    """The reference tasks for a model with the built-in reference model's tokenizer (the reference model and its
+    conversions, wherever they lie), else the paper's suite."""
+    return REFERENCE_TASKS if uses_reference_tokenizer(checkpoint.path) else HUB_TASKS
 
 
 def evaluate(
@@ -83,25 +79,42 @@ def evaluate(
 
     Returns the report ``bitnet-convert eval`` writes (``format`` :data:`~bitnet_convert.report.REPORT_FORMAT`).
     """
+    from bitnet_convert.notes import collect
+
+    with collect() as warnings:
+        report = _evaluate(path, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+                           max_length=max_length, device=device, seed=seed, stats_chars=stats_chars,
+                           progress=progress)
+    report["warnings"] = warnings
+    return report
+
+
+def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device, seed, stats_chars,
+              progress) -> dict:
     from bitnet_convert import __version__
+    from bitnet_convert.notes import warn
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(str(path))
     preset, roles = scheme_of(checkpoint)
     attention = attention_of(checkpoint)
     tasks = list(tasks or default_tasks(checkpoint))
-    texts = eval_texts(tasks, limit, stats_chars)  # loads every task's data: fails before the model is built
+    tokenizer = load_tokenizer(checkpoint.path)
+    # loads every task's data and checks max_length against it: fails before the model is built
+    texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=max_length)
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, on_linear=lambda _name: advance(), attention=attention,
                             overrides=linear_overrides(checkpoint))
-    tokenizer = load_tokenizer(checkpoint.path)
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
         results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                                   max_length=max_length, device=device, seed=seed, higher_is_better=higher_is_better)
     stats = None
     if texts:
-        batches = windows(token_stream(tokenizer, texts), STATS_SEQ_LEN, tokenizer.bos_token_id)
+        if tokenizer.bos_token_id is None:
+            warn(f"the tokenizer of {checkpoint.path} has no BOS token: the sparsity windows start mid-text")
+        batches = windows(token_stream(tokenizer, texts), STATS_SEQ_LEN, tokenizer.bos_token_id,
+                          "the evaluation documents", "the statistics window")
         steps = -(-batches.shape[0] // batch_size)
         with progress.stage("Sparsity on the evaluation data", steps) as advance:
             stats = activation_stats(model.to(device), batches.to(device), batch_size, on_batch=advance)
@@ -217,7 +230,8 @@ def lm_eval_results(
                   device=device)
     finally:
         hf_log.setLevel(level)
-    with _global_rng_restored(), _dataset_errors():  # simple_evaluate seeds random, numpy and torch globally
+    # simple_evaluate seeds random, numpy and torch globally; its tqdm bars and git probe would interleave with ours
+    with _global_rng_restored(), _dataset_errors(), _quiet_lm_eval():
         output = simple_evaluate(
             model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -231,13 +245,20 @@ def lm_eval_results(
     }
 
 
-def eval_texts(tasks: list[str], limit: int | None = None, max_chars: int = 120_000) -> list[str]:
+def eval_texts(tasks: list[str], limit: int | None = None, max_chars: int = 120_000, *, tokenizer=None,
+               max_length: int | None = None) -> list[str]:
     """The text each task scores, one string per document, for activation statistics on the evaluation data:
     the document of a rolling-loglikelihood task, else context + the gold continuation. At most ``limit``
-    documents per task (lm-eval's first ``limit``), about ``max_chars`` characters in all, shared evenly."""
+    documents per task (lm-eval's first ``limit``), about ``max_chars`` characters in all, shared evenly.
+
+    With ``tokenizer`` and ``max_length``, a context length lm-eval cannot run with (an answer longer than it, or
+    no room before a generation) is a :class:`DataError` naming ``--max-length`` and the length needed."""
     specs, manager = resolve_tasks(tasks)
     with _dataset_errors():
         found = list(manager.load(specs)["tasks"].values())
+    if tokenizer is not None and max_length is not None:
+        for task in found:
+            _check_max_length(task, tokenizer, max_length, limit)
     texts: list[str] = []
     for task in found:
         budget = max_chars // max(len(found), 1)
@@ -249,6 +270,43 @@ def eval_texts(tasks: list[str], limit: int | None = None, max_chars: int = 120_
                 texts.append(text)
                 budget -= len(text)
     return texts
+
+
+def _check_max_length(task, tokenizer, max_length: int, limit: int | None) -> None:
+    """lm-eval asserts that every answer (continuation) fits in ``max_length`` tokens and needs room for the
+    prompt before ``max_gen_toks`` generated tokens; check both on the documents it will use."""
+    name = getattr(task.config, "task", "?")
+    if task.OUTPUT_TYPE == "generate_until":
+        gen = int((task.config.generation_kwargs or {}).get("max_gen_toks", 256))
+        if max_length <= gen:
+            raise DataError(f"--max-length {max_length} leaves no room for the prompt of task '{name}', which "
+                            f"generates up to {gen} tokens; use --max-length > {gen}")
+        return
+    if task.OUTPUT_TYPE not in ("multiple_choice", "loglikelihood"):
+        return
+    longest = 0
+    for i, doc in enumerate(task.eval_docs):
+        if limit is not None and i >= limit:
+            break
+        try:
+            context = task.doc_to_text(doc)
+            target = task.doc_to_target(doc)
+            choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else [target]
+        except (TypeError, IndexError, KeyError, ValueError):
+            continue
+        context = context if isinstance(context, str) else ""
+        delimiter = task.config.target_delimiter or ""
+        for choice in choices:
+            # lm-eval's split: trailing spaces of the context move to the continuation; the continuation's tokens
+            # are those of context + continuation after the context's
+            spaces = len(context) - len(context.rstrip())
+            body, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + delimiter
+            whole = tokenizer(body + continuation + str(choice), add_special_tokens=False)["input_ids"]
+            head = tokenizer(body, add_special_tokens=False)["input_ids"] if body else []
+            longest = max(longest, len(whole) - len(head))
+    if longest > max_length:
+        raise DataError(f"--max-length {max_length} is shorter than the longest answer of task '{name}' "
+                        f"({longest} tokens); use --max-length ≥ {longest}")
 
 
 def _scored_text(task, doc) -> str:
@@ -278,6 +336,19 @@ def _dataset_errors() -> Iterator[None]:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"a task's dataset could not be loaded{offline}: {first}") from None
+
+
+@contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's own console output during an evaluation the CLI already shows progress for: its tqdm bars (which
+    write to ``sys.stderr``) go to a buffer, and its version probe (``git describe`` in the working directory, which
+    prints ``fatal: not a git repository`` outside a checkout) is skipped — the report records versions itself."""
+    import io
+    from contextlib import redirect_stderr
+    from unittest import mock
+
+    with redirect_stderr(io.StringIO()), mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None):
+        yield
 
 
 @contextmanager

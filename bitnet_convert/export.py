@@ -4,14 +4,20 @@ The output is a ``packed-autobitlinear`` checkpoint (uint8 weights, ``weight_sca
 stock transformers loads as W1.58A8; the a4.8 activation spec travels in ``config.json`` under
 ``bitnet_convert``. Everything is written into a temporary sibling directory that is renamed into place at
 the end, so a failure never leaves a half-written output and never touches an existing one.
+
+Safety of the user's files: an output that is, contains or lies inside one of the run's inputs is refused (with or
+without ``--overwrite``); one process at a time writes an output (a ``filelock`` lock); temporaries carry a marker
+file, so the next run on the same output removes what a killed run left (and only that).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,33 +48,119 @@ COPIED_FILES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Fail early when ``output`` exists and may not be replaced, or is not a directory."""
+#: File inside every temporary directory of ours; a directory named like one without it is never touched.
+MARKER = ".bitnet-convert-partial"
+
+
+def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = ()) -> None:
+    """Fail early (before any work) when ``output`` cannot be created, may not be replaced, or overlaps an input.
+
+    ``inputs``: the run's input files and directories (model, teacher, data files); an output equal to one of
+    them, inside one or containing one is refused even with ``overwrite``, since replacing it would delete the
+    input. Raises :class:`OutputError`."""
     if output.exists() and not output.is_dir():
         raise OutputError(f"output '{output}' exists and is not a directory")
+    for parent in output.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"output '{output}' cannot be created: '{parent}' is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK) and not output.exists():
+                raise OutputError(f"output '{output}' cannot be created: no write permission in '{parent}'")
+            break
+    target = output.resolve()
+    for given in inputs:
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        relation = ("is" if source == target else "contains" if target in source.parents
+                    else "lies inside" if source in target.parents else None)
+        if relation is not None:
+            raise OutputError(f"output '{output}' {relation} the input '{given}'; writing it would destroy that "
+                              "input: choose another output directory")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise OutputError(f"output directory '{output}' already exists; pass --overwrite to replace it")
 
 
+def _lock_file(output: Path) -> Path:
+    """Where the lock of ``output`` lives: the user cache, keyed by the output's absolute path, so nothing is left
+    beside the output."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-convert" / "locks"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:24]
+    return cache / f"{key}.lock"
+
+
 @contextmanager
-def atomic_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``output`` only when the block succeeds."""
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the lock of ``output`` (re-entrant in one process); another process holding it is an
+    :class:`OutputError` at once. A well-kept library (``filelock``) does the locking."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(_lock_file(output), is_singleton=True)
     try:
-        yield tmp
-        old = None
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            output.rename(old)
-        tmp.rename(output)
-        if old is not None:
-            shutil.rmtree(old)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise OutputError(f"output '{output}' is being written by another bitnet-convert process; wait for it to "
+                          "finish or choose another output") from None
+    try:
+        if lock.lock_counter == 1:
+            remove_stale_temporaries(output)
+        yield
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        lock.release()
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete the temporaries a killed run on ``output`` left beside it: directories named ``.NAME.tmp-*`` or
+    ``.NAME.old-*`` that hold :data:`MARKER` (call with the output's lock held). Returns what was removed."""
+    removed = []
+    parent = output.parent
+    if not parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{output.name}.{kind}-*"):
+            if path.is_dir() and not path.is_symlink() and (path / MARKER).is_file():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _marked(directory: Path) -> None:
+    (directory / MARKER).write_text("a partial bitnet-convert output; the next run on this output removes it\n")
+
+
+@contextmanager
+def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str] = ()) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``output`` only when the block succeeds (under the output's
+    lock; ``overwrite`` is checked again at the final rename)."""
+    check_output(output, overwrite, inputs)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output):
+        tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        _marked(tmp)
+        try:
+            yield tmp
+            (tmp / MARKER).unlink()
+            check_output(output, overwrite)
+            old = None
+            try:
+                if output.exists():
+                    _marked(output)
+                    old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+                    output.rename(old)
+                tmp.rename(output)
+            except OSError as exc:
+                if old is not None and not output.exists():
+                    old.rename(output)
+                    (output / MARKER).unlink(missing_ok=True)
+                raise OutputError(f"output '{output}' could not be put in place ({exc.strerror or exc})") from None
+            if old is not None:
+                shutil.rmtree(old)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def export_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -127,6 +219,8 @@ def output_config(
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    if source.input_norm_eps is not None:  # exported as rms_norm.weight beside each linear
+        config["quantization_config"].update(use_rms_norm=True, rms_norm_eps=source.input_norm_eps)
     config["bitnet_convert"] = {
         "format_version": FORMAT_VERSION,
         "version": __version__,
@@ -164,11 +258,13 @@ def export(
     extra: Callable[[Path], None] | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
     qwt: dict | None = None,
+    inputs: Iterable[Path | str] = (),
 ) -> Path:
     """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
-    ``extra(directory)`` writes more files into the output before it is moved into place."""
+    ``extra(directory)`` writes more files into the output before it is moved into place. ``inputs`` are the
+    paths the output must not overlap (see :func:`check_output`); the source checkpoint is always one."""
     dtype_name = export_dtype_name(source, dtype)
-    with atomic_directory(output, overwrite) as tmp:
+    with atomic_directory(output, overwrite, [source.path, *inputs]) as tmp:
         files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
         config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -14,8 +14,10 @@ import torch
 from transformers import BitNetConfig, BitNetForCausalLM
 from transformers.models.bitnet.modeling_bitnet import BitNetDecoderLayer, BitNetRotaryEmbedding
 
+from bitnet_convert import checkpoint as _checkpoint
 from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.notes import warn
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
@@ -23,14 +25,10 @@ from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
 from bitnet_convert.recover.qwt import Compensation, attach
 
-#: Config keys that describe storage, not the architecture; dropped before building the skeleton.
-_STORAGE_KEYS = ("quantization_config", "bitnet_convert")
-
 
 def architecture_config(checkpoint: Checkpoint) -> BitNetConfig:
     """The checkpoint's ``BitNetConfig`` without its storage description."""
-    raw = {k: v for k, v in checkpoint.config.items() if k not in _STORAGE_KEYS}
-    return BitNetConfig.from_dict(raw)
+    return _checkpoint.architecture_config(checkpoint.config, checkpoint.path)
 
 
 def build_model(
@@ -55,15 +53,17 @@ def build_model(
     if unknown:
         raise CheckpointError(f"{checkpoint.path}: no ternary linear named '{unknown[0]}' (per-linear override)")
     for name in checkpoint.linear_names():
-        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name)))
+        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name), dtype))
         if on_linear is not None:
             on_linear(name)
     qwt = (checkpoint.a48_spec or {}).get("qwt") or {}
     for index in qwt.get("layers", []):
         attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and "lm_head.weight" in state:
+        if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
+            raise CheckpointError(f"{checkpoint.path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs "
+                                  "from 'model.embed_tokens.weight' (set tie_word_embeddings: false to use both)")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{checkpoint.path}: unexpected tensor '{result.unexpected_keys[0]}' for a BitNet model")
@@ -97,7 +97,7 @@ def build_layer(
     scratch = _scratch(checkpoint, names)
     for name in names:
         spec = (overrides or {}).get(name)
-        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec))
+        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec, dtype))
     linear = set(names)
     state = {
         n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
@@ -123,7 +123,7 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Mod
 
 def load_linear(
     checkpoint: Checkpoint, name: str, roles: dict[Role, ActivationSpec], scratch: torch.Tensor | None,
-    spec: ActivationSpec | None = None,
+    spec: ActivationSpec | None = None, dtype: torch.dtype = torch.float32,
 ) -> QuantLinear:
     """The :class:`QuantLinear` of linear ``name``, ternarized (master layout) or unpacked from the checkpoint."""
     packed = checkpoint.layout is not Layout.MASTER
@@ -134,7 +134,13 @@ def load_linear(
             f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
         )
     codes, alpha = checkpoint.ternary(name, scratch)
-    return QuantLinear.from_ternary(codes, alpha, spec or roles[role_of(name)])
+    if not codes.any() or not alpha.item():
+        warn(f"{checkpoint.path}: linear '{name}' has all-zero weights (its output is always 0; a broken upload?)")
+    module = QuantLinear.from_ternary(codes, alpha, spec or roles[role_of(name)])
+    norm = checkpoint.input_norm(name)
+    if norm is not None:
+        module.set_input_norm(norm.to(dtype), checkpoint.input_norm_eps)
+    return module
 
 
 def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:

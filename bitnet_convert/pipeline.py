@@ -24,12 +24,13 @@ from bitnet_convert.calibrate import (
     sequential_calibration,
 )
 from bitnet_convert.calibration_report import write_report
-from bitnet_convert.checkpoint import Checkpoint, open_checkpoint
-from bitnet_convert.data import load_texts, sample_windows, token_stream
+from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint, uses_reference_tokenizer
+from bitnet_convert.data import BUILTIN_DATA, load_texts, sample_windows, token_stream
 from bitnet_convert.errors import DataError, RecipeError
-from bitnet_convert.export import atomic_directory, check_output, export, export_dtype_name
+from bitnet_convert.export import atomic_directory, check_output, export, export_dtype_name, output_lock
 from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
+from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
@@ -57,12 +58,31 @@ def quantize(recipe: str | Path | Recipe | None = None, *, progress: Progress = 
 
 
 def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
-    """Run the conversion ``recipe`` describes and write its output directory."""
+    """Run the conversion ``recipe`` describes and write its output directory.
+
+    The output is checked (creatable, not overlapping an input, ``overwrite``) and locked before any work;
+    warnings about silent degradations are shown as they happen and listed in the report (``warnings``)."""
+    check_output(recipe.output, recipe.overwrite, input_paths(recipe))
+    recipe.output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(recipe.output), collect() as warnings:
+        return _run(recipe, progress, warnings)
+
+
+def input_paths(recipe: Recipe) -> list[str]:
+    """The local files and directories a conversion reads (the output may not overlap any of them)."""
+    distill = recipe.recovery.distill
+    given = [recipe.model, recipe.calibration.data, recipe.distill_data()[0],
+             distill.teacher if distill is not None else None]
+    return [g for g in given if g is not None and g not in BUILTIN_MODELS and g not in BUILTIN_DATA]
+
+
+def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
     timings: dict[str, float] = {}
-    check_output(recipe.output, recipe.overwrite)
+    data_used: dict[str, dict] = {}
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        calibration = _calibration_windows(recipe, checkpoint)
+        check_output(recipe.output, recipe.overwrite, [checkpoint.path])
+        calibration = _calibration_windows(recipe, checkpoint, data_used)
         distill = recipe.recovery.distill
         teacher = None if distill is None else kd.teacher_checkpoint(checkpoint, distill)
     roles = recipe.scheme.resolved()
@@ -72,10 +92,6 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     stats = details = qwt = tuned = None
     overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
-    if recipe.recovery.qwt is not None and calibration is None:
-        raise RecipeError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
-    if recipe.scheme.auto is not None and calibration is None:
-        raise RecipeError("scheme.auto: precisions are chosen from calibration data; calibration.samples must be > 0")
     batches = 0 if calibration is None else -(-calibration.shape[0] // spec.batch_size)
 
     def guarded():  # an out-of-memory error names the knobs
@@ -105,7 +121,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
                 raise RecipeError(str(exc)) from None
     if teacher is not None:
         with _timed(timings, "distill"):
-            tuned = fine_tune(model, checkpoint, teacher, recipe, progress)
+            tuned = fine_tune(model, checkpoint, teacher, recipe, progress, data_used)
     if calibration is not None and stats is None:
         with guarded(), _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
@@ -122,6 +138,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             result["qwt"] = qwt
         if tuned is not None:
             result["distill"] = tuned
+        result["data"] = data_used
+        result["warnings"] = list(warnings)
         return result
 
     with _timed(timings, "export"), progress.stage("Export"):
@@ -140,6 +158,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
             extra=write_calibration if spec.report else None,
             overrides=overrides,
             qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
+            inputs=input_paths(recipe),
         )
     if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
         kd.remove_state(_distill_state_dir(recipe))
@@ -150,10 +169,11 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
 def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Calibrate ``recipe``'s model layer by layer (peak memory: one layer + the calibration activations) and
     write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically)."""
-    check_output(output, overwrite)
+    check_output(output, overwrite, input_paths(recipe))
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        ids = _calibration_windows(recipe, checkpoint)
+        check_output(output, overwrite, [checkpoint.path])
+        ids = _calibration_windows(recipe, checkpoint, {})
     if ids is None:
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")
     spec = recipe.calibration
@@ -163,18 +183,23 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
         result = sequential_calibration(checkpoint, recipe.scheme.resolved(), ids, spec.batch_size,
                                         attention=recipe.scheme.attention, on_layer=advance,
                                         overrides=recipe.scheme.linears)
-    with progress.stage("Write report"), atomic_directory(output, overwrite) as tmp:
+    with progress.stage("Write report"), atomic_directory(output, overwrite, input_paths(recipe)) as tmp:
         write_report(result, tmp, _calibration_meta(recipe, "layer by layer"))
     return output
 
 
 def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoint, recipe: Recipe,
-              progress: Progress = SILENT) -> dict:
+              progress: Progress = SILENT, data_used: dict | None = None) -> dict:
     """Distill the b1.58 ``teacher`` into the converted ``model`` (in place) as ``recovery.distill`` says; the
-    trained float tensors are rounded to the export dtype, so the model in memory is the one written."""
+    trained float tensors are rounded to the export dtype, so the model in memory is the one written.
+    ``data_used`` receives which text trained it (``distill``)."""
     spec = recipe.recovery.distill
     tokenizer = load_tokenizer(checkpoint.path)
-    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field)
+    data, split, text_field, txt_documents = recipe.distill_data()
+    _warn_builtin_data(checkpoint, data, "recovery.distill.data")
+    stream = _tokens(checkpoint, tokenizer, data, split, text_field, txt_documents)
+    if data_used is not None:
+        data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
     state_dir = _distill_state_dir(recipe)
     with progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
@@ -219,18 +244,38 @@ def _calibration_meta(recipe: Recipe, mode: str) -> dict:
             "bitnet_convert_version": __version__}
 
 
-def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint) -> torch.Tensor | None:
+def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict | None = None) -> torch.Tensor | None:
     spec = recipe.calibration
     if spec.samples == 0:
         return None
     tokenizer = load_tokenizer(checkpoint.path)
-    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field)
-    return sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id)
+    _warn_builtin_data(checkpoint, spec.data, "calibration.data")
+    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field, spec.txt_documents)
+    source = f"calibration.data '{spec.data}'" + (f" (split {spec.split})" if spec.data in BUILTIN_DATA else "")
+    ids = sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id, source,
+                         "calibration.seq_len")
+    if ids.shape[0] < spec.samples:
+        warn(f"{source} holds only {ids.shape[0]} windows of {spec.seq_len} tokens ({ids.numel():,} tokens); "
+             f"calibration.samples asks for {spec.samples}: calibrating on {ids.shape[0]}")
+    if tokenizer.bos_token_id is None:
+        warn(f"the tokenizer of {checkpoint.path} has no BOS token: calibration windows start mid-text")
+    if data_used is not None:
+        data_used["calibration"] = {"data": spec.data, "split": spec.split, "windows": int(ids.shape[0]),
+                                    "tokens": int(ids.numel())}
+    return ids
 
 
-def _tokens(checkpoint: Checkpoint, tokenizer, data: str, split: str, text_field: str) -> torch.Tensor:
+def _warn_builtin_data(checkpoint: Checkpoint, data: str, setting: str) -> None:
+    """One warning line when the built-in corpus is used on a model it was not made for."""
+    if data in BUILTIN_DATA and not uses_reference_tokenizer(checkpoint.path):
+        warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{checkpoint.path}'; "
+             f"give your own text (--calibration-data FILE, or --set {setting}=FILE)")
+
+
+def _tokens(checkpoint: Checkpoint, tokenizer, data: str, split: str, text_field: str,
+            txt_documents: str = "paragraphs") -> torch.Tensor:
     """The token stream of a text source, checked against the model's vocabulary."""
-    stream = token_stream(tokenizer, load_texts(data, split, text_field))
+    stream = token_stream(tokenizer, load_texts(data, split, text_field, txt_documents))
     vocab = checkpoint.config.get("vocab_size")
     if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
         raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "

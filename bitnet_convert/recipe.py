@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
@@ -59,15 +60,18 @@ class SchemeSpec(_Strict):
 class CalibrationSpec(_Strict):
     """Text the conversion runs through the model to measure activation statistics for the report.
 
-    ``data``: ``builtin:reference``, a local ``.txt`` (one document per non-empty line) or ``.jsonl`` file
-    (``text_field`` of each record), or a Hugging Face dataset id (needs the hub). Tokenized with the
-    model's own tokenizer. ``samples: 0`` skips the stage. ``report``: also write the per-linear statistics
-    and plots into ``<output>/calibration/`` (``calibration.json``, ``calibration.md``, PNGs).
+    ``data``: ``builtin:reference``, a local ``.txt`` (text as written; documents separated by blank lines, or
+    one per line with ``txt_documents: lines``) or ``.jsonl`` file (``text_field`` of each record), or a Hugging
+    Face dataset id (needs the hub). Tokenized with the model's own tokenizer. ``samples: 0`` skips the stage.
+    ``report``: also write the per-linear statistics and plots into ``<output>/calibration/``
+    (``calibration.json``, ``calibration.md``, PNGs).
     """
 
     data: str = "builtin:reference"
     split: str = "calib"
     text_field: str = "text"
+    txt_documents: TxtDocuments = Field("paragraphs", description="a .txt file: paragraphs (blank-line separated, "
+                                        "newlines kept) or lines (one document per line)")
     samples: int = Field(16, ge=0)
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(4, ge=1)
@@ -144,6 +148,23 @@ class Recipe(_Strict):
             raise ValueError(f"recovery.distill trains in float32; set dtype: float32 (got dtype: {self.dtype})")
         return self
 
+    @model_validator(mode="after")
+    def _calibration_data_where_needed(self) -> Recipe:
+        if self.calibration.samples == 0:
+            if self.recovery.qwt is not None:
+                raise ValueError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
+            if self.scheme.auto is not None:
+                raise ValueError("scheme.auto: chosen from calibration data; calibration.samples must be > 0")
+        return self
+
+    def distill_data(self) -> tuple[str, str, str, TxtDocuments]:
+        """``(data, split, text_field, txt_documents)`` of the fine-tune: its own where set, else the calibration
+        data's (the user's text, not the built-in corpus, unless the user gave nothing)."""
+        spec, cal = self.recovery.distill, self.calibration
+        if spec is None or spec.data is None:
+            return cal.data, cal.split, cal.text_field, cal.txt_documents
+        return spec.data, spec.split or cal.split, spec.text_field, spec.txt_documents or cal.txt_documents
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -158,12 +179,11 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         source = str(path)
         file = Path(path)
+        if file.is_dir():
+            raise RecipeError(f"recipe '{path}' is a directory; expected a YAML file such as recipes/a48.yaml")
         if not file.is_file():
             raise RecipeError(f"recipe file '{path}' does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        loaded = parse_yaml(file, RecipeError)
         if loaded is not None and not isinstance(loaded, dict):
             raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
         data = loaded or {}
@@ -173,6 +193,27 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_describe(exc)}") from None
+
+
+def parse_yaml(file: Path, error: type[Exception]) -> Any:
+    """The YAML document in ``file``; ``error`` naming the file, line and column of a syntax error (or the byte
+    of a non-UTF-8 file)."""
+    from bitnet_convert.data import read_text
+    from bitnet_convert.errors import DataError
+
+    try:
+        text = read_text(file)
+    except DataError as exc:
+        raise error(str(exc)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)
+        problem = exc.problem or exc.context or "syntax error"
+        raise error(f"{where}: not valid YAML ({problem})") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -205,6 +246,8 @@ def _describe(exc: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
     message = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across keys: its message names them
+        return message
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""

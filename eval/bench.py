@@ -257,7 +257,7 @@ def _job_decode(spec: dict[str, Any]) -> dict[str, Any]:
             began = time.perf_counter()
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
-                                     do_sample=False, past_key_values=cache, pad_token_id=tokenizer.pad_token_id)
+                                     do_sample=False, cache=cache, pad_token_id=tokenizer.pad_token_id)
             seconds = time.perf_counter() - began
         rows[name] = spec["new_tokens"] / seconds
         outputs[name] = out[0].tolist()

@@ -22,7 +22,8 @@ def test_builtin_reference_splits_are_distinct():
 def test_txt_and_jsonl(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\n\n  second doc  \n")
-    assert load_texts(str(txt)) == ["first doc", "second doc"]
+    assert load_texts(str(txt)) == ["first doc", "  second doc"]  # text as written, blank lines between documents
+    assert load_texts(str(txt), txt_documents="lines") == ["first doc", "second doc"]
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(json.dumps({"body": "x y"}) + "\n\n" + json.dumps({"body": "z"}) + "\n")
     assert load_texts(str(jsonl), text_field="body") == ["x y", "z"]
@@ -50,7 +51,7 @@ def test_windows_and_seeded_sampling_leave_global_rng_alone():
     assert torch.equal(a, b) and not torch.equal(a, sample_windows(stream, 4, 10, seed=4))
     assert torch.equal(torch.get_rng_state(), state)
     assert (a[:, 1:] - a[:, :-1] == 1).all()  # windows are contiguous runs of the stream
-    with pytest.raises(DataError, match="need at least seq_len=200"):
+    with pytest.raises(DataError, match="the data gives only 103 tokens; seq_len=200 needs at least 200"):
         windows(stream, 200)
     with_bos = windows(stream, 10, bos_id=-1)
     assert with_bos.shape == (11, 10) and (with_bos[:, 0] == -1).all()

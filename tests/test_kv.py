@@ -75,11 +75,11 @@ def test_packed_cache_holds_exactly_the_fake_quantized_kv(a48, reference_ids):
     ids = reference_ids[:1, :40]
     raw = DynamicCache()  # on the fake-quant path the cache keeps K/V unquantized; attention quantizes them
     with torch.no_grad():
-        a48(ids, past_key_values=raw, use_cache=True)
+        a48(ids, cache=raw, use_cache=True)
     cache = PackedKVCache.for_model(a48)
     with torch.no_grad():
-        a48(ids[:, :25], past_key_values=cache, use_cache=True)
-        a48(ids[:, 25:], past_key_values=cache, use_cache=True)  # a second chunk appends
+        a48(ids[:, :25], cache=cache, use_cache=True)
+        a48(ids[:, 25:], cache=cache, use_cache=True)  # a second chunk appends
     for layer, packed in zip(raw.layers, cache.layers, strict=True):
         keys, values = packed.update(packed_empty(keys_like=layer.keys), packed_empty(keys_like=layer.values))
         assert torch.equal(keys, fake_quantize_kv(layer.keys, 3, PAPER))
@@ -96,13 +96,13 @@ def test_prefill_logits_and_greedy_tokens_match_fake_quant(a48, reference_ids):
     ids = reference_ids[:1, :48]
     with torch.no_grad():
         fake = a48(ids).logits
-        packed = a48(ids, past_key_values=PackedKVCache.for_model(a48), use_cache=True).logits
+        packed = a48(ids, cache=PackedKVCache.for_model(a48), use_cache=True).logits
     assert torch.equal(fake, packed)
     prompt = ids[:, :12]
     with torch.no_grad():
         a = a48.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
         b = a48.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                         past_key_values=PackedKVCache.for_model(a48))
+                         cache=PackedKVCache.for_model(a48))
     assert torch.equal(a, b)
 
 
@@ -112,12 +112,12 @@ def test_beam_search_with_the_packed_cache_matches_fake_quant(a48, reference_ids
                "num_return_sequences": 2}
     with torch.no_grad():
         fake = a48.generate(prompt, **options)
-        packed = a48.generate(prompt, past_key_values=PackedKVCache.for_model(a48), **options)
+        packed = a48.generate(prompt, cache=PackedKVCache.for_model(a48), **options)
     assert fake.shape == (4, 26) and torch.equal(fake, packed)
     # the batch operations move codes, scales and zeros together
     cache = PackedKVCache.for_model(a48)
     with torch.no_grad():
-        a48(reference_ids[:2, :9], past_key_values=cache, use_cache=True)
+        a48(reference_ids[:2, :9], cache=cache, use_cache=True)
     layer = cache.layers[0]
     empty = torch.zeros(2, 2, 0, 32)
     before = layer.update(empty, empty)[0]

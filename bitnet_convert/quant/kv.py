@@ -99,16 +99,40 @@ def fake_quantize(x: torch.Tensor, bits: int, method: str, dim: int = -1) -> tor
     return dequantize(*quantize(x, bits, method, dim), bits, x.dtype)
 
 
-def fake_quantize_kv(x: torch.Tensor, bits: int, spec: AttentionSpec, channel: bool = False) -> torch.Tensor:
-    """K or V ``[batch, heads, seq, head_dim]`` as the cache would hold it: position 0 at ``bos_bits``."""
+def fake_quantize_kv(x: torch.Tensor, bits: int, spec: AttentionSpec, channel: bool = False,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
+    """K or V ``[batch, heads, seq, head_dim]`` as the cache would hold it: the first real position of each row at
+    ``bos_bits``. ``first`` (long ``[batch]``) is that position per row — after the left padding of a padded batch;
+    ``None``: position 0 of every row."""
     dim = -2 if channel else -1
     bos = spec.bos_bits
     if bos is None or (bos == bits and not channel):
         return fake_quantize(x, bits, spec.method, dim)
-    first = fake_quantize(x[..., :1, :], bos, spec.method, -1)
+    if first is not None and first.any() and not channel:
+        index = _position_index(first, x)
+        out = fake_quantize(x, bits, spec.method, dim)
+        return out.scatter(-2, index, fake_quantize(x.gather(-2, index), bos, spec.method, -1))
+    first_row = fake_quantize(x[..., :1, :], bos, spec.method, -1)
     if x.shape[-2] == 1:
-        return first
-    return torch.cat([first, fake_quantize(x[..., 1:, :], bits, spec.method, dim)], dim=-2)
+        return first_row
+    return torch.cat([first_row, fake_quantize(x[..., 1:, :], bits, spec.method, dim)], dim=-2)
+
+
+def _position_index(first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gather/scatter index ``[batch, heads, 1, head_dim]`` of position ``first[b]`` in each row of ``x``."""
+    return first.to(x.device).view(-1, 1, 1, 1).expand(x.shape[0], x.shape[1], 1, x.shape[-1])
+
+
+def first_real_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Per row, the first key position that is not padding (long ``[batch]``), from a 2-D padding mask
+    ``[batch, keys]`` or a 4-D attention mask ``[batch, 1, queries, keys]`` (bool: True = attend; float: 0 =
+    attend); ``None`` when there is no mask (no padding)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, -1, :]
+    visible = mask if mask.dtype == torch.bool else (
+        mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0)
+    return visible.int().argmax(dim=-1)
 
 
 # ------------------------------------------------------------------------------------- attention hook
@@ -129,11 +153,15 @@ def lowbit_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         if spec.q_bits is not None:
             query = through(query, fake_quantize(query, spec.q_bits, spec.method))
         if not getattr(key, _QUANTIZED, False):
+            # the BOS slot is the first real token of each row, after any left padding
+            first = first_real_positions(attention_mask) if spec.bos_bits is not None else None
+            if first is not None and first.numel() != key.shape[0]:
+                first = None
             if spec.k_bits is not None:
                 channel = spec.key_granularity == "channel"
-                key = through(key, fake_quantize_kv(key, spec.k_bits, spec, channel=channel))
+                key = through(key, fake_quantize_kv(key, spec.k_bits, spec, channel=channel, first=first))
             if spec.v_bits is not None:
-                value = through(value, fake_quantize_kv(value, spec.v_bits, spec))
+                value = through(value, fake_quantize_kv(value, spec.v_bits, spec, first=first))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -147,13 +175,25 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def install(model: torch.nn.Module, spec: AttentionSpec | None) -> None:
-    """Quantize attention in ``model`` as ``spec`` says (``None`` or nothing enabled: plain SDPA)."""
+    """Quantize attention in ``model`` as ``spec`` says (``None`` or nothing enabled: plain SDPA), and let a
+    :class:`PackedKVCache` passed to the model's forward learn each row's first real position from the padding
+    mask."""
     modules = attention_modules(model)
     if spec is not None and spec.enabled and not modules:
         raise ValueError("the model has no attention modules with q_proj/k_proj/v_proj and a layer_idx")
     for module in modules:
         module.lowbit_attention = spec if spec is not None and spec.enabled else None
     model.set_attn_implementation(ATTN_IMPLEMENTATION if spec is not None and spec.enabled else "sdpa")
+    if not getattr(model, "_bitnet_convert_padding_hook", False):
+        model.register_forward_pre_hook(_tell_cache_the_padding, with_kwargs=True)
+        model._bitnet_convert_padding_hook = True
+
+
+def _tell_cache_the_padding(_module, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, PackedKVCache) and cache.get_seq_length() == 0:
+        mask = kwargs.get("attention_mask")
+        cache.set_first_positions(first_real_positions(mask) if mask is not None and mask.dim() == 2 else None)
 
 
 def spec_of(model: torch.nn.Module) -> AttentionSpec | None:
@@ -208,6 +248,10 @@ class PackedKVLayer(DynamicLayer):
         super().__init__()
         self.k_bits, self.v_bits, self.bos_bits, self.method = k_bits, v_bits, bos_bits, method
         self.length = 0
+        #: first real position per row (left padding), set before the prefill; ``None``: position 0
+        self.first: torch.Tensor | None = None
+        #: where the BOS slot of each row sits when it is not position 0 (stored beside the main codes)
+        self.bos_index: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -222,16 +266,30 @@ class PackedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start = 0
         if self.bos_bits is not None and self.length == 0:
-            self.parts[0][0].append(key_states[..., :1, :])
-            self.parts[0][1].append(value_states[..., :1, :])
-            start = 1
+            first = self.first if self.first is not None and self.first.numel() == key_states.shape[0] else None
+            if first is not None and first.any():  # left padding: the BOS slot is each row's first real token
+                self.bos_index = first.to(key_states.device)
+                index = _position_index(self.bos_index, key_states)
+                self.parts[0][0].append(key_states.gather(-2, index))
+                self.parts[0][1].append(value_states.gather(-2, index))
+            else:
+                self.bos_index = None
+                self.parts[0][0].append(key_states[..., :1, :])
+                self.parts[0][1].append(value_states[..., :1, :])
+                start = 1
         if key_states.shape[-2] > start:
             self.parts[-1][0].append(key_states[..., start:, :])
             self.parts[-1][1].append(value_states[..., start:, :])
         self.length += key_states.shape[-2]
-        stored = [(k, v) for k, v in self.parts if k.codes is not None]
-        keys = torch.cat([k.read(self.dtype) for k, _ in stored], dim=-2)
-        values = torch.cat([v.read(self.dtype) for _, v in stored], dim=-2)
+        if self.bos_index is not None:  # every position in the main codes, the BOS slots written over them
+            (bos_k, bos_v), (main_k, main_v) = self.parts
+            index = _position_index(self.bos_index, key_states)
+            keys = main_k.read(self.dtype).scatter(-2, index, bos_k.read(self.dtype))
+            values = main_v.read(self.dtype).scatter(-2, index, bos_v.read(self.dtype))
+        else:
+            stored = [(k, v) for k, v in self.parts if k.codes is not None]
+            keys = torch.cat([k.read(self.dtype) for k, _ in stored], dim=-2)
+            values = torch.cat([v.read(self.dtype) for _, v in stored], dim=-2)
         setattr(keys, _QUANTIZED, True)
         setattr(values, _QUANTIZED, True)
         return keys, values
@@ -242,12 +300,15 @@ class PackedKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.length = 0
         self.is_initialized = False
+        self.first = self.bos_index = None
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.is_initialized:
             for rows in self.parts:
                 for part in rows:
                     part.map_batch(fn)
+            if self.bos_index is not None:
+                self.bos_index = fn(self.bos_index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the batch (codes, scales and zeros move together)."""
@@ -276,7 +337,7 @@ def cache_nbytes(cache: Cache) -> int:
 
 class PackedKVCache(Cache):
     """A transformers ``Cache`` of :class:`PackedKVLayer` s, one per decoder layer; pass it to
-    ``model.generate(..., past_key_values=cache)``. :meth:`for_model` takes the bits from the model's spec."""
+    ``model.generate(..., cache=cache)``. :meth:`for_model` takes the bits from the model's spec."""
 
     def __init__(self, num_layers: int, k_bits: int = 3, v_bits: int = 3, bos_bits: int | None = 4,
                  method: str = "minmax") -> None:
@@ -295,6 +356,12 @@ class PackedKVCache(Cache):
         if spec.key_granularity != "token":
             raise ValueError("the packed KV cache stores keys per token; key_granularity 'channel' is for evaluation")
         return cls(len(attention_modules(model)), spec.k_bits, spec.v_bits, spec.bos_bits, spec.method)
+
+    def set_first_positions(self, first: torch.Tensor | None) -> None:
+        """Before the prefill: each row's first real (not padding) position, long ``[batch]`` (``None``: 0), the
+        slot that keeps ``bos_bits``. The model's forward calls this from its padding mask (:func:`install`)."""
+        for layer in self.layers:
+            layer.first = first
 
     @property
     def nbytes(self) -> int:

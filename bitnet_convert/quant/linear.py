@@ -3,7 +3,8 @@
 ``y = (Q_act(x) · Tᵀ) · α`` with ``T`` ∈ {−1, 0, 1} stored 2-bit packed (transformers' layout) and ``α`` the
 absmean scale — the arithmetic of transformers' offline ``AutoBitLinear``, so a ``b158`` module and stock
 transformers give the same numbers. State-dict names match that layout: ``weight`` (uint8) and
-``weight_scale`` (fp32, multiplies).
+``weight_scale`` (fp32, multiplies). A checkpoint with ``quantization_config.use_rms_norm`` puts an RMSNorm on
+the input before the quantizer (``rms_norm.weight``), as transformers' BitNet linears do.
 
 A new module is in eval mode. In training mode (``module.train()``, used by the distillation fine-tune) the
 forward is quantization-aware: straight-through estimators through the input quantizer (top-K included) and,
@@ -41,6 +42,8 @@ class QuantLinear(nn.Module):
         self.latent: torch.Tensor | None = None
         #: λ of the straight-through blend ``x + λ·(q(x) − x)`` in training mode
         self.ste_lambda = 1.0
+        #: optional RMSNorm on the input (``use_rms_norm``), applied before the quantizer
+        self.rms_norm: nn.Module | None = None
         self.train(False)  # an inference module until a fine-tune asks for the training forward
 
     @classmethod
@@ -54,6 +57,19 @@ class QuantLinear(nn.Module):
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
+
+    def set_input_norm(self, weight: torch.Tensor, eps: float) -> None:
+        """Put an RMSNorm (``weight [in_features]``, ``eps``) on the input, before the quantizer: transformers'
+        ``BitNetQuantConfig.use_rms_norm`` (``LlamaRMSNorm`` in ``BitLinear``/``AutoBitLinear``)."""
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        norm = LlamaRMSNorm(self.in_features, eps=eps)
+        norm.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.rms_norm = norm.train(self.training)
+
+    def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the input quantizer sees of the module input ``x``: ``x`` after the optional input RMSNorm."""
+        return x if self.rms_norm is None else self.rms_norm(x)
 
     def ternary(self) -> torch.Tensor:
         """The unpacked ternary codes as int8 ``[out, in]``."""
@@ -72,6 +88,7 @@ class QuantLinear(nn.Module):
         self.weight_scale = alpha.detach().to(torch.float32).reshape(1).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantizer_input(x)
         if self.training:
             return self._forward_train(x)
         y = tF.linear(self._quantize_input(x), self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)

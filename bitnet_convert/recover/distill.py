@@ -59,9 +59,10 @@ class DistillSpec(BaseModel):
     hidden_mse: float = Field(0.0, ge=0.0, description="weight of the hidden-state loss (0: logits only)")
     ste_warmup_steps: int = Field(0, ge=0, description="λ of the quantizers rises 0 → 1 over these steps")
     trainable: list[Group] = Field(default_factory=lambda: ["norms", "linears"], min_length=1)
-    data: str = Field("builtin:reference", description="training text: like calibration.data")
-    split: str = "calib"
+    data: str | None = Field(None, description="training text, like calibration.data; null: the calibration data")
+    split: str | None = Field(None, description="split of data; null: calibration.split")
     text_field: str = "text"
+    txt_documents: Literal["paragraphs", "lines"] | None = Field(None, description="null: calibration's")
     teacher: str | None = Field(None, description="b1.58 teacher checkpoint; default: the input model as b1.58")
     save_every: int = Field(50, ge=1, description="write the resumable training state every N steps")
     checkpoint_dir: Path | None = Field(None, description="where the training state goes (default <output>.distill)")
