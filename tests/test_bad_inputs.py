@@ -112,6 +112,10 @@ CASES: dict[str, Case] = {
         [M, str(edit_tensors(tiny(t), lambda d: d.update({"lm_head.weight": torch.ones(1024, 32,
                                                                                        dtype=torch.bfloat16)})))],
         ["tie_word_embeddings", "lm_head.weight"]),
+    "config value of the wrong type": lambda t: (
+        [M, str(edit_config(tiny(t), hidden_size="32"))], ["config.json", "hidden_size", "expected int"]),
+    "unknown activation": lambda t: (
+        [M, str(edit_config(tiny(t), hidden_act="swish2"))], ["config.json", "unknown value 'swish2'"]),
     # kind 2: what was a traceback
     "index maps a tensor to the wrong shard": lambda t: (
         [M, str(sharded_with_wrong_index(t))], ["model.safetensors.index.json", "model-00002-of-00002", "maps tensor"]),
@@ -194,7 +198,8 @@ def test_output_containing_the_calibration_data_is_refused(tmp_path):
 EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "max-length below the longest answer": lambda t: (
         ["--max-length", "3", "--limit", "2"], ["--max-length 3", "reference_agreement", "≥ 10"]),
-    "unknown task": lambda t: (["--tasks", "reference_ppl,no_such_task"], ["unknown task 'no_such_task'"]),
+    "unknown task": lambda t: (["--tasks", "reference_ppl,no_such_task", "-r", str(REPO / "recipes/a48.yaml")],
+                               ["unknown task 'no_such_task'"]),
     "report below an existing file": lambda t: (
         ["-o", str(Path(write(t / "afile", b"x")) / "eval.json")], ["afile", "is a file"]),
     "report path is a directory": lambda t: (["-o", str(t)], [str(t), "is a directory"]),
