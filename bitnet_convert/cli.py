@@ -359,9 +359,10 @@ def eval_(
     with _user_errors(), collect() as notes:
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
+        models = [resolve_model_path(m) for m in (path, baseline_model) if m is not None]
         if output is not None:
-            _check_report_path(output)
-        stored = resolve_model_path(path) / "recipe.yaml"
+            _check_report_path(output, models)
+        stored = models[0] / "recipe.yaml"
         spec = load_recipe(recipe if recipe is not None else stored if stored.is_file() else None).eval
         names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.tasks
         if names:
@@ -529,13 +530,19 @@ def _print_report(report: dict) -> None:
                   f"active parameters {stats['active_parameter_share']:.1%}")
 
 
-def _check_report_path(output: Path) -> None:
-    """Fail before any work when the report (and its Markdown sibling) cannot be written at ``output``."""
+def _check_report_path(output: Path, models: list[Path]) -> None:
+    """Fail before any work when the report (and its Markdown sibling) cannot be written at ``output``, or would
+    replace a file of an evaluated model."""
     from bitnet_convert.errors import OutputError
+    from bitnet_convert.export import is_checkpoint_file
 
     for target in (output, output.with_suffix(".md")):
         if target.is_dir():
             raise OutputError(f"--output '{target}' is a directory; expected a report file name such as eval.json")
+        for model in models:
+            if target.exists() and target.resolve().parent == model.resolve() and is_checkpoint_file(target):
+                raise OutputError(f"--output '{target}' would replace a file of the model '{model}'; choose "
+                                  "another report name")
     for parent in output.absolute().parents:
         if parent.exists():
             if not parent.is_dir():

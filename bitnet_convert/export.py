@@ -82,12 +82,26 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = (
         raise OutputError(f"output directory '{output}' already exists; pass --overwrite to replace it")
 
 
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is one of the files a checkpoint or a conversion consists of (never to be overwritten by
+    a report)."""
+    name = path.name
+    return (name in (*COPIED_FILES, "config.json", "recipe.yaml", "conversion_report.json", INDEX_FILE)
+            or name.endswith(".safetensors"))
+
+
 def _lock_file(output: Path) -> Path:
     """Where the lock of ``output`` lives: the user cache, keyed by the output's absolute path, so nothing is left
     beside the output."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-convert" / "locks"
-    cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:24]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-convert" / "locks"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable cache directory: the system's temporary directory is shared by every user
+        import tempfile
+
+        cache = Path(tempfile.gettempdir()) / "bitnet-convert-locks"
+        cache.mkdir(exist_ok=True)
     return cache / f"{key}.lock"
 
 
