@@ -81,10 +81,13 @@ class Checkpoint:
         return self._handles[file]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk."""
+        """Read one tensor from disk; :class:`CheckpointError` for a float tensor holding NaN or Inf."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        tensor = self._handle(self.weight_map[name]).get_tensor(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{self.path}: tensor '{name}' holds NaN or Inf values (a broken checkpoint)")
+        return tensor
 
     def dtype_of(self, name: str) -> str:
         """Stored dtype of a tensor as safetensors names it (``BF16``, ``U8``…), without reading its data."""
@@ -196,9 +199,13 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no q/k/v/o/gate/up/down projection weights found; not a BitNet checkpoint")
     for file in checkpoint.files:
         handle = checkpoint._handle(file)  # validates every header up front
-        for name in [n for n, f in weight_map.items() if f == file and n not in handle.entries]:
+        for name in sorted(n for n, f in weight_map.items() if f == file and n not in handle.entries):
             raise CheckpointError(f"{path / INDEX_FILE}: maps tensor '{name}' to shard '{file.name}', which does "
                                   "not hold it")
+    for file in checkpoint.files:
+        for name in sorted(set(checkpoint._handle(file).entries) - set(weight_map)):
+            raise CheckpointError(f"{path / INDEX_FILE}: shard '{file.name}' holds tensor '{name}', which the index "
+                                  "does not list (it would be dropped)")
     audit(checkpoint)
     return checkpoint
 
@@ -264,6 +271,25 @@ def audit(checkpoint: Checkpoint) -> None:
     qwt_layers = set(((checkpoint.a48_spec or {}).get("qwt") or {}).get("layers", []))
     size = (f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}, "
             f"num_hidden_layers={arch.num_hidden_layers}")
+    head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads
+    fields = {  # the config values that set each tensor's shape, for the error message
+        "q_proj": f"hidden_size={arch.hidden_size}, num_attention_heads={arch.num_attention_heads}, "
+                  f"head_dim={head_dim}",
+        "k_proj": f"hidden_size={arch.hidden_size}, num_key_value_heads={arch.num_key_value_heads}, "
+                  f"head_dim={head_dim}",
+        "mlp": f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}",
+        "embed": f"vocab_size={arch.vocab_size}, hidden_size={arch.hidden_size}",
+    }
+    fields.update(o_proj=fields["q_proj"], v_proj=fields["k_proj"], lm_head=fields["embed"],
+                  embed_tokens=fields["embed"], ffn_sub_norm=fields["mlp"])
+
+    def shape_fields(name: str) -> str:
+        for part in reversed(name.split(".")):
+            if part in fields:
+                return fields[part]
+            if part in ("gate_proj", "up_proj", "down_proj"):
+                return fields["mlp"]
+        return f"hidden_size={arch.hidden_size}"
     for name in checkpoint.names():
         where = f"{path}: tensor '{name}'"
         shape, dtype = checkpoint.shape_of(name), checkpoint.dtype_of(name)
@@ -298,6 +324,8 @@ def audit(checkpoint: Checkpoint) -> None:
                                   "(expected weight, weight_scale or rms_norm.weight)")
         elif name in expected:
             want = expected[name]
+            if not dtype.startswith(("F", "BF")):
+                raise CheckpointError(f"{where} is {dtype}; expected a float tensor (F32, BF16 or F16)")
         elif ".qwt." in name and any(name.startswith(f"model.layers.{i}.qwt.") for i in qwt_layers):
             continue  # a compensation of an export; its shapes are checked when it is loaded
         else:
@@ -305,7 +333,8 @@ def audit(checkpoint: Checkpoint) -> None:
                                   "bitnet-convert would not use)")
         if shape != want:
             implied = "packed [out_features/4, in_features] " if part == "weight" and packed else ""
-            raise CheckpointError(f"{where} has shape {shape}; config.json ({size}) implies {implied}{want}")
+            raise CheckpointError(f"{where} has shape {shape}; config.json ({shape_fields(name)}) implies "
+                                  f"{implied}{want}")
     present = set(checkpoint.names())
     tied = arch.tie_word_embeddings
     for name in expected:
@@ -481,7 +510,7 @@ class SafetensorsFile:
 def _reason(exc: BaseException) -> str:
     """One line for an exception raised on a bad config value (a KeyError is an unknown name)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if isinstance(exc, KeyError) and len(lines) == 1:
+    if isinstance(exc, KeyError) and len(lines) == 1 and re.fullmatch(r"'[\w.-]+'", lines[0]):
         return f"unknown value {lines[0]}"
     return " ".join(lines[:2]) or type(exc).__name__
 

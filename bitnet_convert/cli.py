@@ -49,6 +49,8 @@ def _setup() -> None:
     if _WARNINGS not in logger.handlers:
         logger.addHandler(_WARNINGS)
     logger.propagate = False
+    # bound to this command's stderr: lm-eval's own bars are redirected during evaluation, our lines are not
+    console.file = sys.stderr
     out.width = None if out.is_terminal else 10_000  # piped or logged: no table cut to 80 columns
 
 
@@ -413,8 +415,9 @@ def eval_(
         report["warnings"] = list(notes)
     _print_report(report)
     if output is not None:
-        _write_atomic(output, json.dumps(report, indent=2) + "\n")
-        _write_atomic(output.with_suffix(".md"), markdown(report))
+        with _user_errors():
+            _write_atomic(output, json.dumps(report, indent=2) + "\n")
+            _write_atomic(output.with_suffix(".md"), markdown(report))
     failures = report.get("gate", {}).get("failures")
     if failures:
         console.print(f"[bold red]gate failed:[/] {_escape('; '.join(failures))}", highlight=False, soft_wrap=True)
@@ -547,15 +550,31 @@ def _check_report_path(output: Path, models: list[Path]) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"--output '{output}' cannot be created: '{parent}' is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"--output '{output}' cannot be created: no write permission in '{parent}'")
             break
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, so a failure leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write ``text`` to ``path`` through a temporary file beside it (a unique name, removed on failure), so a
+    failure leaves no partial file."""
+    import tempfile
+
+    from bitnet_convert.errors import OutputError
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False) as handle:
+            tmp = Path(handle.name)
+            handle.write(text)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"report '{path}' could not be written ({exc.strerror or exc})") from None
 
 
 def main() -> None:

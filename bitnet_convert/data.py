@@ -56,16 +56,16 @@ def read_text(file: Path) -> str:
     except OSError as exc:
         raise DataError(f"{file}: cannot be read ({exc.strerror or exc})") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if "\x00" in text:
         raise DataError(f"{file}: not UTF-8 text (a NUL byte at byte {data.index(0)}; a binary file?)")
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends
 
 
 def _txt(file: Path, documents: TxtDocuments) -> list[str]:
-    text = read_text(file).replace("\r\n", "\n")
+    text = read_text(file)
     if documents == "lines":
         docs = [line.strip() for line in text.splitlines() if line.strip()]
     else:

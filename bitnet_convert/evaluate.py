@@ -341,13 +341,16 @@ def _dataset_errors() -> Iterator[None]:
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval's own console output during an evaluation the CLI already shows progress for: its tqdm bars (which
-    write to ``sys.stderr``) go to a buffer, and its version probe (``git describe`` in the working directory, which
-    prints ``fatal: not a git repository`` outside a checkout) is skipped — the report records versions itself."""
+    write to ``sys.stderr``; the CLI's console and log handlers hold the real stream and still print) go to a
+    buffer, and its version probe (``git describe`` in the working directory, which prints ``fatal: not a git
+    repository`` outside a checkout) is skipped — the report records versions itself. ``create=True``: should
+    lm-eval rename the probe, the patch does nothing rather than fail."""
     import io
     from contextlib import redirect_stderr
     from unittest import mock
 
-    with redirect_stderr(io.StringIO()), mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None):
+    probe = mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None, create=True)
+    with redirect_stderr(io.StringIO()), probe:
         yield
 
 

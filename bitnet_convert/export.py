@@ -12,9 +12,11 @@ file, so the next run on the same output removes what a killed run left (and onl
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -64,7 +66,7 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = (
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"output '{output}' cannot be created: '{parent}' is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK) and not output.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputError(f"output '{output}' cannot be created: no write permission in '{parent}'")
             break
     target = output.resolve()
@@ -108,15 +110,18 @@ def _lock_file(output: Path) -> Path:
 @contextmanager
 def output_lock(output: Path) -> Iterator[None]:
     """Hold the lock of ``output`` (re-entrant in one process); another process holding it is an
-    :class:`OutputError` at once. A well-kept library (``filelock``) does the locking."""
+    :class:`OutputError` at once. A well-kept library (``filelock``) does the locking. The first holder recovers
+    what a killed run on the same output left behind (:func:`remove_stale_temporaries`)."""
     from filelock import FileLock, Timeout
 
-    lock = FileLock(_lock_file(output), is_singleton=True)
     try:
+        lock = FileLock(_lock_file(output), is_singleton=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise OutputError(f"output '{output}' is being written by another bitnet-convert process; wait for it to "
                           "finish or choose another output") from None
+    except OSError as exc:
+        raise OutputError(f"output '{output}': cannot take its lock ({exc.strerror or exc}: {exc.filename})") from None
     try:
         if lock.lock_counter == 1:
             remove_stale_temporaries(output)
@@ -125,19 +130,35 @@ def output_lock(output: Path) -> Iterator[None]:
         lock.release()
 
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}")
+
+
 def remove_stale_temporaries(output: Path) -> list[Path]:
-    """Delete the temporaries a killed run on ``output`` left beside it: directories named ``.NAME.tmp-*`` or
-    ``.NAME.old-*`` that hold :data:`MARKER` (call with the output's lock held). Returns what was removed."""
-    removed = []
+    """Recover from a killed run on ``output`` (call with the output's lock held); returns what was removed.
+
+    Only directories of ours are touched: named ``.NAME.tmp-XXXXXXXX`` or ``.NAME.old-XXXXXXXX`` and holding
+    :data:`MARKER`. An output that still holds the marker is complete (the marker goes after the final rename):
+    it is unmarked. No output but a marked ``.old-*``: the run was killed between its two renames, and the
+    previous output is restored. Every other marked temporary is deleted."""
     parent = output.parent
     if not parent.is_dir():
-        return removed
-    for kind in ("tmp", "old"):
-        for path in parent.glob(f".{output.name}.{kind}-*"):
-            if path.is_dir() and not path.is_symlink() and (path / MARKER).is_file():
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
+        return []
+    ours = []
+    for path in parent.glob(f".{glob.escape(output.name)}.*"):
+        found = _TEMPORARY.fullmatch(path.name)
+        if found and found["name"] == output.name and path.is_dir() and not path.is_symlink() and (
+                path / MARKER).is_file():
+            ours.append(path)
+    if output.is_dir() and (output / MARKER).is_file():
+        (output / MARKER).unlink()
+    olds = sorted((p for p in ours if ".old-" in p.name), key=lambda p: p.stat().st_mtime)
+    if not output.exists() and olds:
+        olds[-1].rename(output)
+        (output / MARKER).unlink()
+        ours.remove(olds[-1])
+    for path in ours:
+        shutil.rmtree(path)
+    return ours
 
 
 def _marked(directory: Path) -> None:
@@ -147,16 +168,21 @@ def _marked(directory: Path) -> None:
 @contextmanager
 def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str] = ()) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``output`` only when the block succeeds (under the output's
-    lock; ``overwrite`` is checked again at the final rename)."""
+    lock; ``overwrite`` is checked again at the final rename). An ``OSError`` while writing is an
+    :class:`OutputError` naming the output; a kill at any point leaves what :func:`remove_stale_temporaries`
+    recovers."""
     check_output(output, overwrite, inputs)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(output):
         tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        _marked(tmp)
         try:
-            yield tmp
-            (tmp / MARKER).unlink()
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()
+                _marked(tmp)
+                yield tmp
+            except OSError as exc:
+                raise OutputError(f"output '{output}' could not be written ({exc.strerror or exc}"
+                                  f"{f': {exc.filename}' if exc.filename else ''})") from None
             check_output(output, overwrite)
             old = None
             try:
@@ -165,6 +191,7 @@ def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str]
                     old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
                     output.rename(old)
                 tmp.rename(output)
+                (output / MARKER).unlink()
             except OSError as exc:
                 if old is not None and not output.exists():
                     old.rename(output)

@@ -56,6 +56,7 @@ def build_model(
         model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name), dtype))
         if on_linear is not None:
             on_linear(name)
+    _warn_zero_linears(checkpoint, quant_linears(model))
     qwt = (checkpoint.a48_spec or {}).get("qwt") or {}
     for index in qwt.get("layers", []):
         attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
@@ -98,6 +99,7 @@ def build_layer(
     for name in names:
         spec = (overrides or {}).get(name)
         layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec, dtype))
+    _warn_zero_linears(checkpoint, {name: layer.get_submodule(name.removeprefix(prefix)) for name in names})
     linear = set(names)
     state = {
         n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
@@ -134,13 +136,22 @@ def load_linear(
             f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
         )
     codes, alpha = checkpoint.ternary(name, scratch)
-    if not codes.any() or not alpha.item():
-        warn(f"{checkpoint.path}: linear '{name}' has all-zero weights (its output is always 0; a broken upload?)")
     module = QuantLinear.from_ternary(codes, alpha, spec or roles[role_of(name)])
     norm = checkpoint.input_norm(name)
     if norm is not None:
         module.set_input_norm(norm.to(dtype), checkpoint.input_norm_eps)
     return module
+
+
+def _warn_zero_linears(checkpoint: Checkpoint, linears: dict[str, QuantLinear]) -> None:
+    """One warning line naming the linears whose weights are all zero (a known way public re-uploads break)."""
+    all_zero_byte = 0b01010101  # four ternary zeros, each stored as value + 1
+    zero = [name for name, module in linears.items()
+            if not module.weight_scale.item() or bool((module.weight == all_zero_byte).all())]
+    if zero:
+        shown = ", ".join(f"'{n}'" for n in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        warn(f"{checkpoint.path}: {len(zero)} linear(s) with all-zero weights (their output is always 0; a broken "
+             f"upload?): {shown}")
 
 
 def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:

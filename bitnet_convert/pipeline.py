@@ -63,8 +63,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     The output is checked (creatable, not overlapping an input, ``overwrite``) and locked before any work;
     warnings about silent degradations are shown as they happen and listed in the report (``warnings``)."""
     check_output(recipe.output, recipe.overwrite, input_paths(recipe))
-    recipe.output.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(recipe.output), collect() as warnings:
+        check_output(recipe.output, recipe.overwrite)  # again: taking the lock may have restored a killed run's
         return _run(recipe, progress, warnings)
 
 
@@ -168,12 +168,20 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
 
 def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Calibrate ``recipe``'s model layer by layer (peak memory: one layer + the calibration activations) and
-    write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically)."""
+    write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically). The report records
+    the data used (``data``) and the run's warnings (``warnings``)."""
     check_output(output, overwrite, input_paths(recipe))
+    with output_lock(output), collect() as warnings:
+        check_output(output, overwrite)
+        return _calibrate(recipe, output, overwrite, progress, warnings)
+
+
+def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress, warnings: list[str]) -> Path:
+    data_used: dict[str, dict] = {}
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
         check_output(output, overwrite, [checkpoint.path])
-        ids = _calibration_windows(recipe, checkpoint, {})
+        ids = _calibration_windows(recipe, checkpoint, data_used)
     if ids is None:
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")
     spec = recipe.calibration
@@ -184,7 +192,8 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
                                         attention=recipe.scheme.attention, on_layer=advance,
                                         overrides=recipe.scheme.linears)
     with progress.stage("Write report"), atomic_directory(output, overwrite, input_paths(recipe)) as tmp:
-        write_report(result, tmp, _calibration_meta(recipe, "layer by layer"))
+        write_report(result, tmp, {**_calibration_meta(recipe, "layer by layer"), "data": data_used,
+                                   "warnings": list(warnings)})
     return output
 
 
@@ -200,6 +209,7 @@ def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoin
     stream = _tokens(checkpoint, tokenizer, data, split, text_field, txt_documents)
     if data_used is not None:
         data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
+    _warn_no_bos(tokenizer, checkpoint)
     state_dir = _distill_state_dir(recipe)
     with progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
@@ -257,12 +267,17 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
     if ids.shape[0] < spec.samples:
         warn(f"{source} holds only {ids.shape[0]} windows of {spec.seq_len} tokens ({ids.numel():,} tokens); "
              f"calibration.samples asks for {spec.samples}: calibrating on {ids.shape[0]}")
-    if tokenizer.bos_token_id is None:
-        warn(f"the tokenizer of {checkpoint.path} has no BOS token: calibration windows start mid-text")
+    _warn_no_bos(tokenizer, checkpoint)
     if data_used is not None:
         data_used["calibration"] = {"data": spec.data, "split": spec.split, "windows": int(ids.shape[0]),
                                     "tokens": int(ids.numel())}
     return ids
+
+
+def _warn_no_bos(tokenizer, checkpoint: Checkpoint) -> None:
+    if tokenizer.bos_token_id is None:
+        warn(f"the tokenizer of {checkpoint.path} has no BOS token: calibration and training windows start "
+             "mid-text, unlike windows that start with BOS")
 
 
 def _warn_builtin_data(checkpoint: Checkpoint, data: str, setting: str) -> None:

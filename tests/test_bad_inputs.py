@@ -65,6 +65,16 @@ def sharded_with_wrong_index(tmp: Path) -> Path:
     return directory
 
 
+def sharded_with_unlisted_tensor(tmp: Path) -> Path:
+    directory = sharded_with_wrong_index(tmp)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = "model-00001-of-00002.safetensors"  # right shard now
+    del index["weight_map"]["model.norm.weight"]
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
 def packed_with_float_weights(tmp: Path) -> Path:
     directory = tiny(tmp)
     return quantization_config(directory, quantization_mode="offline")
@@ -119,6 +129,16 @@ CASES: dict[str, Case] = {
     # kind 2: what was a traceback
     "index maps a tensor to the wrong shard": lambda t: (
         [M, str(sharded_with_wrong_index(t))], ["model.safetensors.index.json", "model-00002-of-00002", "maps tensor"]),
+    "shard holds a tensor the index does not list": lambda t: (
+        [M, str(sharded_with_unlisted_tensor(t))], ["holds tensor 'model.norm.weight'", "does not list"]),
+    "NaN in a norm": lambda t: (
+        [M, str(edit_tensors(tiny(t), lambda d: d["model.norm.weight"].__setitem__(3, float("nan"))))],
+        ["model.norm.weight", "NaN or Inf"]),
+    "integer norm": lambda t: (
+        [M, str(edit_tensors(tiny(t), lambda d: d.update({"model.norm.weight": torch.ones(32, dtype=torch.int64)})))],
+        ["model.norm.weight", "I64", "float"]),
+    "num_key_value_heads disagrees with the tensors": lambda t: (
+        [M, str(edit_config(tiny(t), num_key_value_heads=4))], ["k_proj.weight", "num_key_value_heads=4"]),
     "q_proj stored with the wrong shape": lambda t: (
         [M, str(edit_tensors(tiny(t), lambda d: d.update({"model.layers.0.self_attn.q_proj.weight":
                                                           torch.zeros(36, 32, dtype=torch.bfloat16)})))],

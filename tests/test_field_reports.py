@@ -108,6 +108,27 @@ def test_stale_temporaries_of_the_output_are_removed_and_only_ours(tmp_path):
     assert not (output / MARKER).exists()
 
 
+def test_a_run_killed_between_its_renames_is_recovered(tmp_path):
+    from bitnet_convert.export import remove_stale_temporaries
+
+    output = tmp_path / "a48"
+    previous = tmp_path / ".a48.old-0123abcd"  # killed after moving the previous output aside
+    previous.mkdir()
+    (previous / "config.json").write_text("previous")
+    (previous / MARKER).write_text("x")
+    new = tmp_path / ".a48.tmp-4567cdef"
+    new.mkdir()
+    (new / MARKER).write_text("x")
+    assert sorted(p.name for p in remove_stale_temporaries(output)) == [".a48.tmp-4567cdef"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a48"] and (output / "config.json").read_text() == "previous"
+    # killed after the new output was put in place, before it was unmarked: it is complete and kept
+    (output / MARKER).write_text("x")
+    previous.mkdir()
+    (previous / MARKER).write_text("x")
+    assert [p.name for p in remove_stale_temporaries(output)] == [".a48.old-0123abcd"]
+    assert [p.name for p in output.iterdir()] == ["config.json"]
+
+
 def _hold_lock(path: str, ready, release) -> None:
     from filelock import FileLock
 
@@ -162,7 +183,8 @@ def test_too_little_calibration_text_and_zero_linears_are_reported(tmp_path):
     assert used["data"] == str(data) and 0 < used["windows"] < 16 and used["tokens"] == used["windows"] * 64
     lines = [line for line in result.output.splitlines() if line.startswith("warning: ")]
     assert any(f"holds only {used['windows']} windows" in line and "samples asks for 16" in line for line in lines)
-    assert any("'model.layers.1.mlp.gate_proj' has all-zero weights" in line for line in lines)
+    assert any("1 linear(s) with all-zero weights" in line and "'model.layers.1.mlp.gate_proj'" in line
+               for line in lines)
     assert len(report["warnings"]) == 2 and "all-zero" in report["warnings"][0] + report["warnings"][1]
 
 
@@ -302,6 +324,11 @@ def test_txt_is_text_as_written(tmp_path):
     assert load_texts(str(file)) == ["The sea is calm,\n  the moon is high.", "A second poem\nends here.", "Last."]
     assert load_texts(str(file), txt_documents="lines") == [
         "The sea is calm,", "the moon is high.", "A second poem", "ends here.", "Last."]
+    file.write_bytes(b"\xef\xbb\xbfOne\rtwo\r\rThree")  # a byte-order mark and old Mac line ends
+    assert load_texts(str(file)) == ["One\ntwo", "Three"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "x"}\n')
+    assert load_texts(str(jsonl)) == ["x"]
 
 
 def test_own_model_uses_the_given_data_in_every_stage(tmp_path):
