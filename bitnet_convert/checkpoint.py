@@ -142,17 +142,28 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self.files)
 
 
-def uses_reference_tokenizer(path: Path) -> bool:
-    """Whether the checkpoint in ``path`` has the built-in reference model's tokenizer (byte for byte): the
-    reference model, its conversions, and models of its family — those the built-in corpus and tasks fit.
-    Decided by content, not by where the directory lies."""
+def tokenizer_fingerprint(path: Path) -> str | None:
+    """A hash of what a checkpoint's ``tokenizer.json`` tokenizes with (model: vocabulary and merges, added tokens,
+    normalizer, pre-tokenizer), independent of how the file is formatted; ``None`` without a readable one."""
     import hashlib
 
-    ours = path / "tokenizer.json"
-    reference = BUILTIN_MODELS["builtin:reference"] / "tokenizer.json"
-    if not ours.is_file() or not reference.is_file() or ours.stat().st_size != reference.stat().st_size:
-        return False
-    return hashlib.sha256(ours.read_bytes()).digest() == hashlib.sha256(reference.read_bytes()).digest()
+    file = path / "tokenizer.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    parts = {k: data.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def uses_reference_tokenizer(path: Path) -> bool:
+    """Whether the checkpoint in ``path`` tokenizes as the built-in reference model does: the reference model, its
+    conversions, and models of its family — those the built-in corpus, tasks and baselines fit. Decided by the
+    tokenizer's content (:func:`tokenizer_fingerprint`), not by where the directory lies."""
+    ours = tokenizer_fingerprint(path)
+    return ours is not None and ours == tokenizer_fingerprint(BUILTIN_MODELS["builtin:reference"])
 
 
 def resolve_model_path(model: str) -> Path:

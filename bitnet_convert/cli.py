@@ -43,15 +43,25 @@ _WARNINGS = _WarningLines(logging.WARNING)
 
 
 @app.callback()
-def _setup() -> None:
-    """Console setup before every command: warnings as one line each; whole lines when stdout is not a terminal."""
+def _setup(ctx: typer.Context) -> None:
+    """Console setup for the command: warnings as one line each; whole lines when stdout is not a terminal.
+    Undone when the command ends, so the Python API used in the same process is unaffected."""
     logger = logging.getLogger("bitnet_convert")
     if _WARNINGS not in logger.handlers:
         logger.addHandler(_WARNINGS)
+    propagate = logger.propagate
     logger.propagate = False
     # bound to this command's stderr: lm-eval's own bars are redirected during evaluation, our lines are not
     console.file = sys.stderr
     out.width = None if out.is_terminal else 10_000  # piped or logged: no table cut to 80 columns
+
+    def undo() -> None:
+        logger.removeHandler(_WARNINGS)
+        logger.propagate = propagate
+        console.file = None
+        out.width = None
+
+    ctx.call_on_close(undo)
 
 
 def _escape(text: str) -> str:
@@ -270,7 +280,7 @@ def perplexity(
     ] = "paragraphs",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
-    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.checkpoint import open_checkpoint, uses_reference_tokenizer
     from bitnet_convert.data import load_texts, token_stream, windows
     from bitnet_convert.evaluate import perplexity as measure
     from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
@@ -285,6 +295,9 @@ def perplexity(
         name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
         if txt_documents not in ("paragraphs", "lines"):
             _fail(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
+        if data.startswith("builtin:") and not uses_reference_tokenizer(checkpoint.path):
+            warn(f"--data is the built-in reference corpus ('{data}'), not text of the model '{checkpoint.path}'; "
+                 "give --data FILE with its own held-out text")
         tokenizer = load_tokenizer(checkpoint.path)
         texts = load_texts(data, split, txt_documents=txt_documents)
         batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
@@ -351,7 +364,7 @@ def eval_(
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
-    from bitnet_convert.checkpoint import resolve_model_path, uses_reference_tokenizer
+    from bitnet_convert.checkpoint import resolve_model_path
     from bitnet_convert.errors import DataError
     from bitnet_convert.evaluate import evaluate, resolve_tasks
     from bitnet_convert.notes import collect, warn
@@ -381,10 +394,9 @@ def eval_(
         if thresholds and baseline is None and baseline_model is None:
             _fail("the gate limits need a baseline: add --baseline REPORT.json or --baseline-model DIR")
         base = load_report(baseline) if baseline is not None else None
-        if base is not None and implicit and _of_reference_model(base) and not uses_reference_tokenizer(
-                resolve_model_path(path)):
-            warn(f"not comparing with the recipe's baseline {baseline}: it was measured on the built-in reference "
-                 f"model, not on '{path}' (give --baseline or --baseline-model for this model)")
+        if base is not None and implicit and _of_another_model(base, models[0]):
+            warn(f"not comparing with the recipe's baseline {baseline}: it was measured on another model "
+                 f"({base.get('model')}), not on '{path}' (give --baseline or --baseline-model for this model)")
             base = None
         if base is not None and names and sorted(base.get("tasks", [])) != sorted(names):
             mismatch = (f"{baseline}: baseline was measured on tasks {', '.join(base.get('tasks', []))}, this run "
@@ -490,12 +502,18 @@ def generate(
                   f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
 
 
-def _of_reference_model(report: dict) -> bool:
-    """Whether an eval report was measured on the built-in reference model (or a conversion of it)."""
-    model = str(report.get("model", "")).rstrip("/")
+def _of_another_model(report: dict, model: Path) -> bool:
+    """Whether an eval report was measured on a model of another family than ``model``: by the tokenizer
+    fingerprint the report records; for a report without one, by whether it names the built-in reference model."""
+    from bitnet_convert.checkpoint import tokenizer_fingerprint, uses_reference_tokenizer
+
+    if report.get("tokenizer"):
+        return report["tokenizer"] != tokenizer_fingerprint(model)
+    named = str(report.get("model", "")).rstrip("/")
     recipe = report.get("recipe") or {}
-    return model == "builtin:reference" or model.endswith("eval/reference/model") or (
+    of_reference = named == "builtin:reference" or named.endswith("eval/reference/model") or (
         recipe.get("model") == "builtin:reference")
+    return of_reference and not uses_reference_tokenizer(model)
 
 
 def _skip_recipe_baseline(reason: str) -> None:

@@ -18,7 +18,13 @@ import torch.nn.functional as tF
 import yaml
 
 from bitnet_convert.calibrate import activation_stats
-from bitnet_convert.checkpoint import REPO_ROOT, Checkpoint, open_checkpoint, uses_reference_tokenizer
+from bitnet_convert.checkpoint import (
+    REPO_ROOT,
+    Checkpoint,
+    open_checkpoint,
+    tokenizer_fingerprint,
+    uses_reference_tokenizer,
+)
 from bitnet_convert.data import token_stream, windows
 from bitnet_convert.errors import DataError
 from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
@@ -125,6 +131,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
         "activations": {role: spec.describe() for role, spec in roles.items()},
         "attention": attention.describe() if attention is not None else "full precision",
         "recipe": _conversion_recipe(checkpoint.path),
+        "tokenizer": tokenizer_fingerprint(checkpoint.path),
         "tasks": tasks,
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
                      "device": device, "seed": seed},

@@ -51,7 +51,9 @@ def quantize(recipe: str | Path | Recipe | None = None, *, progress: Progress = 
     ``quantize("recipes/a48.yaml", model="path/to/ckpt", output="out", calibration__samples=4)``."""
     dotted = {key.replace("__", "."): value for key, value in overrides.items()}
     if isinstance(recipe, Recipe):
+        source = recipe.source
         recipe = load_recipe(None, {**recipe.model_dump(mode="json"), **dotted})
+        recipe._source = source
     else:
         recipe = load_recipe(recipe, dotted)
     return run(recipe, progress)
@@ -72,8 +74,8 @@ def input_paths(recipe: Recipe) -> list[str]:
     """The local files and directories a conversion reads (the output may not overlap any of them)."""
     distill = recipe.recovery.distill
     given = [recipe.model, recipe.calibration.data, recipe.distill_data()[0],
-             distill.teacher if distill is not None else None]
-    return [g for g in given if g is not None and g not in BUILTIN_MODELS and g not in BUILTIN_DATA]
+             distill.teacher if distill is not None else None, recipe.source]
+    return [str(g) for g in given if g is not None and str(g) not in BUILTIN_MODELS and str(g) not in BUILTIN_DATA]
 
 
 def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:

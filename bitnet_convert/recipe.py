@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
@@ -134,6 +134,15 @@ class Recipe(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    #: the file this recipe was read from (an input the output must not overwrite); not part of the recipe
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    def __eq__(self, other: object) -> bool:  # the same recipe, wherever it was read from
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
 
     @field_validator("model")
     @classmethod
@@ -190,9 +199,11 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value, source)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {_describe(exc)}") from None
+    recipe._source = Path(path) if path is not None else None
+    return recipe
 
 
 def parse_yaml(file: Path, error: type[Exception]) -> Any:

@@ -215,6 +215,16 @@ def test_output_containing_the_calibration_data_is_refused(tmp_path):
     assert data.read_text() == "Anna bakes bread.\n\nTom reads.\n"
 
 
+def test_output_containing_the_recipe_is_refused(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe_file = work / "mine.yaml"
+    recipe_file.write_text((REPO / "recipes/a48.yaml").read_text())
+    result = invoke("quantize", "-r", recipe_file, "--output", work, "--overwrite")
+    assert_user_error(result, "contains the input", "mine.yaml")
+    assert recipe_file.read_text() == (REPO / "recipes/a48.yaml").read_text()
+
+
 EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "max-length below the longest answer": lambda t: (
         ["--max-length", "3", "--limit", "2"], ["--max-length 3", "reference_agreement", "≥ 10"]),

@@ -36,6 +36,17 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+def other_tokenizer(model: Path) -> Path:
+    """Make the checkpoint's tokenizer one of another family: one more special token (never produced by text)."""
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    top = max(t["id"] for t in tokenizer["added_tokens"])
+    top = max(top, *tokenizer["model"]["vocab"].values())
+    tokenizer["added_tokens"].append({"id": top + 1, "content": "<other_family>", "single_word": False,
+                                      "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return model
+
+
 # ------------------------------------------------------------------ kind 1: use_rms_norm is honoured
 
 
@@ -238,11 +249,31 @@ def test_left_padded_batch_equals_single_prompts(kv3):
 
 
 def test_lm_eval_batching_does_not_change_kv3_results(kv3):
+    """lm-eval's two batching paths: log-likelihood batches (right padding) give the results of batch size 1,
+    and its generation path (left padding through ``tok_batch_encode`` and ``generate``) the tokens of each prompt
+    alone."""
+    from lm_eval.models.huggingface import HFLM
+
     from bitnet_convert.evaluate import lm_eval_results
 
     model, tokenizer = kv3
     one, many = (lm_eval_results(model, tokenizer, ["reference_agreement"], limit=6, batch_size=b) for b in (1, 6))
     assert one == many
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    prompts = ["Anna is a kind baker who lives in", "Tom"]
+
+    def generated(batch: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+        ids, mask = lm.tok_batch_encode(batch)
+        out = lm._model_generate(ids, max_length=ids.shape[1] + 10, stop=["\n\n\n"], attention_mask=mask,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return [row[ids.shape[1]:].tolist() for row in out.sequences], torch.stack(out.logits, dim=1)
+
+    tokens, scores = generated(prompts)
+    for i, prompt in enumerate(prompts):
+        alone_tokens, alone_scores = generated([prompt])
+        assert tokens[i] == alone_tokens[0]
+        span = alone_scores.max() - alone_scores.min()
+        assert (scores[i] - alone_scores[0]).abs().max() <= 1e-4 * span
 
 
 # ------------------------------------------------------------------ kind 6: the command line a person reads
@@ -286,12 +317,12 @@ def test_default_tasks_follow_the_model_not_its_location(tmp_path):
     copy = tmp_path / "elsewhere"
     shutil.copytree(REFERENCE, copy)
     assert default_tasks(open_checkpoint(copy)) == REFERENCE_TASKS
+    tokenizer = json.loads((copy / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))  # re-saved: the same tokenizer
+    assert default_tasks(open_checkpoint(copy)) == REFERENCE_TASKS
     other = tmp_path / "other"
     shutil.copytree(REFERENCE, other)
-    tokenizer = json.loads((other / "tokenizer.json").read_text())
-    tokenizer["added_tokens"][0]["content"] = "<bos>"
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert default_tasks(open_checkpoint(other)) == HUB_TASKS
+    assert default_tasks(open_checkpoint(other_tokenizer(other))) == HUB_TASKS
 
 
 # ------------------------------------------------------------------ kind 7: the export in stock transformers
@@ -332,9 +363,7 @@ def test_txt_is_text_as_written(tmp_path):
 
 
 def test_own_model_uses_the_given_data_in_every_stage(tmp_path):
-    model = tiny(tmp_path)
-    tokenizer = json.loads((model / "tokenizer.json").read_text())
-    (model / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))  # same vocabulary, not the reference file
+    model = other_tokenizer(tiny(tmp_path))
     data = tmp_path / "train.txt"
     data.write_text("\n\n".join(f"Anna has {n} red apples,\nand Tom has {n + 2}." for n in range(120)))
     args = ["--model", model, "--calibration-data", data, "-r", REPO / "recipes/a48-kd.yaml",
@@ -355,9 +384,7 @@ def test_own_model_uses_the_given_data_in_every_stage(tmp_path):
 
 
 def test_the_reference_models_baseline_is_not_used_for_another_model(tmp_path):
-    model = tiny(tmp_path)
-    tokenizer = json.loads((model / "tokenizer.json").read_text())
-    (model / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))
+    model = other_tokenizer(tiny(tmp_path))
     report = tmp_path / "eval.json"
     result = invoke("eval", model, "-r", REPO / "recipes/a48.yaml", "--tasks", "reference_agreement", "--limit", "2",
                     "-o", report)

@@ -62,6 +62,21 @@ def test_bos_position_keeps_its_own_bits():
     assert torch.equal(channel, fake_quantize(x, 3, "minmax", dim=-2))
 
 
+@pytest.mark.parametrize("bos_bits", [4, None])
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_left_padding_is_not_part_of_the_quantization(bos_bits, granularity):
+    """The BOS slot is the first real position, and per-channel statistics skip the padding (and the BOS slot)."""
+    g = torch.Generator().manual_seed(2)
+    spec = AttentionSpec(k_bits=3, bos_bits=bos_bits, key_granularity=granularity)
+    channel = granularity == "channel"
+    x = torch.randn(1, 2, 7, 8, generator=g)
+    padded = torch.cat([50 * torch.randn(1, 2, 3, 8, generator=g), x], dim=-2)
+    alone = fake_quantize_kv(x, 3, spec, channel=channel)
+    together = fake_quantize_kv(padded, 3, spec, channel=channel, first=torch.tensor([3]))
+    assert torch.equal(together[..., 3:, :], alone)
+    assert torch.equal(fake_quantize_kv(x, 3, spec, channel=channel, first=torch.tensor([0])), alone)
+
+
 @pytest.fixture(scope="module")
 def a48(tmp_path_factory):
     """The a48 conversion of the reference model with the paper's low-bit attention installed."""

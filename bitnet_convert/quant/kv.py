@@ -106,12 +106,22 @@ def fake_quantize_kv(x: torch.Tensor, bits: int, spec: AttentionSpec, channel: b
     ``None``: position 0 of every row."""
     dim = -2 if channel else -1
     bos = spec.bos_bits
+    padded = first is not None and bool(first.any())
+    original = x
+    if channel and padded:
+        # per-channel statistics over each row's real positions after its first: the left padding and the first
+        # position take the values of the position after it (copies change neither min nor max)
+        n = x.shape[-2]
+        start = first if bos is not None else first - 1
+        donor = x.gather(-2, _position_index((start + 1).clamp(max=n - 1), x))
+        covered = torch.arange(n, device=x.device)[None, :] <= start.to(x.device)[:, None]
+        x = torch.where(covered[:, None, :, None], donor, x)
     if bos is None or (bos == bits and not channel):
         return fake_quantize(x, bits, spec.method, dim)
-    if first is not None and first.any() and not channel:
+    if padded:
         index = _position_index(first, x)
         out = fake_quantize(x, bits, spec.method, dim)
-        return out.scatter(-2, index, fake_quantize(x.gather(-2, index), bos, spec.method, -1))
+        return out.scatter(-2, index, fake_quantize(original.gather(-2, index), bos, spec.method, -1))
     first_row = fake_quantize(x[..., :1, :], bos, spec.method, -1)
     if x.shape[-2] == 1:
         return first_row
