@@ -1,7 +1,8 @@
 """Write a converted model: packed safetensors in transformers' BitNet layout, config, tokenizer, report.
 
-The output is a ``packed-autobitlinear`` checkpoint (uint8 weights, ``weight_scale`` = α that multiplies), which
-stock transformers loads as W1.58A8; the a4.8 activation spec travels in ``config.json`` under
+The output is a ``packed-autobitlinear`` checkpoint (uint8 weights, ``weight_scale`` = α that multiplies), or with
+``export.layout: bitlinear`` a ``packed-bitlinear`` one (``weight_scale`` = 1/α that divides), which stock
+transformers loads as W1.58A8; the a4.8 activation spec travels in ``config.json`` under
 ``bitnet_convert``. Everything is written into a temporary sibling directory that is renamed into place at
 the end, so a failure never leaves a half-written output and never touches an existing one.
 
@@ -35,6 +36,9 @@ from bitnet_convert.quant.schemes import ActivationSpec, Role
 
 FORMAT_VERSION = 1
 QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
+#: ``export.layout: bitlinear``: packed codes with ``weight_scale`` = 1/α, which transformers' ``BitLinear``
+#: divides by; stock transformers loads it with any ``dtype`` (its offline ``AutoBitLinear`` path does not cast).
+BITLINEAR_CONFIG = {"quant_method": "bitnet", "linear_class": "bitlinear"}
 #: Files copied verbatim from the input checkpoint (tokenizer and generation defaults).
 COPIED_FILES = (
     "tokenizer.json",
@@ -204,8 +208,27 @@ def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str]
                 shutil.rmtree(tmp)
 
 
-def export_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors to save, in a fixed order: packed linears as stored, everything else cast to ``dtype``."""
+def bitlinear_scales(model: torch.nn.Module) -> None:
+    """Prepare ``model`` for the ``bitlinear`` layout: each α becomes a value whose float32 reciprocal maps back to
+    it exactly (a change of at most an ulp or two), so the stored 1/α reloads to the α the model computes with."""
+    for name, module in quant_linears(model).items():
+        alpha = module.weight_scale.clone()
+        for _ in range(8):
+            back = 1.0 / (1.0 / alpha)
+            if torch.equal(back, alpha):
+                break
+            alpha = back
+        else:
+            raise OutputError(f"linear '{name}': weight scale {module.weight_scale.item()} has no exact float32 "
+                              "reciprocal round trip; use export.layout: autobitlinear")
+        module.weight_scale = alpha
+
+
+def export_tensors(
+    model: torch.nn.Module, dtype: torch.dtype, layout: str = "autobitlinear"
+) -> dict[str, torch.Tensor]:
+    """The tensors to save, in a fixed order: packed linears as stored (``weight_scale`` = α, or 1/α for the
+    ``bitlinear`` layout, see :func:`bitlinear_scales`), everything else cast to ``dtype``."""
     packed = {f"{name}.{key}" for name in quant_linears(model) for key in ("weight", "weight_scale", "bias")}
     tied = model.config.tie_word_embeddings
     tensors = {}
@@ -213,6 +236,8 @@ def export_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
         if tied and name == "lm_head.weight":
             continue
         keep = name in packed or ".qwt." in name  # fitted compensations stay float32: an exact round trip
+        if layout == "bitlinear" and name.endswith(".weight_scale") and name in packed:
+            tensor = 1.0 / tensor
         tensors[name] = tensor if keep else tensor.to(dtype)
         tensors[name] = tensors[name].detach().contiguous()
     return tensors
@@ -254,12 +279,13 @@ def output_config(
     attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
     qwt: dict | None = None,
+    layout: str = "autobitlinear",
 ) -> dict:
     """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec."""
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "bitnet_convert")}
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
-    config["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    config["quantization_config"] = dict(BITLINEAR_CONFIG if layout == "bitlinear" else QUANTIZATION_CONFIG)
     if source.input_norm_eps is not None:  # exported as rms_norm.weight beside each linear
         config["quantization_config"].update(use_rms_norm=True, rms_norm_eps=source.input_norm_eps)
     config["bitnet_convert"] = {
@@ -300,14 +326,15 @@ def export(
     overrides: dict[str, ActivationSpec] | None = None,
     qwt: dict | None = None,
     inputs: Iterable[Path | str] = (),
+    layout: str = "autobitlinear",
 ) -> Path:
     """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
     ``extra(directory)`` writes more files into the output before it is moved into place. ``inputs`` are the
     paths the output must not overlap (see :func:`check_output`); the source checkpoint is always one."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite, [source.path, *inputs]) as tmp:
-        files = write_safetensors(export_tensors(model, _DTYPES[dtype_name]), tmp, max_shard_size)
-        config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt)
+        files = write_safetensors(export_tensors(model, _DTYPES[dtype_name], layout), tmp, max_shard_size)
+        config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt, layout)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.path / name).is_file():

@@ -27,7 +27,14 @@ from bitnet_convert.calibration_report import write_report
 from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint, uses_reference_tokenizer
 from bitnet_convert.data import BUILTIN_DATA, load_texts, sample_windows, token_stream
 from bitnet_convert.errors import DataError, RecipeError
-from bitnet_convert.export import atomic_directory, check_output, export, export_dtype_name, output_lock
+from bitnet_convert.export import (
+    atomic_directory,
+    bitlinear_scales,
+    check_output,
+    export,
+    export_dtype_name,
+    output_lock,
+)
 from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.notes import collect, warn
@@ -144,6 +151,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         result["warnings"] = list(warnings)
         return result
 
+    if recipe.export.layout == "bitlinear":
+        bitlinear_scales(model)
     with _timed(timings, "export"), progress.stage("Export"):
         export(
             model,
@@ -161,6 +170,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
             overrides=overrides,
             qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
             inputs=input_paths(recipe),
+            layout=recipe.export.layout,
         )
     if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
         kd.remove_state(_distill_state_dir(recipe))

@@ -85,6 +85,10 @@ class ExportSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of embeddings and norms; auto = the input checkpoint's dtype"
     )
+    layout: Literal["autobitlinear", "bitlinear"] = Field(
+        "autobitlinear", description="packed layout: autobitlinear (weight_scale = α, bit-identical in stock "
+        "transformers) or bitlinear (weight_scale = 1/α, loads in stock transformers with any dtype)"
+    )
 
 
 Limit = float | dict[str, float]

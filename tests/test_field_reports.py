@@ -345,6 +345,28 @@ def test_bf16_export_in_stock_transformers(tmp_path):
     assert torch.equal(logits(stock, ids), logits(conversion.model, ids))
 
 
+def test_bitlinear_export_loads_in_stock_transformers_with_any_dtype(tmp_path, reference_ids):
+    """``export.layout: bitlinear`` (scale = 1/α, transformers' BitLinear divides by it): stock transformers loads it
+    with float32, bfloat16 and the default dtype and computes the same b1.58 model (as predictors: the two layouts
+    round differently, as transformers' own layouts do); ``bitnet_convert.load`` gives the exported model exactly."""
+    from conftest import assert_same_predictions
+
+    conversion = bitnet_convert.quantize(REPO / "recipes/b158.yaml", output=str(tmp_path / "b158"),
+                                         calibration__samples=0, export__layout="bitlinear")
+    config = json.loads((conversion.output / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "bitnet", "linear_class": "bitlinear"}
+    assert open_checkpoint(conversion.output).layout.value == "packed-bitlinear"
+    ours = logits(conversion.model, reference_ids)
+    assert torch.equal(logits(bitnet_convert.load(conversion.output), reference_ids), ours)
+    for dtype in (torch.float32, torch.bfloat16, None):
+        stock = AutoModelForCausalLM.from_pretrained(conversion.output, **({"dtype": dtype} if dtype else {}))
+        assert type(stock.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
+        out = logits(stock, reference_ids)
+        assert out.dtype == (dtype or torch.bfloat16)
+        if dtype is torch.float32:
+            assert_same_predictions(out, ours, reference_ids)
+
+
 # ------------------------------------------------------------------ kind 8: the user's text and defaults
 
 
