@@ -94,8 +94,11 @@ def _plots(calibration: Calibration, directory: Path) -> list[Path]:
             for q in QUANTIZER_ORDER:
                 grids[q][layers.index(layer), kinds.index(kind)] = (
                     calibration.linears[name]["quantizers"][q]["output_relative_error"])
-    vmax = max(float(np.nanmax(g)) for g in grids.values())
-    vmin = max(min(float(np.nanmin(g)) for g in grids.values()), vmax * 1e-4, 1e-6)
+    # a log scale over the finite, positive errors (a broken model can give 0 or NaN everywhere)
+    values = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids.values()])
+    vmax = float(values.max()) if values.size else 1e-6
+    vmin = max(float(values.min()) if values.size else 0.0, vmax * 1e-4, 1e-6)
+    vmax = max(vmax, vmin * 10)
     norm = matplotlib.colors.LogNorm(vmin=vmin, vmax=vmax)
     height = max(2.8, 1.4 + 0.25 * len(layers))
     fig, axes = plt.subplots(1, len(QUANTIZER_ORDER), figsize=(2.9 * len(QUANTIZER_ORDER) + 1.2, height),

@@ -3,6 +3,7 @@
 Layouts (``quantization_config`` of a ``model_type: bitnet`` config):
 
 * ``master`` — ``autobitlinear`` + ``online``: bf16/fp32 master weights, ternarized here (absmean, per tensor).
+  (A config without ``quantization_config`` is a full-precision model in transformers, and is refused.)
 * ``packed-autobitlinear`` — ``autobitlinear`` + ``offline``: uint8 2-bit packed weights, ``weight_scale`` = α
   (the output is *multiplied* by it). bitnet-convert's own exports use this layout.
 * ``packed-bitlinear`` — ``bitlinear``: uint8 packed weights, ``weight_scale`` = 1/α (the output is *divided*).
@@ -411,8 +412,12 @@ def detect_layout(path: Path, config: dict) -> Layout:
             f"LM; supported: model_type 'bitnet' with {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     qc = config.get("quantization_config") or {}
-    if not qc:
-        return Layout.MASTER  # plain BitNetConfig: float weights, ternarized here
+    if not qc:  # stock transformers builds plain nn.Linear layers: a full-precision model, not a b1.58 one
+        raise CheckpointError(
+            f"{path / 'config.json'}: no quantization_config, so transformers runs this model with full-precision "
+            "linears, not as BitNet b1.58; if its weights are b1.58 master weights, add \"quantization_config\": "
+            "{\"quant_method\": \"bitnet\", \"linear_class\": \"autobitlinear\", \"quantization_mode\": \"online\"}"
+        )
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path / 'config.json'}: quantization_config must be a JSON object")
     if qc.get("quant_method") != "bitnet":

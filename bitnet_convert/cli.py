@@ -124,6 +124,18 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
+def _check_device(device: str) -> None:
+    """A ``--device`` that this machine cannot use is one line before any work (torch's own error is a traceback
+    deep inside the model)."""
+    import torch
+
+    try:
+        torch.empty(0, device=torch.device(device))
+    except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError, depending on the backend
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _fail(f"--device '{device}' cannot be used on this machine ({reason}); use e.g. --device cpu")
+
+
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
 CalibrationDataOption = Annotated[
@@ -303,6 +315,10 @@ def perplexity(
         batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
                           f"--data '{data}'" + (f" (split {split})" if data.startswith("builtin:") else ""),
                           "--seq-len")
+        positions = checkpoint.config.get("max_position_embeddings")
+        if isinstance(positions, int) and seq_len > positions:
+            warn(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({positions}): positions "
+                 "beyond it were never trained, so this perplexity is not the model's")
         if tokenizer.bos_token_id is None:
             warn(f"the tokenizer of {checkpoint.path} has no BOS token: windows start mid-text, so this perplexity "
                  "is not comparable with one measured on windows that start with BOS")
@@ -315,7 +331,8 @@ def perplexity(
         with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:
             result = measure(model, batches, batch_size, on_batch=advance)
     no_bos = "" if tokenizer.bos_token_id is not None else ", windows without BOS"
-    out.print(f"{name}\t{data}:{split}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens{no_bos})")
+    source = f"{data}:{split}" if not Path(data).expanduser().is_file() else data  # a file has no splits
+    out.print(f"{name}\t{source}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens{no_bos})")
 
 
 @app.command("eval")
@@ -364,7 +381,7 @@ def eval_(
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
-    from bitnet_convert.checkpoint import resolve_model_path
+    from bitnet_convert.checkpoint import REPO_ROOT, resolve_model_path
     from bitnet_convert.errors import DataError
     from bitnet_convert.evaluate import evaluate, resolve_tasks
     from bitnet_convert.notes import collect, warn
@@ -372,6 +389,7 @@ def eval_(
     from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
 
     with _user_errors(), collect() as notes:
+        _check_device(device)
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
         models = [resolve_model_path(m) for m in (path, baseline_model) if m is not None]
@@ -387,6 +405,11 @@ def eval_(
         implicit = baseline is None and baseline_model is None and spec.baseline is not None and not no_baseline
         if implicit:
             baseline = Path(spec.baseline)
+            if not baseline.is_absolute() and not baseline.exists() and (REPO_ROOT / baseline).is_file():
+                baseline = REPO_ROOT / baseline  # a shipped baseline, named relative to the checkout
+            if not baseline.exists():
+                warn(f"not comparing with the recipe's baseline {spec.baseline}: no such file here")
+                baseline, implicit = None, False
         thresholds = Thresholds(
             _threshold_option(max_ppl_increase, spec.max_ppl_increase if implicit else None, "--max-ppl-increase"),
             _threshold_option(max_acc_drop, spec.max_acc_drop if implicit else None, "--max-acc-drop"),
@@ -467,6 +490,9 @@ def generate(
     from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, spec_of
 
     with _user_errors():
+        _check_device(device)
+        if bos_bits is not None and kv_bits is None:
+            _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
         model = load(path).to(device)
         tokenizer = load_tokenizer(path)
     spec = spec_of(model)

@@ -112,7 +112,8 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     """All documents tokenized without special tokens and concatenated, each followed by EOS (when the
     tokenizer has one) — the packing BitNet-style pre-training uses."""
     ids: list[int] = []
-    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: long documents are cut into windows later, so "longer than the maximum" does not apply
+    for encoded in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(encoded)
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)

@@ -105,6 +105,10 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
     preset, roles = scheme_of(checkpoint)
     attention = attention_of(checkpoint)
     tasks = list(tasks or default_tasks(checkpoint))
+    builtin = [t for t in tasks if t in REFERENCE_TASKS]
+    if builtin and not uses_reference_tokenizer(checkpoint.path):
+        warn(f"task(s) {', '.join(builtin)} score the built-in reference corpus, not text of the model "
+             f"'{checkpoint.path}'")
     tokenizer = load_tokenizer(checkpoint.path)
     # loads every task's data and checks max_length against it: fails before the model is built
     texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=max_length)

@@ -58,14 +58,24 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 MARKER = ".bitnet-convert-partial"
 
 
+#: Files by which an existing directory is recognised as an earlier output of ours (``--overwrite`` replaces
+#: only those): a conversion, or a calibration report.
+OUTPUT_FILES = ("conversion_report.json", "calibration.json")
+
+
 def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = ()) -> None:
     """Fail early (before any work) when ``output`` cannot be created, may not be replaced, or overlaps an input.
 
     ``inputs``: the run's input files and directories (model, teacher, data files); an output equal to one of
     them, inside one or containing one is refused even with ``overwrite``, since replacing it would delete the
-    input. Raises :class:`OutputError`."""
+    input. ``overwrite`` replaces only an earlier output of ours (:data:`OUTPUT_FILES`), never another directory
+    of the user's; the working directory is never an output. Raises :class:`OutputError`."""
     if output.exists() and not output.is_dir():
         raise OutputError(f"output '{output}' exists and is not a directory")
+    cwd = Path.cwd().resolve()
+    if output.resolve() == cwd or output.resolve() in cwd.parents:
+        raise OutputError(f"output '{output}' is or contains the working directory, which cannot be replaced; "
+                          "choose a new directory name")
     for parent in output.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -84,8 +94,13 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = (
         if relation is not None:
             raise OutputError(f"output '{output}' {relation} the input '{given}'; writing it would destroy that "
                               "input: choose another output directory")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise OutputError(f"output directory '{output}' already exists; pass --overwrite to replace it")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output directory '{output}' already exists; pass --overwrite to replace it")
+        if not any((output / name).is_file() for name in OUTPUT_FILES):
+            raise OutputError(f"output directory '{output}' is not an earlier bitnet-convert output (it has no "
+                              f"{' or '.join(OUTPUT_FILES)}); --overwrite replaces only those: choose another "
+                              "output")
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -189,9 +204,11 @@ def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str]
                                   f"{f': {exc.filename}' if exc.filename else ''})") from None
             check_output(output, overwrite)
             old = None
+            marked = False
             try:
                 if output.exists():
                     _marked(output)
+                    marked = True
                     old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
                     output.rename(old)
                 tmp.rename(output)
@@ -199,6 +216,7 @@ def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str]
             except OSError as exc:
                 if old is not None and not output.exists():
                     old.rename(output)
+                if marked and output.is_dir():
                     (output / MARKER).unlink(missing_ok=True)
                 raise OutputError(f"output '{output}' could not be put in place ({exc.strerror or exc})") from None
             if old is not None:

@@ -61,6 +61,10 @@ def build_model(
     for index in qwt.get("layers", []):
         attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
+    zero = [name for name, tensor in state.items() if not tensor.any()]
+    if zero:
+        warn(f"{checkpoint.path}: {len(zero)} tensor(s) are all zero (a broken upload?): "
+             + ", ".join(f"'{n}'" for n in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else ""))
     if config.tie_word_embeddings and "lm_head.weight" in state:
         if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
             raise CheckpointError(f"{checkpoint.path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs "

@@ -222,6 +222,7 @@ def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoin
     if data_used is not None:
         data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
     _warn_no_bos(tokenizer, checkpoint)
+    _warn_positions(checkpoint, spec.seq_len, "recovery.distill.seq_len")
     state_dir = _distill_state_dir(recipe)
     with progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
@@ -274,6 +275,7 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
     _warn_builtin_data(checkpoint, spec.data, "calibration.data")
     stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field, spec.txt_documents)
     source = f"calibration.data '{spec.data}'" + (f" (split {spec.split})" if spec.data in BUILTIN_DATA else "")
+    _warn_positions(checkpoint, spec.seq_len, "calibration.seq_len")
     ids = sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id, source,
                          "calibration.seq_len")
     if ids.shape[0] < spec.samples:
@@ -284,6 +286,13 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
         data_used["calibration"] = {"data": spec.data, "split": spec.split, "windows": int(ids.shape[0]),
                                     "tokens": int(ids.numel())}
     return ids
+
+
+def _warn_positions(checkpoint: Checkpoint, seq_len: int, setting: str) -> None:
+    positions = checkpoint.config.get("max_position_embeddings")
+    if isinstance(positions, int) and seq_len > positions:
+        warn(f"{setting}={seq_len} is longer than the model's max_position_embeddings ({positions}): positions "
+             "beyond it were never trained")
 
 
 def _warn_no_bos(tokenizer, checkpoint: Checkpoint) -> None:

@@ -163,6 +163,11 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _calibration_data_where_needed(self) -> Recipe:
+        cal = self.calibration
+        if self.recovery.qwt is not None and 0 < cal.samples <= cal.batch_size:
+            raise ValueError(f"recovery.qwt: fits on some calibration batches and tests on others, so it needs at "
+                             f"least 2; calibration.samples={cal.samples} with calibration.batch_size="
+                             f"{cal.batch_size} gives 1: raise samples or lower batch_size")
         if self.calibration.samples == 0:
             if self.recovery.qwt is not None:
                 raise ValueError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
@@ -210,6 +215,20 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     return recipe
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, and no
+    maintained YAML library here offers the check without a new dependency)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(file: Path, error: type[Exception]) -> Any:
     """The YAML document in ``file``; ``error`` naming the file, line and column of a syntax error (or the byte
     of a non-UTF-8 file)."""
@@ -221,7 +240,7 @@ def parse_yaml(file: Path, error: type[Exception]) -> Any:
     except DataError as exc:
         raise error(str(exc)) from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(file)

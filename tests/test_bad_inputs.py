@@ -170,6 +170,14 @@ CASES: dict[str, Case] = {
     "recipe YAML syntax error": lambda t: (
         ["-r", recipe(t, "scheme:\n  preset: a48\n calibration: [\n")], ["recipe.yaml:3:", "not valid YAML"]),
     "recipe is a directory": lambda t: (["-r", str(t)], [str(t), "is a directory", "YAML file"]),
+    "recipe key given twice": lambda t: (
+        ["-r", recipe(t, "model: builtin:reference\nseed: 1\nmodel: other\n")],
+        ["recipe.yaml:3:1", "'model' given twice"]),
+    "qwt with one calibration batch": lambda t: (
+        [M, str(tiny(t)), "-r", str(REPO / "recipes/a48-qwt.yaml"), "--set", "calibration.samples=2"],
+        ["recovery.qwt", "calibration.batch_size=4 gives 1"]),
+    "no quantization_config": lambda t: (
+        [M, str(edit_config(tiny(t), quantization_config=None))], ["no quantization_config", "full-precision"]),
     # kind 3: the user's files at risk (the output location itself)
     "output below an existing file": lambda t: (
         ["--output", str(Path(write(t / "afile", b"x")) / "sub" / "out")], ["afile", "is a file"]),
@@ -182,6 +190,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, name):
     existing = outs / "existing"
     existing.mkdir(parents=True)
     (existing / "sentinel.txt").write_text("keep me")
+    (existing / "conversion_report.json").write_text("{}")  # an earlier output: --overwrite may replace it
     args, fragments = CASES[name](tmp_path)
     if "--output" not in args:
         args += ["--output", str(existing), "--overwrite"]
@@ -190,8 +199,8 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path, name):
     result = invoke("quantize", *args, "--set", "calibration.seq_len=256")
     assert_user_error(result, *fragments)
     assert sorted(p.name for p in outs.iterdir()) == ["existing"], name  # nothing beside the output
-    assert [p.name for p in existing.iterdir()] == ["sentinel.txt"] and (existing / "sentinel.txt").read_text() == (
-        "keep me")
+    assert sorted(p.name for p in existing.iterdir()) == ["conversion_report.json", "sentinel.txt"]
+    assert (existing / "sentinel.txt").read_text() == "keep me"
     assert {p: p.read_bytes() for p in before} == before  # the input is untouched
 
 
@@ -225,6 +234,28 @@ def test_output_containing_the_recipe_is_refused(tmp_path):
     assert recipe_file.read_text() == (REPO / "recipes/a48.yaml").read_text()
 
 
+def test_generate_arguments_fail_before_loading(monkeypatch):
+    import importlib
+
+    load = importlib.import_module("bitnet_convert.load")  # the module, not the function the package exports
+    monkeypatch.setattr(load, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert_user_error(invoke("generate", REFERENCE, "--prompt", "x", "--bos-bits", "4"), "--bos-bits", "--kv-bits")
+    assert_user_error(invoke("generate", REFERENCE, "--prompt", "x", "--device", "nodevice"), "--device 'nodevice'")
+
+
+def test_overwrite_replaces_only_an_earlier_output(tmp_path, monkeypatch):
+    mine = tmp_path / "mydocs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    result = invoke("quantize", "--output", mine, "--overwrite", "--set", "calibration.samples=0")
+    assert_user_error(result, "mydocs", "not an earlier bitnet-convert output")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    monkeypatch.chdir(mine)
+    result = invoke("quantize", "--output", ".", "--overwrite", "--set", "calibration.samples=0")
+    assert_user_error(result, "is or contains the working directory")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "max-length below the longest answer": lambda t: (
         ["--max-length", "3", "--limit", "2"], ["--max-length 3", "reference_agreement", "≥ 10"]),
@@ -233,6 +264,7 @@ EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "report below an existing file": lambda t: (
         ["-o", str(Path(write(t / "afile", b"x")) / "eval.json")], ["afile", "is a file"]),
     "report path is a directory": lambda t: (["-o", str(t)], [str(t), "is a directory"]),
+    "unusable device": lambda t: (["--device", "nodevice"], ["--device 'nodevice' cannot be used"]),
     "report would replace the model's config": lambda t: (
         ["-o", str(REFERENCE / "config.json")], ["config.json", "would replace a file of the model"]),
 }

@@ -154,9 +154,10 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "conversion_report.json").write_text("{}")  # an earlier output, which --overwrite may replace
     args = ["quantize", "--model", tiny_checkpoint, "--output", out, "--set", "calibration.samples=0"]
     assert_user_error(invoke(*args), "already exists", "--overwrite")
-    assert leftovers(out) == ["keep.txt"]
+    assert leftovers(out) == ["conversion_report.json", "keep.txt"]
     assert invoke(*args, "--overwrite").exit_code == 0
     assert "keep.txt" not in leftovers(out) and "model.safetensors" in leftovers(out)
     assert leftovers(tmp_path) == ["out", "tiny"]

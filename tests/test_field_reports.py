@@ -199,6 +199,24 @@ def test_too_little_calibration_text_and_zero_linears_are_reported(tmp_path):
     assert len(report["warnings"]) == 2 and "all-zero" in report["warnings"][0] + report["warnings"][1]
 
 
+def test_zero_embeddings_are_reported_and_the_report_still_plots(tmp_path):
+    model = edit_tensors(tiny(tmp_path), lambda d: d["model.embed_tokens.weight"].zero_())
+    result = invoke("quantize", "--model", model, "--output", tmp_path / "out", "--set", "calibration.samples=2",
+                    "--set", "calibration.seq_len=32")
+    assert result.exit_code == 0, result.output
+    assert "1 tensor(s) are all zero (a broken upload?): 'model.embed_tokens.weight'" in result.output
+    assert (tmp_path / "out" / "calibration" / "error_heatmap.png").is_file()
+
+
+def test_perplexity_names_positions_beyond_training_and_files_without_splits(tmp_path, reference_dir):
+    data = tmp_path / "v.txt"
+    data.write_text("\n\n".join(load_texts("builtin:reference", "validation")[:60]))
+    result = invoke("perplexity", reference_dir, "--data", data, "--seq-len", "1024")
+    assert result.exit_code == 0, result.output
+    assert "--seq-len 1024 is longer than the model's max_position_embeddings (512)" in result.output
+    assert "v.txt perplexity" in " ".join(result.output.split()) and ":validation" not in result.output
+
+
 def test_a_tokenizer_without_bos_is_named_in_perplexity(tmp_path):
     model = tmp_path / "nobos"
     shutil.copytree(REFERENCE, model)

@@ -217,7 +217,8 @@ def fit_model(
     if len(hidden) < 2:
         raise ValueError(
             f"recovery.qwt needs at least 2 calibration batches; calibration.samples={ids.shape[0]} with "
-            f"batch_size={batch_size} gives {len(hidden)}"
+            f"calibration.batch_size={batch_size} gives {len(hidden)}: raise calibration.samples or lower "
+            "calibration.batch_size"
         )
 
     def build_block(index: int, which: str) -> nn.Module:
