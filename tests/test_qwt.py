@@ -86,6 +86,6 @@ def test_bad_qwt_settings_are_clear_errors(tmp_path):
         load_recipe(recipe, {"recovery.qwt.ridge": -1})
     with pytest.raises(RecipeError, match=r"recovery\.qwt: fitted on calibration data"):
         bitnet_convert.quantize(recipe, output=str(tmp_path / "b"), recovery__qwt={}, calibration__samples=0)
-    with pytest.raises(RecipeError, match="recovery.qwt: fits on some calibration batches and tests on others, so it needs at least 2"):
+    with pytest.raises(RecipeError, match=r"recovery\.qwt: fits on some calibration batches .* needs at least 2"):
         bitnet_convert.quantize(recipe, output=str(tmp_path / "c"), recovery__qwt={}, calibration__samples=2)
     assert not any(tmp_path.iterdir())
