@@ -14,6 +14,8 @@ from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Files one of which a checkpoint needs for transformers to build its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def scheme_of(checkpoint: Checkpoint) -> tuple[str, dict[Role, ActivationSpec]]:
@@ -66,6 +68,9 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetFo
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer stored with a checkpoint (never modified by bitnet-convert)."""
     checkpoint_path = resolve_model_path(str(path))
+    if not any((checkpoint_path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{checkpoint_path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                              "tokenizer files of the model into the directory")
     try:
         return AutoTokenizer.from_pretrained(str(checkpoint_path))
     except (OSError, ValueError) as exc:

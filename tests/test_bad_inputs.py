@@ -147,6 +147,8 @@ CASES: dict[str, Case] = {
         [M, str(edit_config(tiny(t), hidden_size=64))], ["has shape", "hidden_size=64"]),
     "a layer missing": lambda t: (
         [M, str(edit_config(tiny(t), num_hidden_layers=3))], ["model.layers.2.", "missing", "num_hidden_layers=3"]),
+    "no tokenizer files": lambda t: (
+        [M, str(write_tiny_checkpoint(t / "bare", vocab_size=1024))], ["bare: no tokenizer", "tokenizer.json"]),
     "packed layout with float weights": lambda t: (
         [M, str(packed_with_float_weights(t))], ["_proj.weight' is BF16", "packed U8"]),
     "jsonl with a non-UTF-8 byte": lambda t: (
