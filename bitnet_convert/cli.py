@@ -581,7 +581,7 @@ def _check_report_path(output: Path, models: list[Path]) -> None:
     """Fail before any work when the report (and its Markdown sibling) cannot be written at ``output``, or would
     replace a file of an evaluated model."""
     from bitnet_convert.errors import OutputError
-    from bitnet_convert.export import is_checkpoint_file
+    from bitnet_convert.export import check_creatable, is_checkpoint_file
 
     for target in (output, output.with_suffix(".md")):
         if target.is_dir():
@@ -590,13 +590,7 @@ def _check_report_path(output: Path, models: list[Path]) -> None:
             if target.exists() and target.resolve().parent == model.resolve() and is_checkpoint_file(target):
                 raise OutputError(f"--output '{target}' would replace a file of the model '{model}'; choose "
                                   "another report name")
-    for parent in output.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--output '{output}' cannot be created: '{parent}' is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"--output '{output}' cannot be created: no write permission in '{parent}'")
-            break
+    check_creatable(output, "--output")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -76,13 +76,7 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = (
     if output.resolve() == cwd or output.resolve() in cwd.parents:
         raise OutputError(f"output '{output}' is or contains the working directory, which cannot be replaced; "
                           "choose a new directory name")
-    for parent in output.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"output '{output}' cannot be created: '{parent}' is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"output '{output}' cannot be created: no write permission in '{parent}'")
-            break
+    check_creatable(output, "output")
     target = output.resolve()
     for given in inputs:
         source = Path(given).expanduser()
@@ -101,6 +95,18 @@ def check_output(output: Path, overwrite: bool, inputs: Iterable[Path | str] = (
             raise OutputError(f"output directory '{output}' is not an earlier bitnet-convert output (it has no "
                               f"{' or '.join(OUTPUT_FILES)}); --overwrite replaces only those: choose another "
                               "output")
+
+
+def check_creatable(path: Path, label: str) -> None:
+    """:class:`OutputError` unless ``path`` can be created: its nearest existing ancestor is a writable
+    directory (``label`` names the option in the message)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{label} '{path}' cannot be created: '{parent}' is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"{label} '{path}' cannot be created: no write permission in '{parent}'")
+            return
 
 
 def is_checkpoint_file(path: Path) -> bool:
