@@ -19,6 +19,7 @@ silently dropped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -164,7 +165,13 @@ def uses_reference_tokenizer(path: Path) -> bool:
     conversions, and models of its family — those the built-in corpus, tasks and baselines fit. Decided by the
     tokenizer's content (:func:`tokenizer_fingerprint`), not by where the directory lies."""
     ours = tokenizer_fingerprint(path)
-    return ours is not None and ours == tokenizer_fingerprint(BUILTIN_MODELS["builtin:reference"])
+    return ours is not None and ours == _reference_fingerprint()
+
+
+@functools.cache
+def _reference_fingerprint() -> str | None:
+    """The built-in model's tokenizer fingerprint, read once per process (the file ships with the package)."""
+    return tokenizer_fingerprint(BUILTIN_MODELS["builtin:reference"])
 
 
 def resolve_model_path(model: str) -> Path:

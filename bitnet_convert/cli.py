@@ -292,12 +292,19 @@ def perplexity(
     ] = "paragraphs",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
-    from bitnet_convert.checkpoint import open_checkpoint, uses_reference_tokenizer
-    from bitnet_convert.data import load_texts, token_stream, windows
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.data import (
+        describe_source,
+        load_texts,
+        token_stream,
+        warn_builtin_data,
+        warn_no_bos,
+        warn_positions,
+        windows,
+    )
     from bitnet_convert.evaluate import perplexity as measure
     from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
     from bitnet_convert.modeling import build_model
-    from bitnet_convert.notes import warn
     from bitnet_convert.quant.schemes import PRESETS
 
     with _user_errors():
@@ -307,21 +314,14 @@ def perplexity(
         name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
         if txt_documents not in ("paragraphs", "lines"):
             _fail(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
-        if data.startswith("builtin:") and not uses_reference_tokenizer(checkpoint.path):
-            warn(f"--data is the built-in reference corpus ('{data}'), not text of the model '{checkpoint.path}'; "
-                 "give --data FILE with its own held-out text")
+        warn_builtin_data(checkpoint.path, data, "--data", "give --data FILE with its own held-out text")
         tokenizer = load_tokenizer(checkpoint.path)
         texts = load_texts(data, split, txt_documents=txt_documents)
         batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
-                          f"--data '{data}'" + (f" (split {split})" if data.startswith("builtin:") else ""),
-                          "--seq-len")
-        positions = checkpoint.config.get("max_position_embeddings")
-        if isinstance(positions, int) and seq_len > positions:
-            warn(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({positions}): positions "
-                 "beyond it were never trained, so this perplexity is not the model's")
-        if tokenizer.bos_token_id is None:
-            warn(f"the tokenizer of {checkpoint.path} has no BOS token: windows start mid-text, so this perplexity "
-                 "is not comparable with one measured on windows that start with BOS")
+                          describe_source("--data", data, split), "--seq-len")
+        warn_positions(checkpoint.config, seq_len, f"--seq-len {seq_len}", ", so this perplexity is not the model's")
+        warn_no_bos(tokenizer, checkpoint.path, "windows start mid-text, so this perplexity is not comparable with "
+                    "one measured on windows that start with BOS")
         attention = attention_of(checkpoint)
         overrides = {} if scheme else linear_overrides(checkpoint)
         model = build_model(checkpoint, roles, attention=attention, overrides=overrides)

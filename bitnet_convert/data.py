@@ -9,8 +9,9 @@ from typing import Literal
 
 import torch
 
-from bitnet_convert.checkpoint import REPO_ROOT
+from bitnet_convert.checkpoint import REPO_ROOT, uses_reference_tokenizer
 from bitnet_convert.errors import DataError
+from bitnet_convert.notes import warn
 
 BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data"}
 #: How a ``.txt`` file is cut into documents: ``paragraphs`` (the default: text as written, newlines kept,
@@ -118,6 +119,34 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def describe_source(setting: str, data: str, split: str) -> str:
+    """How an error or warning names a text source: the setting that chose it, the source, and its split (only a
+    source with splits has one)."""
+    return f"{setting} '{data}'" + (f" (split {split})" if data in BUILTIN_DATA else "")
+
+
+def warn_builtin_data(model: Path, data: str, setting: str, hint: str) -> None:
+    """One warning line when ``setting`` uses the built-in corpus on a model it was not made for (decided by the
+    tokenizer, :func:`~bitnet_convert.checkpoint.uses_reference_tokenizer`); ``hint`` says what to give instead."""
+    if data in BUILTIN_DATA and not uses_reference_tokenizer(model):
+        warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{model}'; {hint}")
+
+
+def warn_positions(config: dict, seq_len: int, given: str, consequence: str = "") -> None:
+    """One warning line when windows of ``seq_len`` tokens (``given``: the setting as the user wrote it) run past
+    the model's ``max_position_embeddings``."""
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and seq_len > positions:
+        warn(f"{given} is longer than the model's max_position_embeddings ({positions}): positions beyond it were "
+             f"never trained{consequence}")
+
+
+def warn_no_bos(tokenizer, model: Path, consequence: str) -> None:
+    """One warning line when the tokenizer has no BOS token, so :func:`windows` cannot start windows with it."""
+    if tokenizer.bos_token_id is None:
+        warn(f"the tokenizer of {model} has no BOS token: {consequence}")
 
 
 def windows(stream: torch.Tensor, seq_len: int, bos_id: int | None = None, source: str = "the data",

@@ -25,7 +25,7 @@ from bitnet_convert.checkpoint import (
     tokenizer_fingerprint,
     uses_reference_tokenizer,
 )
-from bitnet_convert.data import token_stream, windows
+from bitnet_convert.data import token_stream, warn_no_bos, windows
 from bitnet_convert.errors import DataError
 from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
 from bitnet_convert.modeling import build_model
@@ -121,8 +121,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
                                   max_length=max_length, device=device, seed=seed, higher_is_better=higher_is_better)
     stats = None
     if texts:
-        if tokenizer.bos_token_id is None:
-            warn(f"the tokenizer of {checkpoint.path} has no BOS token: the sparsity windows start mid-text")
+        warn_no_bos(tokenizer, checkpoint.path, "the sparsity windows start mid-text")
         batches = windows(token_stream(tokenizer, texts), STATS_SEQ_LEN, tokenizer.bos_token_id,
                           "the evaluation documents", "the statistics window")
         steps = -(-batches.shape[0] // batch_size)

@@ -61,10 +61,7 @@ def build_model(
     for index in qwt.get("layers", []):
         attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
     state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
-    zero = [name for name, tensor in state.items() if not tensor.any()]
-    if zero:
-        warn(f"{checkpoint.path}: {len(zero)} tensor(s) are all zero (a broken upload?): "
-             + ", ".join(f"'{n}'" for n in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else ""))
+    _warn_zero(checkpoint, [name for name, tensor in state.items() if not tensor.any()], "tensor(s) are all zero")
     if config.tie_word_embeddings and "lm_head.weight" in state:
         if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
             raise CheckpointError(f"{checkpoint.path}: tie_word_embeddings is true but tensor 'lm_head.weight' differs "
@@ -152,10 +149,14 @@ def _warn_zero_linears(checkpoint: Checkpoint, linears: dict[str, QuantLinear]) 
     all_zero_byte = 0b01010101  # four ternary zeros, each stored as value + 1
     zero = [name for name, module in linears.items()
             if not module.weight_scale.item() or bool((module.weight == all_zero_byte).all())]
-    if zero:
-        shown = ", ".join(f"'{n}'" for n in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
-        warn(f"{checkpoint.path}: {len(zero)} linear(s) with all-zero weights (their output is always 0; a broken "
-             f"upload?): {shown}")
+    _warn_zero(checkpoint, zero, "linear(s) with all-zero weights, whose output is always 0")
+
+
+def _warn_zero(checkpoint: Checkpoint, names: list[str], what: str) -> None:
+    """One warning line for all the all-zero ``names`` (the first three named), a known way re-uploads break."""
+    if names:
+        shown = ", ".join(f"'{n}'" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warn(f"{checkpoint.path}: {len(names)} {what} (a broken upload?): {shown}")
 
 
 def _scratch(checkpoint: Checkpoint, names: list[str]) -> torch.Tensor | None:

@@ -24,8 +24,17 @@ from bitnet_convert.calibrate import (
     sequential_calibration,
 )
 from bitnet_convert.calibration_report import write_report
-from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint, uses_reference_tokenizer
-from bitnet_convert.data import BUILTIN_DATA, load_texts, sample_windows, token_stream
+from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint
+from bitnet_convert.data import (
+    BUILTIN_DATA,
+    describe_source,
+    load_texts,
+    sample_windows,
+    token_stream,
+    warn_builtin_data,
+    warn_no_bos,
+    warn_positions,
+)
 from bitnet_convert.errors import DataError, RecipeError
 from bitnet_convert.export import (
     atomic_directory,
@@ -217,12 +226,12 @@ def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoin
     spec = recipe.recovery.distill
     tokenizer = load_tokenizer(checkpoint.path)
     data, split, text_field, txt_documents = recipe.distill_data()
-    _warn_builtin_data(checkpoint, data, "recovery.distill.data")
+    warn_builtin_data(checkpoint.path, data, "recovery.distill.data", _OWN_TEXT.format("recovery.distill.data"))
     stream = _tokens(checkpoint, tokenizer, data, split, text_field, txt_documents)
     if data_used is not None:
         data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
-    _warn_no_bos(tokenizer, checkpoint)
-    _warn_positions(checkpoint, spec.seq_len, "recovery.distill.seq_len")
+    warn_no_bos(tokenizer, checkpoint.path, _NO_BOS)
+    warn_positions(checkpoint.config, spec.seq_len, f"recovery.distill.seq_len={spec.seq_len}")
     state_dir = _distill_state_dir(recipe)
     with progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
@@ -272,40 +281,25 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
     if spec.samples == 0:
         return None
     tokenizer = load_tokenizer(checkpoint.path)
-    _warn_builtin_data(checkpoint, spec.data, "calibration.data")
+    warn_builtin_data(checkpoint.path, spec.data, "calibration.data", _OWN_TEXT.format("calibration.data"))
     stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field, spec.txt_documents)
-    source = f"calibration.data '{spec.data}'" + (f" (split {spec.split})" if spec.data in BUILTIN_DATA else "")
-    _warn_positions(checkpoint, spec.seq_len, "calibration.seq_len")
+    source = describe_source("calibration.data", spec.data, spec.split)
+    warn_positions(checkpoint.config, spec.seq_len, f"calibration.seq_len={spec.seq_len}")
     ids = sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id, source,
                          "calibration.seq_len")
     if ids.shape[0] < spec.samples:
         warn(f"{source} holds only {ids.shape[0]} windows of {spec.seq_len} tokens ({ids.numel():,} tokens); "
              f"calibration.samples asks for {spec.samples}: calibrating on {ids.shape[0]}")
-    _warn_no_bos(tokenizer, checkpoint)
+    warn_no_bos(tokenizer, checkpoint.path, _NO_BOS)
     if data_used is not None:
         data_used["calibration"] = {"data": spec.data, "split": spec.split, "windows": int(ids.shape[0]),
                                     "tokens": int(ids.numel())}
     return ids
 
 
-def _warn_positions(checkpoint: Checkpoint, seq_len: int, setting: str) -> None:
-    positions = checkpoint.config.get("max_position_embeddings")
-    if isinstance(positions, int) and seq_len > positions:
-        warn(f"{setting}={seq_len} is longer than the model's max_position_embeddings ({positions}): positions "
-             "beyond it were never trained")
-
-
-def _warn_no_bos(tokenizer, checkpoint: Checkpoint) -> None:
-    if tokenizer.bos_token_id is None:
-        warn(f"the tokenizer of {checkpoint.path} has no BOS token: calibration and training windows start "
-             "mid-text, unlike windows that start with BOS")
-
-
-def _warn_builtin_data(checkpoint: Checkpoint, data: str, setting: str) -> None:
-    """One warning line when the built-in corpus is used on a model it was not made for."""
-    if data in BUILTIN_DATA and not uses_reference_tokenizer(checkpoint.path):
-        warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{checkpoint.path}'; "
-             f"give your own text (--calibration-data FILE, or --set {setting}=FILE)")
+#: What the warnings of the calibration and training windows say.
+_OWN_TEXT = "give your own text (--calibration-data FILE, or --set {0}=FILE)"
+_NO_BOS = "calibration and training windows start mid-text, unlike windows that start with BOS"
 
 
 def _tokens(checkpoint: Checkpoint, tokenizer, data: str, split: str, text_field: str,
