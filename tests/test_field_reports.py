@@ -266,6 +266,24 @@ def test_left_padded_batch_equals_single_prompts(kv3):
                 assert padded[i, width:].tolist() == single[0, len(row):].tolist()
 
 
+def test_left_padding_is_outside_per_channel_key_statistics_in_the_model(kv3):
+    from bitnet_convert.quant.kv import AttentionSpec, install, spec_of
+
+    model, tokenizer = kv3
+    paper = spec_of(model)
+    install(model, AttentionSpec(k_bits=3, v_bits=3, key_granularity="channel"))
+    try:
+        row = tokenizer("Anna is a kind baker who", return_tensors="pt").input_ids[0]
+        ids = torch.cat([torch.full((3,), tokenizer.pad_token_id), row])[None]
+        mask = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(len(row), dtype=torch.long)])[None]
+        with torch.no_grad():
+            padded = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[0, 3:]
+            alone = model(row[None]).logits[0]
+        assert (padded - alone).abs().max() <= 1e-4 * (alone.max() - alone.min())
+    finally:
+        install(model, paper)
+
+
 def test_lm_eval_batching_does_not_change_kv3_results(kv3):
     """lm-eval's two batching paths: log-likelihood batches (right padding) give the results of batch size 1,
     and its generation path (left padding through ``tok_batch_encode`` and ``generate``) the tokens of each prompt

@@ -163,8 +163,10 @@ def lowbit_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         if spec.q_bits is not None:
             query = through(query, fake_quantize(query, spec.q_bits, spec.method))
         if not getattr(key, _QUANTIZED, False):
-            # the BOS slot is the first real token of each row, after any left padding
-            first = first_real_positions(attention_mask) if spec.bos_bits is not None else None
+            # the BOS slot is the first real token of each row, after any left padding; per-channel key statistics
+            # skip that padding too
+            uses_first = spec.bos_bits is not None or spec.key_granularity == "channel"
+            first = first_real_positions(attention_mask) if uses_first else None
             if first is not None and first.numel() != key.shape[0]:
                 first = None
             if spec.k_bits is not None:
