@@ -136,6 +136,11 @@ def _check_device(device: str) -> None:
         _fail(f"--device '{device}' cannot be used on this machine ({reason}); use e.g. --device cpu")
 
 
+BackendOption = Annotated[
+    str,
+    typer.Option(help="native (integer CPU kernels), reference (torch fake-quantization) or auto (native when its "
+                 "kernels build here, else reference with a warning)."),
+]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
 CalibrationDataOption = Annotated[
@@ -290,6 +295,7 @@ def perplexity(
     txt_documents: Annotated[
         str, typer.Option(help="A .txt file's documents: paragraphs (blank-line separated, newlines kept) or lines.")
     ] = "paragraphs",
+    backend: BackendOption = "auto",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
     from bitnet_convert.checkpoint import open_checkpoint
@@ -303,11 +309,18 @@ def perplexity(
         windows,
     )
     from bitnet_convert.evaluate import perplexity as measure
-    from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
-    from bitnet_convert.modeling import build_model
+    from bitnet_convert.load import (
+        attention_of,
+        build_for_backend,
+        linear_overrides,
+        load_tokenizer,
+        resolve_backend,
+        scheme_of,
+    )
     from bitnet_convert.quant.schemes import PRESETS
 
     with _user_errors():
+        backend = resolve_backend(backend)  # an unknown name or unavailable kernels fail before any work
         checkpoint = open_checkpoint(path)
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
@@ -324,7 +337,7 @@ def perplexity(
                     "one measured on windows that start with BOS")
         attention = attention_of(checkpoint)
         overrides = {} if scheme else linear_overrides(checkpoint)
-        model = build_model(checkpoint, roles, attention=attention, overrides=overrides)
+        model = build_for_backend(checkpoint, name, roles, backend, attention=attention, overrides=overrides)
         if attention is not None and attention.enabled:
             name += f" + attention {attention.describe()}"
         steps = -(-batches.shape[0] // batch_size)
@@ -376,6 +389,7 @@ def eval_(
     no_baseline: Annotated[
         bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
     ] = False,
+    backend: BackendOption = "auto",
 ) -> None:
     """Evaluate the exported (reloaded) model with lm-eval, compare with a baseline, gate on regressions.
 
@@ -384,12 +398,14 @@ def eval_(
     from bitnet_convert.checkpoint import REPO_ROOT, resolve_model_path
     from bitnet_convert.errors import DataError
     from bitnet_convert.evaluate import evaluate, resolve_tasks
+    from bitnet_convert.load import backend_for_device
     from bitnet_convert.notes import collect, warn
     from bitnet_convert.recipe import load_recipe
     from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
 
     with _user_errors(), collect() as notes:
         _check_device(device)
+        backend = backend_for_device(backend, device)  # once: a fallback warning is given once
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
         models = [resolve_model_path(m) for m in (path, baseline_model) if m is not None]
@@ -428,7 +444,7 @@ def eval_(
                 _fail(mismatch)
             base = _skip_recipe_baseline(mismatch)
         settings = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "max_length": max_length,
-                    "device": device, "seed": seed}
+                    "device": device, "seed": seed, "backend": backend}
         with RichProgress() as progress:
             if baseline_model is not None:
                 base = evaluate(baseline_model, names, progress=progress, **settings)
@@ -479,6 +495,7 @@ def generate(
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (the global RNG is left as it was).")] = 0,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    backend: BackendOption = "auto",
 ) -> None:
     """Continue a prompt with the converted model, streaming tokens; K/V in a packed low-bit cache."""
     import time
@@ -486,14 +503,14 @@ def generate(
     import torch
     from transformers import DynamicCache, TextStreamer
 
-    from bitnet_convert.load import load, load_tokenizer
+    from bitnet_convert.load import backend_for_device, load, load_tokenizer
     from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, spec_of
 
     with _user_errors():
         _check_device(device)
         if bos_bits is not None and kv_bits is None:
             _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
-        model = load(path).to(device)
+        model = load(path, backend=backend_for_device(backend, device)).to(device)
         tokenizer = load_tokenizer(path)
     spec = spec_of(model)
     if kv_bits is not None:

@@ -27,3 +27,7 @@ class OutputError(BitNetConvertError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during long work; the message says what was kept and how to go on."""
+
+
+class BackendError(BitNetConvertError, ValueError):
+    """A backend that cannot run as asked (unknown name, native kernels unavailable, wrong device or dtype)."""

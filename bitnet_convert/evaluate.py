@@ -27,8 +27,14 @@ from bitnet_convert.checkpoint import (
 )
 from bitnet_convert.data import token_stream, warn_no_bos, windows
 from bitnet_convert.errors import DataError
-from bitnet_convert.load import attention_of, linear_overrides, load_tokenizer, scheme_of
-from bitnet_convert.modeling import build_model
+from bitnet_convert.load import (
+    attention_of,
+    backend_for_device,
+    build_for_backend,
+    linear_overrides,
+    load_tokenizer,
+    scheme_of,
+)
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.report import REPORT_FORMAT
 
@@ -79,10 +85,13 @@ def evaluate(
     seed: int = 0,
     stats_chars: int = 120_000,
     progress: Progress = SILENT,
+    backend: str = "reference",
 ) -> dict:
     """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
     disk: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same documents.
 
+    ``backend``: ``reference``, ``native`` (integer CPU kernels, ``device`` must be ``cpu``) or ``auto`` (native
+    when it can run here, see :func:`bitnet_convert.load.load`); the report's ``settings.backend`` says which ran.
     Returns the report ``bitnet-convert eval`` writes (``format`` :data:`~bitnet_convert.report.REPORT_FORMAT`).
     """
     from bitnet_convert.notes import collect
@@ -90,17 +99,18 @@ def evaluate(
     with collect() as warnings:
         report = _evaluate(path, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                            max_length=max_length, device=device, seed=seed, stats_chars=stats_chars,
-                           progress=progress)
+                           progress=progress, backend=backend)
     report["warnings"] = warnings
     return report
 
 
 def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device, seed, stats_chars,
-              progress) -> dict:
+              progress, backend) -> dict:
     from bitnet_convert import __version__
     from bitnet_convert.notes import warn
 
     start = time.perf_counter()
+    backend = backend_for_device(backend, device)
     checkpoint = open_checkpoint(str(path))
     preset, roles = scheme_of(checkpoint)
     attention = attention_of(checkpoint)
@@ -113,8 +123,8 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
     # loads every task's data and checks max_length against it: fails before the model is built
     texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=max_length)
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
-        model = build_model(checkpoint, roles, on_linear=lambda _name: advance(), attention=attention,
-                            overrides=linear_overrides(checkpoint))
+        model = build_for_backend(checkpoint, preset, roles, backend, on_linear=lambda _name: advance(),
+                                  attention=attention, overrides=linear_overrides(checkpoint))
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
         results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
@@ -137,7 +147,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
         "tokenizer": tokenizer_fingerprint(checkpoint.path),
         "tasks": tasks,
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
-                     "device": device, "seed": seed},
+                     "device": device, "seed": seed, "backend": backend},
         "results": results,
         "higher_is_better": {t: {m: bool(higher_is_better.get(t, {}).get(m, True)) for m in r}
                              for t, r in results.items()},

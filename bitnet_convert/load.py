@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, BitNetForCausalLM, PreTrainedTokenizerBase
 
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
-from bitnet_convert.errors import CheckpointError
+from bitnet_convert.errors import BackendError, CheckpointError
 from bitnet_convert.modeling import build_model
+from bitnet_convert.notes import warn
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
 
+Backend = Literal["native", "reference", "auto"]
+BACKENDS: tuple[str, ...] = ("native", "reference", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Files one of which a checkpoint needs for transformers to build its tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -52,17 +57,74 @@ def linear_overrides(checkpoint: Checkpoint) -> dict[str, ActivationSpec]:
         raise CheckpointError(f"{where} ({str(exc).splitlines()[0]})") from None
 
 
-def load(path: str | Path, dtype: str | torch.dtype = torch.float32) -> BitNetForCausalLM:
+def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
+         sparse_down: bool | None = None) -> BitNetForCausalLM:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
     For a bitnet-convert output this is the a4.8 model, numerically identical to the one that was exported.
     For an unconverted BitNet checkpoint (any layout) it is the W1.58A8 (``b158``) model.
+
+    ``backend``: ``reference`` (torch, fake-quantized, trainable), ``native`` (the integer CPU kernels of
+    :mod:`bitnet_convert.native`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
+    here, else reference with a warning). ``sparse_down`` (native only): run down_proj on the sparse-input kernel;
+    default: yes for a4.8 schemes, no for ``b158``. Raises :class:`~bitnet_convert.errors.CheckpointError` for a
+    bad checkpoint and :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run here.
     """
+    backend = resolve_backend(backend)
     checkpoint = open_checkpoint(path)
-    _, roles = scheme_of(checkpoint)
+    scheme, roles = scheme_of(checkpoint)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    return build_model(checkpoint, roles, dtype, attention=attention_of(checkpoint),
-                       overrides=linear_overrides(checkpoint))
+    return build_for_backend(checkpoint, scheme, roles, backend, dtype=dtype, attention=attention_of(checkpoint),
+                             overrides=linear_overrides(checkpoint), sparse_down=sparse_down)
+
+
+def backend_for_device(backend: str, device: str) -> Literal["native", "reference"]:
+    """:func:`resolve_backend` for a run on ``device``: the native kernels run on the CPU only, so ``auto`` means
+    reference elsewhere and ``native`` elsewhere is refused (:class:`~bitnet_convert.errors.BackendError`)."""
+    if device != "cpu" and backend != "reference":
+        if backend == "native":
+            raise BackendError(f"--backend native runs on the CPU; got --device {device} (use --backend reference)")
+        return "reference"
+    return resolve_backend(backend)
+
+
+def build_for_backend(
+    checkpoint: Checkpoint, scheme: str, roles: dict[Role, ActivationSpec], backend: Literal["native", "reference"],
+    *, dtype: torch.dtype = torch.float32, attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None, sparse_down: bool | None = None,
+    on_linear: Callable[[str], None] | None = None,
+) -> BitNetForCausalLM:
+    """:func:`~bitnet_convert.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
+    scheme's name (``b158`` runs down_proj dense on the native backend)."""
+    if backend == "native" and dtype != torch.float32:
+        raise BackendError(f"the native backend computes in float32; got dtype {dtype}")
+    model = build_model(checkpoint, roles, dtype, on_linear=on_linear, attention=attention, overrides=overrides,
+                        embeddings_as_stored=backend == "native")
+    if backend == "native":
+        from bitnet_convert import native
+
+        native.convert(model, scheme, sparse_down)
+    return model
+
+
+def resolve_backend(backend: str) -> Literal["native", "reference"]:
+    """``native`` or ``reference`` for a requested backend; ``auto`` is native when the kernels build here (else a
+    warning and the reference backend). Raises :class:`~bitnet_convert.errors.BackendError` for an unknown name
+    and its subclass :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run."""
+    if backend not in BACKENDS:
+        raise BackendError(f"--backend '{backend}' is unknown; expected one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return "reference"
+    from bitnet_convert import kernels
+
+    try:
+        kernels.ensure_built()
+    except kernels.NativeUnavailable as exc:
+        if backend == "native":
+            raise
+        warn(f"{exc}; using the reference backend")
+        return "reference"
+    return "native"
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

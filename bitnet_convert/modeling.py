@@ -38,12 +38,14 @@ def build_model(
     on_linear: Callable[[str], None] | None = None,
     attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
+    embeddings_as_stored: bool = False,
 ) -> BitNetForCausalLM:
     """A ``BitNetForCausalLM`` with every decoder linear replaced by a :class:`QuantLinear` of ``roles``.
 
     ``dtype`` is the compute dtype of the non-ternary tensors. ``on_linear(name)`` is called after each
     linear (progress reporting). ``attention`` quantizes Q/K/V inside attention (:mod:`bitnet_convert.quant.kv`).
-    ``overrides`` gives single linears (by module name) their own activation spec.
+    ``overrides`` gives single linears (by module name) their own activation spec. ``embeddings_as_stored`` keeps
+    the embedding and lm_head tables in the checkpoint's dtype (the native backend converts them itself).
     """
     config = architecture_config(checkpoint)
     with torch.device("meta"):
@@ -60,7 +62,8 @@ def build_model(
     qwt = (checkpoint.a48_spec or {}).get("qwt") or {}
     for index in qwt.get("layers", []):
         attach(model.model.layers[index], Compensation(qwt["form"], config.hidden_size, qwt.get("rank")))
-    state = {name: tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
+    kept = ("model.embed_tokens.weight", "lm_head.weight") if embeddings_as_stored else ()
+    state = {name: tensor if name in kept else tensor.to(dtype) for name, tensor in checkpoint.other_tensors()}
     _warn_zero(checkpoint, [name for name, tensor in state.items() if not tensor.any()], "tensor(s) are all zero")
     if config.tie_word_embeddings and "lm_head.weight" in state:
         if not torch.equal(state.pop("lm_head.weight"), state["model.embed_tokens.weight"]):
@@ -174,5 +177,8 @@ def set_input_spec(module: QuantLinear, spec: ActivationSpec) -> None:
 
 
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
-    """Every :class:`QuantLinear` of a model by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """Every ternary linear of a model by module name: :class:`QuantLinear` s, and the native backend's
+    ``NativeLinear`` s (same ``in_features``, ``out_features``, ``spec``, ``quantizer_input``)."""
+    from bitnet_convert.native import NativeLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, NativeLinear))}

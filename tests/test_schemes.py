@@ -257,7 +257,10 @@ def test_quant_linear_forward_equals_hand_formula(role: str) -> None:
     layer = QuantLinear.from_ternary(codes, alpha, spec)
     x = torch.randn(2, 5, 20, generator=gen)
     xq = spec.quantizer()(x)
-    expected = tF.linear(xq, codes.float()) * alpha
+    # inference sums the integer codes exactly, then scales once: ((codes · Tᵀ) / s) · α
+    integer, s = spec.integer_codes(x)
+    assert torch.equal(integer / s, xq)
+    expected = tF.linear(integer, codes.float()) / s * alpha
     assert torch.equal(layer(x), expected)
     # and the same by explicit sums, y[..., o] = α · Σ_i xq[..., i] · T[o, i]
     by_hand = (xq.unsqueeze(-2) * codes.float()).sum(dim=-1) * 0.37
@@ -293,8 +296,11 @@ def test_quant_linear_bf16_input_gives_bf16_output() -> None:
     x = torch.randn(3, 3, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    expected = tF.linear(F.int8_absmax(x), CODES.to(torch.bfloat16)) * torch.tensor(0.5, dtype=torch.bfloat16)
+    integer, s = INT8.integer_codes(x)
+    expected = tF.linear(integer.bfloat16(), CODES.to(torch.bfloat16)) / s.bfloat16() * torch.tensor(0.5).bfloat16()
     assert torch.equal(y, expected)
+    torch.testing.assert_close(y.float(), tF.linear(F.int8_absmax(x.float()), CODES.float()) * 0.5, rtol=1e-2,
+                               atol=1e-2)
 
 
 def test_quant_linear_sees_new_weights() -> None:

@@ -68,10 +68,25 @@ def ternary_absmean_ste(w: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- activations
 
 
+def absmax_scale(xf: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token multiplier of absmax quantization: ``s = (2^(bits−1) − 1) / max(max|X|, EPS)``, fp32 ``[..., 1]``
+    for fp32 ``xf [..., d]``. The integer codes are ``RoundClip(X · s, −2^(bits−1), 2^(bits−1) − 1)``; the native
+    kernels reproduce this exact fp32 arithmetic (``qp / t`` is ``t.reciprocal() * qp`` in torch)."""
+    qp = 2 ** (bits - 1) - 1
+    return qp / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+
+
+def absmean_scale(xf: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token multiplier of absmean quantization: ``s = √(2^(bits−1) − 1) / max(mean|X|, EPS)``, fp32
+    ``[..., 1]`` (a4.8 Eq. 6–7 for 4 bits: ``√7/β``). The native backend calls this same function."""
+    qp = 2 ** (bits - 1) - 1
+    return math.sqrt(qp) / xf.abs().mean(dim=-1, keepdim=True).clamp(min=EPS)
+
+
 def int8_absmax(x: torch.Tensor) -> torch.Tensor:
     """Per-token INT8 absmax (b1.58 Eq. 4): ``γ/127 · RoundClip(127/γ · X, −128, 127)``, ``γ = max|X|``."""
     xf = x.float()
-    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    s = absmax_scale(xf, 8)
     return (round_clip(xf * s, -128, 127) / s).to(x.dtype)
 
 
@@ -81,7 +96,7 @@ def absmax_int(x: torch.Tensor, bits: int) -> torch.Tensor:
         return int8_absmax(x)
     qp = 2 ** (bits - 1) - 1
     xf = x.float()
-    s = qp / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    s = absmax_scale(xf, bits)
     return (round_clip(xf * s, -qp - 1, qp) / s).to(x.dtype)
 
 
@@ -93,7 +108,7 @@ def absmean_int(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """
     qp = 2 ** (bits - 1) - 1
     xf = x.float()
-    s = math.sqrt(qp) / xf.abs().mean(dim=-1, keepdim=True).clamp(min=EPS)
+    s = absmean_scale(xf, bits)
     return (round_clip(xf * s, -qp - 1, qp) / s).to(x.dtype)
 
 
@@ -113,6 +128,32 @@ def topk_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
 def topk_sparsify(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep the top ``ratio`` share of ``|x|`` per token and zero the rest."""
     return x * topk_mask(x, ratio)
+
+
+def integer_codes(x: torch.Tensor, method: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token integer codes and multiplier of a quantized activation: ``(codes, s)`` with ``x̂ = codes / s``.
+
+    ``x``: float ``[..., d]``; returns fp32 ``codes [..., d]`` (integer-valued) and fp32 ``s [..., 1]``.
+    ``absmax``/``absmean``: ``RoundClip(x · s)`` with :func:`absmax_scale`/:func:`absmean_scale`, the codes of
+    :func:`absmax_int`/:func:`absmean_int`. ``fp4_e2m1``: the E2M1 value of :func:`fp4_e2m1_minmax` in units of
+    ``max|x| / 12`` (the E2M1 grid ×2: integers in [−12, 12]), ``s = 12 / max|x|``. An integer product
+    ``codes · T`` of ternary ``T`` is exact in fp32 while its sums stay below 2^24, so ``(codes · T) / s`` does not
+    depend on the order of summation: the reference and native backends compute the same numbers with it.
+    Raises ``ValueError`` for a method without integer codes.
+    """
+    xf = x.float()
+    if method in ("absmax", "absmean"):
+        qp = 2 ** (bits - 1) - 1
+        s = absmax_scale(xf, bits) if method == "absmax" else absmean_scale(xf, bits)
+        return round_clip(xf * s, -qp - 1, qp), s
+    if method == "fp4_e2m1":
+        s = FP4_UNITS / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+        return round_clip(fp4_e2m1_minmax(xf) * s, -FP4_UNITS, FP4_UNITS), s
+    raise ValueError(f"activation method {method!r} has no integer codes")
+
+
+#: E2M1 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6} × 2 are the integers up to 12, in units of max|x| / 12.
+FP4_UNITS = 12
 
 
 def fp4_e2m1_minmax(x: torch.Tensor, exp_bits: int = 2, man_bits: int = 1) -> torch.Tensor:

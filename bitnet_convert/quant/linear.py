@@ -2,9 +2,12 @@
 
 ``y = (Q_act(x) · Tᵀ) · α`` with ``T`` ∈ {−1, 0, 1} stored 2-bit packed (transformers' layout) and ``α`` the
 absmean scale — the arithmetic of transformers' offline ``AutoBitLinear``, so a ``b158`` module and stock
-transformers give the same numbers. State-dict names match that layout: ``weight`` (uint8) and
-``weight_scale`` (fp32, multiplies). A checkpoint with ``quantization_config.use_rms_norm`` puts an RMSNorm on
-the input before the quantizer (``rms_norm.weight``), as transformers' BitNet linears do.
+transformers give the same numbers up to fp32 rounding. Inference computes it as ``((codes · Tᵀ) / s) · α`` with
+the integer codes and multiplier ``s`` of the input (``x̂ = codes / s``): the integer product is exact in fp32, so
+the result does not depend on the order of summation and the native kernels reproduce it bit for bit.
+State-dict names match that layout: ``weight`` (uint8) and ``weight_scale`` (fp32, multiplies). A checkpoint
+with ``quantization_config.use_rms_norm`` puts an RMSNorm on the input before the quantizer (``rms_norm.weight``),
+as transformers' BitNet linears do.
 
 A new module is in eval mode. In training mode (``module.train()``, used by the distillation fine-tune) the
 forward is quantization-aware: straight-through estimators through the input quantizer (top-K included) and,
@@ -91,7 +94,12 @@ class QuantLinear(nn.Module):
         x = self.quantizer_input(x)
         if self.training:
             return self._forward_train(x)
-        y = tF.linear(self._quantize_input(x), self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
+        quantized = self.spec.integer_codes(x)
+        if quantized is None:  # full-precision input
+            y = tF.linear(x, self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
+        else:  # integer codes times ternary weights: exact in fp32 (sums < 2^24), then one scaling per output
+            codes, s = quantized
+            y = tF.linear(codes.to(x.dtype), self.dense_weight(x.dtype)) / s.to(x.dtype) * self.weight_scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y

@@ -69,16 +69,28 @@ class ActivationSpec(BaseModel):
     def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The fake-quant function this spec describes (sparsify first, then quantize)."""
         base = _BASE[self.method]
-        bits, topk, threshold = self.bits, self.topk, self.threshold
+        bits, sparsify = self.bits, self.sparsify
 
         def quantize(x: torch.Tensor) -> torch.Tensor:
-            if topk is not None and topk < 1.0:
-                x = F.topk_sparsify(x, topk)
-            elif threshold is not None:
-                x = torch.where(x.abs() >= threshold, x, torch.zeros((), dtype=x.dtype))
-            return base(x, bits)
+            return base(sparsify(x), bits)
 
         return quantize
+
+    def integer_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(codes, s)`` of the sparsified input (:func:`~bitnet_convert.quant.functional.integer_codes`);
+        ``None`` for a full-precision input (``method: none``)."""
+        if self.method == "none":
+            return None
+        return F.integer_codes(self.sparsify(x), self.method, self.bits)
+
+    def sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        """The sparsification step alone: top-K per token (a4.8 Eq. 1) or the static threshold; ``x`` itself
+        when the spec has neither. Shared by the reference quantizer and the native backend."""
+        if self.topk is not None and self.topk < 1.0:
+            return F.topk_sparsify(x, self.topk)
+        if self.threshold is not None:
+            return torch.where(x.abs() >= self.threshold, x, torch.zeros((), dtype=x.dtype))
+        return x
 
     def describe(self) -> str:
         """Short human label, e.g. ``INT4 absmean`` or ``top-50% INT8 absmax``."""

@@ -1,0 +1,174 @@
+"""Native CPU kernels: build on first use, run-time ISA choice, weight repacking.
+
+The C++ source (``a48_kernels.cpp``) is compiled with ``torch.utils.cpp_extension`` the first time a native op is
+needed and cached in ``$XDG_CACHE_HOME/bitnet-convert/kernels/<key>`` (default ``~/.cache``), where the key hashes
+the source, torch's version, the Python version and the machine; a changed source or a different machine builds
+anew, concurrent first uses wait for one build (cpp_extension's own lock). The ops register under
+``torch.ops.bitnet_convert``.
+
+Each op takes an ``isa``: ``ISA_SCALAR`` (portable C++) or ``ISA_AVX2``; :func:`isa` picks AVX2 when the CPU has
+AVX2 and FMA, unless ``BITNET_CONVERT_ISA=scalar``. Both paths give bit-identical results (tested).
+
+Without a C++ compiler (or when the build fails) :func:`ensure_built` raises :class:`NativeUnavailable` with one
+line saying why; ``backend="auto"`` then falls back to the reference backend with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet_convert.errors import BackendError
+from bitnet_convert.quant.packing import unpack_ternary
+
+SOURCE = Path(__file__).with_name("a48_kernels.cpp")
+#: Inputs (or outputs) per packed block of the kernels' layouts; K and N are padded to a multiple of it.
+BLOCK = 128
+ISA_SCALAR, ISA_AVX2 = 0, 1
+ISA_ENV = "BITNET_CONVERT_ISA"
+CFLAGS = ["-O3", "-std=c++17"]
+
+_state: dict[str, object] = {}
+
+
+class NativeUnavailable(BackendError):
+    """The native backend cannot run here (no compiler, failed build, unsupported platform)."""
+
+
+def cache_root() -> Path:
+    """Where built kernels are cached (per machine: ``$XDG_CACHE_HOME`` or ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-convert" / "kernels"
+
+
+def build_key() -> str:
+    """Hash of everything a build depends on: source, flags, torch and Python versions, machine."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (" ".join(CFLAGS), torch.__version__, sys.version, platform.machine(), platform.platform()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def _compiler() -> str | None:
+    name = os.environ.get("CXX", "c++")
+    return shutil.which(name) or (shutil.which("g++") if "CXX" not in os.environ else None)
+
+
+def ensure_built() -> float:
+    """Build (once per machine and source) and load the kernels; returns the seconds spent (0 when cached/loaded).
+
+    Raises :class:`NativeUnavailable` with a one-line reason when no C++ compiler is found or the build fails (the
+    compiler output is kept in ``build.log`` of the build directory).
+    """
+    if "loaded" in _state:
+        return 0.0
+    if "error" in _state:
+        raise NativeUnavailable(str(_state["error"]))
+    start = time.perf_counter()
+    try:
+        _build_and_load()
+    except NativeUnavailable as exc:
+        _state["error"] = str(exc)
+        raise
+    _state["loaded"] = True
+    return time.perf_counter() - start
+
+
+def _build_and_load() -> None:
+    if platform.system() == "Windows":
+        raise NativeUnavailable("native backend unavailable: the kernels build on Linux and macOS only")
+    name = f"bitnet_convert_kernels_{build_key()}"
+    directory = cache_root() / name
+    library = directory / f"{name}.so"
+    if not library.is_file():  # a cached build needs no compiler
+        if _compiler() is None:
+            raise NativeUnavailable(f"native backend unavailable: no C++ compiler ({os.environ.get('CXX', 'c++')} not "
+                                    "found on PATH; install g++ or clang++, or set CXX)")
+        _add_ninja_to_path()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NativeUnavailable(f"native backend unavailable: cannot create {directory} ({exc.strerror})") from None
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
+                           is_python_module=False, verbose=False)
+    except (RuntimeError, OSError, ImportError, SystemExit) as exc:
+        log = directory / "build.log"
+        log.write_text(str(exc))
+        raise NativeUnavailable(f"native backend unavailable: building the kernels failed (compiler output in {log})")\
+            from None
+
+
+def _add_ninja_to_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the ``ninja`` package's binary is there only in an activated venv."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise NativeUnavailable("native backend unavailable: ninja not found (pip install ninja)") from None
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def available() -> bool:
+    """Whether the native kernels can run here (builds them on first call)."""
+    try:
+        ensure_built()
+    except NativeUnavailable:
+        return False
+    return True
+
+
+def isa() -> int:
+    """The instruction set the ops use: AVX2 when the CPU has it, unless ``BITNET_CONVERT_ISA=scalar``."""
+    ensure_built()
+    wanted = os.environ.get(ISA_ENV, "auto").lower()
+    if wanted not in ("auto", "avx2", "scalar"):
+        raise NativeUnavailable(f"{ISA_ENV}={wanted!r}: expected auto, avx2 or scalar")
+    has_avx2 = bool(torch.ops.bitnet_convert.cpu_has_avx2())
+    if wanted == "avx2" and not has_avx2:
+        raise NativeUnavailable(f"{ISA_ENV}=avx2 but this CPU has no AVX2/FMA")
+    return ISA_AVX2 if has_avx2 and wanted != "scalar" else ISA_SCALAR
+
+
+def padded(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`BLOCK`."""
+    return -(-n // BLOCK) * BLOCK
+
+
+def _interleave(u: torch.Tensor) -> torch.Tensor:
+    """uint8 values ``[R, C]`` (C % 128 == 0, values 0..2) → ``[R, C/4]``: byte ``i`` of each 128-block holds
+    elements ``32p + i`` in bits ``2p..2p+1``."""
+    rows, cols = u.shape
+    planes = u.view(rows, cols // BLOCK, 4, 32)
+    out = planes[:, :, 0].clone()
+    for p in range(1, 4):
+        out |= planes[:, :, p] << (2 * p)
+    return out.reshape(rows, cols // 4)
+
+
+def rows_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The dense kernels' layout from transformers' packing: uint8 ``[N/4, K]`` → ``[N, Kp/4]`` (see the C++
+    file). Memory stays 2 bits per weight plus padding to a multiple of 128 inputs."""
+    u = (unpack_ternary(packed) + 1).view(torch.uint8)  # [N, K], value + 1
+    n, k = u.shape
+    full = torch.ones(n, padded(k), dtype=torch.uint8)
+    full[:, :k] = u
+    return _interleave(full)
+
+
+def cols_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The sparse-input kernel's layout: uint8 ``[N/4, K]`` → ``[Kp, Np/4]`` (column-major, see the C++ file)."""
+    u = (unpack_ternary(packed) + 1).view(torch.uint8)
+    n, k = u.shape
+    full = torch.ones(padded(k), padded(n), dtype=torch.uint8)
+    full[:k, :n] = u.t()
+    return _interleave(full)

@@ -1,0 +1,195 @@
+"""The native backend: a model built by :func:`bitnet_convert.modeling.build_model` with its linears, embeddings and
+lm_head moved onto the integer CPU kernels of :mod:`bitnet_convert.kernels`.
+
+What runs where:
+
+* every ternary linear whose input is quantized (absmax, absmean, FP4 E2M1) becomes a :class:`NativeLinear`: the
+  input is quantized per token to int8 codes and one fp32 multiplier ``s`` (codes identical to
+  :mod:`bitnet_convert.quant.functional`), multiplied with the 2-bit weight with exact int32 sums, and scaled once:
+  ``y = acc / s · α``. The reference backend computes the same ``(codes · T) / s · α`` in fp32, where the integer
+  product is exact, so the linears agree bit for bit and the models differ only in the lm_head's summation order;
+* linears with a sparse input use the sparse-input kernel, which reads only the weight columns of non-zero codes:
+  top-K or threshold specs (a4.8's o_proj), and down_proj (relu², mostly zeros) in every scheme but ``b158``, which
+  runs dense as b1.58 engines do (``sparse_down`` overrides that);
+* FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
+  kernels with codes in [−12, 12];
+* embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
+  exact, and the lm_head runs on the bf16-weight GEMM kernel because torch's bf16 matmul on a CPU without bf16
+  arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel); fp32 stays fp32 (torch's
+  BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch, fp32, as in the
+  reference backend;
+* a linear with a full-precision input (``method: none``) stays on the reference code path.
+
+The native model is for inference: it has no gradients and no training forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitnet_convert import kernels
+from bitnet_convert.quant import functional as F
+from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.quant.schemes import ActivationSpec, role_of
+
+
+def _ops():
+    return torch.ops.bitnet_convert
+
+
+def quantize(x: torch.Tensor, spec: ActivationSpec, isa: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token integer codes of ``x`` under ``spec``, as the kernels want them.
+
+    ``x``: fp32 ``[T, K]``. Returns ``(codes int8 [T, Kp], s fp32 [T], sums int32 [T])`` with ``Kp`` = ``K`` padded
+    to a multiple of 128 (zero codes), ``s`` the multiplier (``x̂ = codes / s``) and ``sums`` the code sum of each
+    token. The codes and ``s`` equal :func:`bitnet_convert.quant.functional.integer_codes`: absmax runs wholly in
+    the kernel (a maximum is exact in any order, and the kernel repeats torch's fp32 operations); absmean and FP4
+    take ``s`` (and the E2M1 values) from the same torch functions, whose sums the kernel could not reproduce bit
+    for bit, and round in the kernel. Raises ``ValueError`` for ``method: none``.
+    """
+    x = spec.sparsify(x)
+    if spec.method == "absmax":
+        return _ops().quantize_absmax(x.contiguous(), spec.bits, isa)
+    if spec.method == "absmean":
+        qp = 2 ** (spec.bits - 1) - 1
+        s = F.absmean_scale(x, spec.bits).reshape(-1).contiguous()
+        codes, sums = _ops().quantize_scaled(x.contiguous(), s, -qp - 1, qp, isa)
+        return codes, s, sums
+    if spec.method == "fp4_e2m1":
+        s = (F.FP4_UNITS / x.abs().amax(dim=-1, keepdim=True).clamp(min=F.EPS)).reshape(-1).contiguous()
+        values = F.fp4_e2m1_minmax(x).contiguous()
+        codes, sums = _ops().quantize_scaled(values, s, -F.FP4_UNITS, F.FP4_UNITS, isa)
+        return codes, s, sums
+    raise ValueError(f"no integer codes for activation method {spec.method!r}")
+
+
+class NativeLinear(nn.Module):
+    """A ternary linear on the integer kernels (see the module docstring); built from a :class:`QuantLinear`.
+
+    ``weight``: uint8, the dense kernel's row layout ``[N, Kp/4]`` or, when ``sparse``, the sparse-input kernel's
+    column layout ``[Kp, Np/4]``: 2 bits per weight plus padding to multiples of 128. Input ``[..., K]`` of any
+    float dtype, output ``[..., N]`` in that dtype (computed in fp32).
+    """
+
+    def __init__(self, source: QuantLinear, sparse: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.spec = source.spec
+        self.sparse = sparse
+        self.isa = kernels.isa()
+        layout = kernels.cols_layout if sparse else kernels.rows_layout
+        self.register_buffer("weight", layout(source.weight.cpu()))
+        self.alpha = float(source.weight_scale.item())
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().float().clone())
+        self.rms_norm = source.rms_norm
+        self._quantize_input = source.spec.quantizer()  # the fake quantizer, for activation statistics
+        #: zero share of the quantized inputs seen since the last reset, as (zeros, total) when ``record_zeros``
+        self.record_zeros = False
+        self.zeros = [0, 0]
+
+    def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the input quantizer sees of the module input ``x`` (after the optional input RMSNorm)."""
+        return x if self.rms_norm is None else self.rms_norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quantizer_input(x)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).float().contiguous()
+        codes, s, sums = quantize(flat, self.spec, self.isa)
+        if self.record_zeros:
+            self.zeros[0] += round(_ops().zero_share(codes, self.in_features) * flat.numel())
+            self.zeros[1] += flat.numel()
+        if self.sparse:
+            y = _ops().ternary_gemm_sparse(codes, sums, s, self.weight, self.out_features, self.alpha, self.isa)
+        else:
+            y = _ops().ternary_gemm(codes, sums, s, self.weight, self.alpha, self.isa)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
+        return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}, " \
+               f"kernel={kernel}"
+
+
+class Bf16Linear(nn.Module):
+    """A bias-free linear with a bf16 weight ``[N, K]`` run by the bf16-weight GEMM kernel (fp32 products and
+    sums); input ``[..., K]``, output fp32 ``[..., N]``. Used for the lm_head of bf16 exports."""
+
+    def __init__(self, weight: nn.Parameter | torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.isa = kernels.isa()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        return _ops().bf16_gemm(flat, self.weight, self.isa).reshape(*lead, self.weight.shape[0])
+
+
+class UpcastEmbedding(nn.Embedding):
+    """An embedding that stores its table in a narrow dtype and returns fp32 rows (exact for bf16/fp16)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def convert(model: nn.Module, scheme: str, sparse_down: bool | None = None) -> nn.Module:
+    """Move a model from :func:`~bitnet_convert.modeling.build_model` onto the native kernels, in place.
+
+    ``scheme``: the scheme name the checkpoint declares (``b158`` runs down_proj dense unless ``sparse_down``).
+    Each linear is replaced one at a time, so the peak memory is the model plus one linear. Raises
+    :class:`~bitnet_convert.kernels.NativeUnavailable` when the kernels cannot be built.
+    """
+    kernels.ensure_built()
+    down_sparse = scheme != "b158" if sparse_down is None else sparse_down
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantLinear) or module.spec.method == "none":
+            continue
+        sparse = (module.spec.topk is not None and module.spec.topk < 1.0) or module.spec.threshold is not None
+        sparse = sparse or (role_of(name) == "down" and down_sparse)
+        model.set_submodule(name, NativeLinear(module, sparse))
+    _convert_embeddings(model)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _convert_embeddings(model: nn.Module) -> None:
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    weight = embed.weight
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        weight = nn.Parameter(weight.detach().float(), requires_grad=False)  # fp16: no fp16 kernel, fp32 once
+    model.set_input_embeddings(UpcastEmbedding(weight.shape[0], weight.shape[1], padding_idx=embed.padding_idx,
+                                               _weight=weight.detach(), _freeze=True))
+    if head is None:
+        return
+    head_weight = weight if tied else head.weight
+    if head_weight.dtype == torch.bfloat16:
+        model.set_output_embeddings(Bf16Linear(head_weight))
+    elif head_weight.dtype != torch.float32:
+        head.weight = nn.Parameter(head_weight.detach().float(), requires_grad=False)
+
+
+def linear_zero_shares(model: nn.Module) -> dict[str, float]:
+    """Measured zero share of the quantized inputs per role (``o``, ``down``, …) since the last
+    :func:`record_zeros` ``(model, True)``."""
+    totals: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, NativeLinear) and module.zeros[1]:
+            acc = totals.setdefault(role_of(name) or name, [0, 0])
+            acc[0] += module.zeros[0]
+            acc[1] += module.zeros[1]
+    return {role: zeros / total for role, (zeros, total) in totals.items()}
+
+
+def record_zeros(model: nn.Module, on: bool) -> None:
+    """Start (``on``, counters reset) or stop counting zero input codes in every :class:`NativeLinear`."""
+    for module in model.modules():
+        if isinstance(module, NativeLinear):
+            module.record_zeros = on
+            if on:
+                module.zeros = [0, 0]
