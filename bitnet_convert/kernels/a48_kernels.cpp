@@ -273,8 +273,9 @@ at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const a
   const float* sp = scale.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t kRowTile = 8;
-  const int64_t grain = T == 1 ? 64 : kRowTile;
+  // 64 rows of weights (<= 64 · Kp/4 bytes) stay in L2 while a 4-token tile of codes sits in L1
+  constexpr int64_t kRowTile = 64;
+  const int64_t grain = T == 1 ? 64 : 16;
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
       const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
