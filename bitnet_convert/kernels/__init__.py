@@ -33,7 +33,10 @@ SOURCE = Path(__file__).with_name("a48_kernels.cpp")
 BLOCK = 128
 ISA_SCALAR, ISA_AVX2 = 0, 1
 ISA_ENV = "BITNET_CONVERT_ISA"
-CFLAGS = ["-O3", "-std=c++17"]
+# at::parallel_for is an inline template: without -fopenmp it compiles to a serial loop. The loader reuses the
+# libgomp.so.1 torch already loaded (same soname), so there is one OpenMP runtime. Apple's clang has no -fopenmp.
+OPENMP = [] if platform.system() == "Darwin" else ["-fopenmp"]
+CFLAGS = ["-O3", "-std=c++17", *OPENMP]
 
 _state: dict[str, object] = {}
 
@@ -98,8 +101,8 @@ def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
+                           build_directory=str(directory), is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as exc:
         log = directory / "build.log"
         log.write_text(str(exc))
@@ -166,9 +169,12 @@ def rows_layout(packed: torch.Tensor) -> torch.Tensor:
 
 
 def cols_layout(packed: torch.Tensor) -> torch.Tensor:
-    """The sparse-input kernel's layout: uint8 ``[N/4, K]`` → ``[Kp, Np/4]`` (column-major, see the C++ file)."""
+    """The sparse-input kernel's layout: uint8 ``[N/4, K]`` → ``[Np/256, Kp, 64]`` (block-major columns: one
+    64-byte line holds one input's weights for 256 outputs; see the C++ file)."""
     u = (unpack_ternary(packed) + 1).view(torch.uint8)
     n, k = u.shape
-    full = torch.ones(padded(k), padded(n), dtype=torch.uint8)
+    n_pad = -(-n // (2 * BLOCK)) * 2 * BLOCK
+    full = torch.ones(padded(k), n_pad, dtype=torch.uint8)
     full[:k, :n] = u.t()
-    return _interleave(full)
+    lines = _interleave(full).view(padded(k), n_pad // (2 * BLOCK), 2 * BLOCK // 4)  # [Kp, Np/256, 64]
+    return lines.transpose(0, 1).contiguous()

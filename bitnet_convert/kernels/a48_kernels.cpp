@@ -11,10 +11,10 @@
 // Weight layouts (built by bitnet_convert/kernels/__init__.py from the checkpoint's packing):
 //   rows  [N, Kp/4] uint8: row n holds its Kp inputs in blocks of 128; byte i (0..31) of block b holds the weights
 //         of inputs b*128 + 32*p + i in bits 2p..2p+1 (p = 0..3), stored as value + 1 in {0, 1, 2}.
-//   cols  [Kp, Np/4] uint8: the transpose: column k holds its Np outputs in blocks of 128, byte i of block b holding
-//         outputs b*128 + 32*p + i in bits 2p..2p+1. Used by the sparse-input GEMV, which reads only the columns of
-//         non-zero inputs.
-// Kp (Np) is K (N) rounded up to a multiple of 128; padding weights are 0 (stored 1) and padding inputs are 0.
+//   cols  [Np/256, Kp, 64] uint8, block-major: for each block of 256 outputs, one 64-byte line per input column
+//         (see ternary_gemm_sparse). Used by the sparse-input GEMV, which reads only the lines of non-zero inputs.
+// Kp is K rounded up to a multiple of 128, Np is N rounded up to a multiple of 256; padding weights are 0 (stored
+// 1) and padding inputs are 0.
 //
 // With weights stored as u = w + 1, sum_k w_k x_k = sum_k u_k x_k - sum_k x_k: the AVX2 path multiplies the
 // unsigned u bytes with the signed int8 codes (vpmaddubsw, no saturation possible: |2·2·128| < 2^15) and
@@ -310,89 +310,121 @@ at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const a
 
 // Active inputs of one token: column indices with a non-zero code, padded to an even count with a zero-code entry
 // so the AVX2 path can take them in pairs.
+// `pair[j]` packs the codes of columns col[2j] and col[2j + 1] as the int16 the AVX2 path broadcasts.
 struct Active {
   std::vector<int32_t> col;
   std::vector<int8_t> val;
+  std::vector<int16_t> pair;
 };
 
 Active active_columns(const int8_t* x, int64_t Kp) {
   Active a;
-  for (int64_t k = 0; k < Kp; ++k)
-    if (x[k] != 0) {
-      a.col.push_back(static_cast<int32_t>(k));
-      a.val.push_back(x[k]);
-    }
-  if (a.col.size() % 2) {
-    a.col.push_back(0);
-    a.val.push_back(0);
+  a.col.resize(Kp + 1);
+  a.val.resize(Kp + 1);
+  size_t n = 0;
+  for (int64_t k = 0; k < Kp; ++k) {  // branch-free: the zero pattern is random
+    a.col[n] = static_cast<int32_t>(k);
+    a.val[n] = x[k];
+    n += x[k] != 0;
   }
+  if (n % 2) {
+    a.col[n] = 0;
+    a.val[n] = 0;
+    ++n;
+  }
+  a.col.resize(n);
+  a.val.resize(n);
+  a.pair.resize(n / 2);
+  for (size_t j = 0; j < n / 2; ++j)
+    a.pair[j] = static_cast<int16_t>(static_cast<uint8_t>(a.val[2 * j]) |
+                                     (static_cast<uint16_t>(static_cast<uint8_t>(a.val[2 * j + 1])) << 8));
   return a;
 }
 
-// acc[o] (o < 128, one output block) = sum over active k of u[o, k] · x[k], the `cols` layout.
-void sparse_block_scalar(const uint8_t* w, int64_t col_stride, int64_t block, const Active& a, int32_t* acc) {
-  for (int o = 0; o < kBlock; ++o) acc[o] = 0;
+// The `cols` layout, block-major: [Np/256][Kp][64] uint8. For output block c (256 outputs) and input column k, one
+// 64-byte cache line holds the column's 256 weights: bytes 32h + i (h = 0, 1; i = 0..31) hold outputs
+// 256c + 128h + 32p + i in bits 2p..2p+1. A column whose code is zero is never read, so the bytes read from memory
+// are the active share of the weight, line for line.
+constexpr int64_t kColBlock = 256;
+constexpr int64_t kLine = 64;
+
+// acc[o] (o < 256, output block c) = sum over active k of u[o, k] · x[k].
+void sparse_block_scalar(const uint8_t* w, int64_t Kp, int64_t c, const Active& a, int32_t* acc) {
+  for (int o = 0; o < kColBlock; ++o) acc[o] = 0;
+  const uint8_t* region = w + c * Kp * kLine;
   for (size_t j = 0; j < a.col.size(); ++j) {
-    const uint8_t* wb = w + a.col[j] * col_stride + block * 32;
+    const uint8_t* line = region + static_cast<int64_t>(a.col[j]) * kLine;
     const int32_t v = a.val[j];
-    for (int p = 0; p < 4; ++p)
-      for (int i = 0; i < 32; ++i) acc[32 * p + i] += static_cast<int32_t>((wb[i] >> (2 * p)) & 3) * v;
+    for (int h = 0; h < 2; ++h)
+      for (int p = 0; p < 4; ++p)
+        for (int i = 0; i < 32; ++i)
+          acc[128 * h + 32 * p + i] += static_cast<int32_t>((line[32 * h + i] >> (2 * p)) & 3) * v;
   }
 }
 
 #if BC_X86
-// Pairs of active columns: the u bytes of both columns are interleaved (vpunpck{l,h}bw) and multiplied with the
-// pair of codes (vpmaddubsw), 16 int16 sums of two products per instruction; widened to int32 every 32 pairs
-// (32 · 2 · 2 · 128 < 2^15). vpunpcklbw interleaves bytes 0–7 and 16–23, vpunpckhbw 8–15 and 24–31.
-BC_AVX2 void sparse_block_avx2(const uint8_t* w, int64_t col_stride, int64_t block, const Active& a, int32_t* acc) {
+// Output block c, one 128-output half at a time so that the 8 int16 accumulators stay in registers: the u bytes
+// of a pair of active columns are interleaved (vpunpck{l,h}bw) and multiplied with the pair of codes
+// (vpmaddubsw), 16 sums of two products per instruction, widened to int32 every 32 pairs (32 · 2 · 2 · 128 <
+// 2^15). vpunpcklbw interleaves bytes 0–7 and 16–23, vpunpckhbw 8–15 and 24–31. The first half prefetches the
+// lines of the pairs ahead; the second finds them in cache.
+BC_AVX2 void sparse_block_avx2(const uint8_t* w, int64_t Kp, int64_t c, const Active& a, int32_t* acc) {
   const __m256i m3 = _mm256_set1_epi8(3);
-  for (int o = 0; o < kBlock; ++o) acc[o] = 0;
+  for (int o = 0; o < kColBlock; ++o) acc[o] = 0;
+  const uint8_t* region = w + c * Kp * kLine;
   const size_t pairs = a.col.size() / 2;
-  for (size_t j0 = 0; j0 < pairs; j0 += 32) {
-    const size_t j1 = j0 + 32 < pairs ? j0 + 32 : pairs;
-    __m256i lo[4], hi[4];
-    for (int p = 0; p < 4; ++p) lo[p] = hi[p] = _mm256_setzero_si256();
-    for (size_t j = j0; j < j1; ++j) {
-      const uint8_t* wa = w + a.col[2 * j] * col_stride + block * 32;
-      const uint8_t* wb = w + a.col[2 * j + 1] * col_stride + block * 32;
-      const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wa));
-      const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
-      const int16_t pair = static_cast<int16_t>(static_cast<uint8_t>(a.val[2 * j]) |
-                                                (static_cast<uint16_t>(static_cast<uint8_t>(a.val[2 * j + 1])) << 8));
-      const __m256i xv = _mm256_set1_epi16(pair);
-      for (int p = 0; p < 4; ++p) {
-        const __m256i ua = _mm256_and_si256(_mm256_srli_epi16(va, 2 * p), m3);
-        const __m256i ub = _mm256_and_si256(_mm256_srli_epi16(vb, 2 * p), m3);
-        lo[p] = _mm256_add_epi16(lo[p], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ua, ub), xv));
-        hi[p] = _mm256_add_epi16(hi[p], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ua, ub), xv));
-      }
-    }
-    // lo[p] lanes 0–7 → outputs 32p + 0..7, lanes 8–15 → 32p + 16..23; hi[p]: 32p + 8..15 and 32p + 24..31
-    for (int p = 0; p < 4; ++p) {
-      const __m256i parts[2] = {lo[p], hi[p]};
-      for (int h = 0; h < 2; ++h) {
-        for (int half = 0; half < 2; ++half) {
-          const __m128i v16 = half ? _mm256_extracti128_si256(parts[h], 1) : _mm256_castsi256_si128(parts[h]);
-          int32_t* dst = acc + 32 * p + 16 * half + 8 * h;
-          __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_add_epi32(d, _mm256_cvtepi16_epi32(v16)));
+  constexpr size_t kAhead = 24;
+  for (int h = 0; h < 2; ++h) {
+    for (size_t j0 = 0; j0 < pairs; j0 += 32) {
+      const size_t j1 = j0 + 32 < pairs ? j0 + 32 : pairs;
+      __m256i lo[4], hi[4];
+      for (int p = 0; p < 4; ++p) lo[p] = hi[p] = _mm256_setzero_si256();
+      for (size_t j = j0; j < j1; ++j) {
+        if (h == 0 && j + kAhead < pairs) {
+          _mm_prefetch(reinterpret_cast<const char*>(region + static_cast<int64_t>(a.col[2 * (j + kAhead)]) * kLine),
+                       _MM_HINT_T1);
+          _mm_prefetch(
+              reinterpret_cast<const char*>(region + static_cast<int64_t>(a.col[2 * (j + kAhead) + 1]) * kLine),
+              _MM_HINT_T1);
         }
+        const uint8_t* la = region + static_cast<int64_t>(a.col[2 * j]) * kLine + 32 * h;
+        const uint8_t* lb = region + static_cast<int64_t>(a.col[2 * j + 1]) * kLine + 32 * h;
+        const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(la));
+        const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lb));
+        const __m256i xv = _mm256_set1_epi16(a.pair[j]);
+        for (int p = 0; p < 4; ++p) {
+          const __m256i ua = _mm256_and_si256(_mm256_srli_epi16(va, 2 * p), m3);
+          const __m256i ub = _mm256_and_si256(_mm256_srli_epi16(vb, 2 * p), m3);
+          lo[p] = _mm256_add_epi16(lo[p], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ua, ub), xv));
+          hi[p] = _mm256_add_epi16(hi[p], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ua, ub), xv));
+        }
+      }
+      // lo[p] lanes 0–7 → outputs 32p + 0..7, lanes 8–15 → 32p + 16..23; hi[p]: 32p + 8..15 and 32p + 24..31
+      for (int p = 0; p < 4; ++p) {
+        const __m256i parts[2] = {lo[p], hi[p]};
+        for (int k = 0; k < 2; ++k)
+          for (int half = 0; half < 2; ++half) {
+            const __m128i v16 = half ? _mm256_extracti128_si256(parts[k], 1) : _mm256_castsi256_si128(parts[k]);
+            int32_t* dst = acc + 128 * h + 32 * p + 16 * half + 8 * k;
+            const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_add_epi32(d, _mm256_cvtepi16_epi32(v16)));
+          }
       }
     }
   }
 }
 #endif
 
-// y[t, n] as ternary_gemm, with T in the `cols` layout [Kp, Np/4]; reads only the columns of non-zero codes.
+// y[t, n] as ternary_gemm, with T in the `cols` layout [Np/256, Kp, 64]; reads only the columns of non-zero codes.
 at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
                                const at::Tensor& w, int64_t N, double alpha_d, int64_t isa) {
   check_isa(isa);
   check_codes(codes, sums, scale);
   const int64_t T = codes.size(0), Kp = codes.size(1);
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(0) == Kp &&
-                  w.size(1) * 4 % kBlock == 0 && N <= w.size(1) * 4,
-              "w must be contiguous uint8 [Kp, Np/4] matching the codes");
-  const int64_t col_stride = w.size(1), blocks = w.size(1) * 4 / kBlock;
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) == Kp &&
+                  w.size(2) == kLine && N <= w.size(0) * kColBlock,
+              "w must be contiguous uint8 [Np/256, Kp, 64] matching the codes");
+  const int64_t blocks = w.size(0);
   const float alpha = static_cast<float>(alpha_d);
   auto y = at::empty({T, N}, at::kFloat);
   const int8_t* cp = codes.data_ptr<int8_t>();
@@ -405,15 +437,15 @@ at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, 
     for (int64_t t = begin; t < end; ++t) active[t] = active_columns(cp + t * Kp, Kp);
   });
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    int32_t acc[kBlock];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t o0 = blk * kBlock, o1 = o0 + kBlock < N ? o0 + kBlock : N;
+    int32_t acc[kColBlock];
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t o0 = c * kColBlock, o1 = o0 + kColBlock < N ? o0 + kColBlock : N;
       for (int64_t t = 0; t < T; ++t) {
 #if BC_X86
-        if (isa == 1) sparse_block_avx2(wp, col_stride, blk, active[t], acc);
+        if (isa == 1) sparse_block_avx2(wp, Kp, c, active[t], acc);
         else
 #endif
-          sparse_block_scalar(wp, col_stride, blk, active[t], acc);
+          sparse_block_scalar(wp, Kp, c, active[t], acc);
         for (int64_t o = o0; o < o1; ++o) yp[t * N + o] = finish(acc[o - o0] - up[t], sp[t], alpha);
       }
     }
