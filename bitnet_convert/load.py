@@ -58,7 +58,7 @@ def linear_overrides(checkpoint: Checkpoint) -> dict[str, ActivationSpec]:
 
 
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
-         sparse_down: bool | None = None) -> BitNetForCausalLM:
+         sparse_roles: tuple[str, ...] | None = None) -> BitNetForCausalLM:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
     For a bitnet-convert output this is the a4.8 model, numerically identical to the one that was exported.
@@ -66,8 +66,9 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
 
     ``backend``: ``reference`` (torch, fake-quantized, trainable), ``native`` (the integer CPU kernels of
     :mod:`bitnet_convert.native`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
-    here, else reference with a warning). ``sparse_down`` (native only): run down_proj on the sparse-input kernel;
-    default: yes for a4.8 schemes, no for ``b158``. Raises :class:`~bitnet_convert.errors.CheckpointError` for a
+    here, else reference with a warning). ``sparse_roles`` (native only): the roles whose linears run on the
+    sparse-input kernel (default: down_proj for a4.8 schemes, none for ``b158``; see
+    :mod:`bitnet_convert.native`). Raises :class:`~bitnet_convert.errors.CheckpointError` for a
     bad checkpoint and :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run here.
     """
     backend = resolve_backend(backend)
@@ -75,7 +76,7 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     scheme, roles = scheme_of(checkpoint)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     return build_for_backend(checkpoint, scheme, roles, backend, dtype=dtype, attention=attention_of(checkpoint),
-                             overrides=linear_overrides(checkpoint), sparse_down=sparse_down)
+                             overrides=linear_overrides(checkpoint), sparse_roles=sparse_roles)
 
 
 def backend_for_device(backend: str, device: str) -> Literal["native", "reference"]:
@@ -91,11 +92,11 @@ def backend_for_device(backend: str, device: str) -> Literal["native", "referenc
 def build_for_backend(
     checkpoint: Checkpoint, scheme: str, roles: dict[Role, ActivationSpec], backend: Literal["native", "reference"],
     *, dtype: torch.dtype = torch.float32, attention: AttentionSpec | None = None,
-    overrides: dict[str, ActivationSpec] | None = None, sparse_down: bool | None = None,
+    overrides: dict[str, ActivationSpec] | None = None, sparse_roles: tuple[str, ...] | None = None,
     on_linear: Callable[[str], None] | None = None,
 ) -> BitNetForCausalLM:
     """:func:`~bitnet_convert.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
-    scheme's name (``b158`` runs down_proj dense on the native backend)."""
+    scheme's name (``b158`` runs every linear dense on the native backend)."""
     if backend == "native" and dtype != torch.float32:
         raise BackendError(f"the native backend computes in float32; got dtype {dtype}")
     model = build_model(checkpoint, roles, dtype, on_linear=on_linear, attention=attention, overrides=overrides,
@@ -103,7 +104,7 @@ def build_for_backend(
     if backend == "native":
         from bitnet_convert import native
 
-        native.convert(model, scheme, sparse_down)
+        native.convert(model, scheme, sparse_roles)
     return model
 
 

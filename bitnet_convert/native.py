@@ -8,9 +8,11 @@ What runs where:
   :mod:`bitnet_convert.quant.functional`), multiplied with the 2-bit weight with exact int32 sums, and scaled once:
   ``y = acc / s · α``. The reference backend computes the same ``(codes · T) / s · α`` in fp32, where the integer
   product is exact, so the linears agree bit for bit and the models differ only in the lm_head's summation order;
-* linears with a sparse input use the sparse-input kernel, which reads only the weight columns of non-zero codes:
-  top-K or threshold specs (a4.8's o_proj), and down_proj (relu², mostly zeros) in every scheme but ``b158``, which
-  runs dense as b1.58 engines do (``sparse_down`` overrides that);
+* linears named by role in ``sparse_roles`` use the sparse-input kernel, which reads only the weight columns of
+  non-zero codes. Default: down_proj (relu²: 67–87% zero codes measured) in every a4.8 scheme, nothing for
+  ``b158``, which runs dense as b1.58 engines do. The top-K o_proj (50% zeros) runs dense by default: on the
+  benchmark machine the sparse kernel beats the dense one only above roughly 70–80% zeros
+  (``eval/bench.py --only runtime``), so at 50% skipping costs more than it saves;
 * FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
   kernels with codes in [−12, 12];
 * embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
@@ -31,7 +33,7 @@ from torch import nn
 from bitnet_convert import kernels
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.quant.schemes import ActivationSpec, role_of
+from bitnet_convert.quant.schemes import ROLES, ActivationSpec, role_of
 
 
 def _ops():
@@ -136,24 +138,48 @@ class UpcastEmbedding(nn.Embedding):
         return super().forward(ids).float()
 
 
-def convert(model: nn.Module, scheme: str, sparse_down: bool | None = None) -> nn.Module:
+#: Roles on the sparse-input kernel by default (a4.8 schemes); see the module docstring for why not ``o``.
+SPARSE_ROLES: tuple[str, ...] = ("down",)
+
+
+def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None) -> nn.Module:
     """Move a model from :func:`~bitnet_convert.modeling.build_model` onto the native kernels, in place.
 
-    ``scheme``: the scheme name the checkpoint declares (``b158`` runs down_proj dense unless ``sparse_down``).
-    Each linear is replaced one at a time, so the peak memory is the model plus one linear. Raises
-    :class:`~bitnet_convert.kernels.NativeUnavailable` when the kernels cannot be built.
+    ``scheme``: the scheme name the checkpoint declares. ``sparse_roles``: roles (``qkv``, ``o``, ``gate_up``,
+    ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes and none
+    for ``b158``. Each linear is replaced one at a time, so the peak memory is the model plus one linear. Raises
+    :class:`~bitnet_convert.kernels.NativeUnavailable` when the kernels cannot be built and ``ValueError`` for an
+    unknown role.
     """
     kernels.ensure_built()
-    down_sparse = scheme != "b158" if sparse_down is None else sparse_down
+    if sparse_roles is None:
+        sparse_roles = () if scheme == "b158" else SPARSE_ROLES
+    unknown = sorted(set(sparse_roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"sparse_roles: unknown role '{unknown[0]}'; expected some of {', '.join(ROLES)}")
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear) or module.spec.method == "none":
             continue
-        sparse = (module.spec.topk is not None and module.spec.topk < 1.0) or module.spec.threshold is not None
-        sparse = sparse or (role_of(name) == "down" and down_sparse)
-        model.set_submodule(name, NativeLinear(module, sparse))
+        model.set_submodule(name, NativeLinear(module, role_of(name) in sparse_roles))
     _convert_embeddings(model)
     model.requires_grad_(False)
+    _release_freed_memory()
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap pages freed while repacking back to the OS (glibc keeps large freed chunks otherwise, so the
+    resident size after load would include the transient copies). No-op where glibc's ``malloc_trim`` is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _convert_embeddings(model: nn.Module) -> None:

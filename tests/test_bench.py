@@ -141,3 +141,44 @@ def test_distill_job_runs_and_the_extrapolation_is_a_straight_line(tmp_path: Pat
     assert 0 < data["step_s"] < data["work_s"]
     measured = {2: {"x": 10.0}, 4: {"x": 16.0}}
     assert bench._extrapolate(measured, "x", 30) == 94.0
+
+
+def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
+    fast = {"decode_128_tok_s": 12.0, "prefill_tok_s": 60.0, "rss_after_load_bytes": 1.5e9,
+            "decode_128_zero_share": {"o": 0.5, "down": 0.7}}
+    measured = {"native a48": fast, "reference backend a48": {"decode_128_tok_s": 1.0, "prefill_tok_s": 10.0},
+                "native b158": {"decode_128_tok_s": 10.0}}
+    rows = {row.metric: row for row in bench._runtime_targets(30, measured, int(4.8e9))}
+    assert rows["native a48 ÷ reference a48, decode after 128"].value == 12.0
+    assert rows["native a48 ÷ reference a48, decode after 128"].passed
+    assert rows["native a48 ÷ reference a48, prefill"].value == 6.0 and not rows[
+        "native a48 ÷ reference a48, prefill"].passed
+    sparse = rows["native a48 ÷ native b158, decode after 128"]
+    assert sparse.value == pytest.approx(1.2) and sparse.passed and "o_proj 50.0%, down_proj 70.0%" in sparse.measured
+    memory = rows["native a48 resident memory ÷ bf16 checkpoint"]
+    assert memory.value == pytest.approx(1.5 / 4.8) and memory.passed
+    missing = bench._runtime_targets(30, {}, int(4.8e9))
+    assert [row.passed for row in missing] == [False, False, False]
+
+
+def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
+    shapes = {"dense": (256, 384, 0.0, False), "sparse": (256, 384, 0.75, True)}
+    data = bench._job_kernels({"shapes": shapes, "copy_bytes": 8_000_000, "working_set_bytes": 1_000_000})
+    assert data["copy_gb_s"] > 0
+    assert data["linears"]["dense"]["active_share"] == 1.0 and data["linears"]["dense"]["packed_bytes"] == 256 * 96
+    assert 0.1 < data["linears"]["sparse"]["active_share"] < 0.4
+    assert data["linears"]["sparse"]["bytes_read"] < data["linears"]["sparse"]["packed_bytes"]
+
+
+def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -> None:
+    import bitnet_convert
+
+    bench.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
+    bitnet_convert.quantize(bench.DEFAULT_RECIPE, model=str(tmp_path / "ckpt"), output=str(tmp_path / "a48"),
+                            calibration__samples=0)
+    data = bench._job_runtime({"subject": "load", "model": str(tmp_path / "a48"), "backend": "native",
+                               "prefill": 16, "contexts": [8], "new_tokens": 4, "budget_s": 60})
+    assert data["prefill_tokens"] == 16 and data["prefill_tok_s"] > 0 and data["decode_8_tokens"] == 4
+    assert data["rss_after_load_bytes"] > 0 and data["dtype"] == "bfloat16"  # the embedding kept as exported
+    zeros = data["decode_8_zero_share"]
+    assert zeros["o"] == pytest.approx(0.5, abs=0.02) and 0 < zeros["down"] < 1  # top-50% o_proj; relu² down_proj
