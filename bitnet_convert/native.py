@@ -95,13 +95,12 @@ class NativeLinear(nn.Module):
         return x if self.rms_norm is None else self.rms_norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantizer_input(x)
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).float().contiguous()
-        codes, s, sums = quantize(flat, self.spec, self.isa)
+        codes, s, sums = _quantized_input(self, x)
         if self.record_zeros:
-            self.zeros[0] += round(_ops().zero_share(codes, self.in_features) * flat.numel())
-            self.zeros[1] += flat.numel()
+            count = codes.shape[0] * self.in_features
+            self.zeros[0] += round(_ops().zero_share(codes, self.in_features) * count)
+            self.zeros[1] += count
         if self.sparse:
             y = _ops().ternary_gemm_sparse(codes, sums, s, self.weight, self.out_features, self.alpha, self.isa)
         else:
@@ -114,6 +113,25 @@ class NativeLinear(nn.Module):
         kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
         return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}, " \
                f"kernel={kernel}"
+
+
+#: The last quantized input, ``(tensor, version, spec, (codes, s, sums))``: q/k/v (and gate/up) receive the same
+#: tensor, so its codes are computed once. Holding the tensor keeps its storage alive, so identity plus version
+#: means the same values; the entry is replaced by one rebinding (atomic under the GIL).
+_last_input: tuple = (None, -1, None, None)
+
+
+def _quantized_input(module: NativeLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize`` of the module's input, reusing the previous call's codes when a sibling linear already
+    quantized this very tensor with the same spec (not across an input RMSNorm, whose output is new each call)."""
+    global _last_input
+    tensor, version, spec, result = _last_input
+    if module.rms_norm is None and tensor is x and version == x._version and spec == module.spec:
+        return result
+    flat = module.quantizer_input(x).reshape(-1, module.in_features).float().contiguous()
+    result = quantize(flat, module.spec, module.isa)
+    _last_input = (x, x._version, module.spec, result) if module.rms_norm is None else (None, -1, None, None)
+    return result
 
 
 class Bf16Linear(nn.Module):

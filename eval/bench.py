@@ -980,8 +980,8 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
     shapes = {
         "q_proj": (q, shape.hidden, 0.0, False),
         "k_proj/v_proj": (kv, shape.hidden, 0.0, False),
-        "o_proj (dense kernel, b158)": (shape.hidden, q, 0.0, False),
-        "o_proj (sparse-input kernel, a48)": (shape.hidden, q, o_zero, True),
+        "o_proj (dense kernel, b158 and a48)": (shape.hidden, q, 0.0, False),
+        "o_proj (sparse-input kernel, opt-in)": (shape.hidden, q, o_zero, True),
         "gate_proj/up_proj": (shape.intermediate, shape.hidden, 0.0, False),
         "down_proj (dense kernel, b158)": (shape.hidden, shape.intermediate, 0.0, False),
         "down_proj (sparse-input kernel, a48)": (shape.hidden, shape.intermediate, down_zero, True),
@@ -999,8 +999,9 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
         rows.append(Row("kernels", f"2B-4T {name} {linear['rows']}×{linear['cols']}", "GEMV (1 token)",
                         f"{linear['seconds'] * 1e6:.0f} µs, {linear['gb_s']:.1f} GB/s of packed weights{active}, "
                         f"{linear['int_ops_s'] / 1e9:.0f} G int-ops/s", value=linear["gb_s"], unit="GB/s"))
+    # the layer as the native a48 model runs it by default: o_proj dense, down_proj on the sparse-input kernel
     layer = [data["linears"][k] for k in ("q_proj", "k_proj/v_proj", "k_proj/v_proj",
-                                           "o_proj (sparse-input kernel, a48)", "gate_proj/up_proj",
+                                           "o_proj (dense kernel, b158 and a48)", "gate_proj/up_proj",
                                            "gate_proj/up_proj", "down_proj (sparse-input kernel, a48)")]
     gb_s = sum(lin["bytes_read"] for lin in layer) / sum(lin["seconds"] for lin in layer) / GB
     rows.append(Row("kernels", "2B-4T a48 decoder layer (7 linears)", "packed-linear decode throughput ÷ bandwidth",

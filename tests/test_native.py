@@ -251,3 +251,15 @@ def test_generate_streams_with_the_native_backend():
     assert result.exit_code == 0, result.output
     assert result.output.startswith("The weather in") or "8 tokens in" in result.output
     assert "8 tokens in" in result.output
+
+
+def test_sibling_linears_share_the_input_codes_and_in_place_changes_are_seen():
+    w, x = random_case(64, 256, 3, seed=7)
+    spec = SPECS["int4 absmean"]
+    first = native.NativeLinear(QuantLinear.from_ternary(w, torch.tensor([0.5]), spec), False)
+    second = QuantLinear.from_ternary(-w, torch.tensor([0.5]), spec)
+    with torch.no_grad():
+        y = first(x)
+        assert torch.equal(native.NativeLinear(second, True)(x), -y)  # q/k/v-style reuse of the same input
+        x.mul_(3.0)  # the same tensor, new values: its codes are recomputed
+        assert torch.equal(first(x), QuantLinear.from_ternary(w, torch.tensor([0.5]), spec)(x))
