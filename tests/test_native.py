@@ -263,3 +263,15 @@ def test_sibling_linears_share_the_input_codes_and_in_place_changes_are_seen():
         assert torch.equal(native.NativeLinear(second, True)(x), -y)  # q/k/v-style reuse of the same input
         x.mul_(3.0)  # the same tensor, new values: its codes are recomputed
         assert torch.equal(first(x), QuantLinear.from_ternary(w, torch.tensor([0.5]), spec)(x))
+
+
+def test_a_cached_build_loads_without_a_compiler(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ops()  # the build exists in the cache
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PATH": os.path.dirname(sys.executable)}
+    code = "import bitnet_convert.kernels as k; k.ensure_built(); print('isa', k.isa())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout.startswith("isa "), result.stderr[-2000:]

@@ -89,11 +89,17 @@ def _build_and_load() -> None:
     name = f"bitnet_convert_kernels_{build_key()}"
     directory = cache_root() / name
     library = directory / f"{name}.so"
-    if not library.is_file():  # a cached build needs no compiler
-        if _compiler() is None:
-            raise NativeUnavailable(f"native backend unavailable: no C++ compiler ({os.environ.get('CXX', 'c++')} not "
-                                    "found on PATH; install g++ or clang++, or set CXX)")
-        _add_ninja_to_path()
+    building = (directory / "lock").exists()  # cpp_extension's lock: another process is building; wait for it below
+    if library.is_file() and not building:  # a cached build needs neither compiler nor ninja
+        try:
+            torch.ops.load_library(str(library))
+            return
+        except (OSError, RuntimeError):
+            pass  # a truncated library from a killed build: build again
+    if _compiler() is None:
+        raise NativeUnavailable(f"native backend unavailable: no C++ compiler ({os.environ.get('CXX', 'c++')} not "
+                                "found on PATH; install g++ or clang++, or set CXX)")
+    _add_ninja_to_path()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
