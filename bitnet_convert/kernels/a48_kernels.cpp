@@ -472,13 +472,22 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// One output: eight fp32 lanes with fused multiply-adds over k = 8j + lane, then the same pairwise reduction as
-// the AVX2 path, so both paths round identically. K % 8 == 0.
+// One output: four accumulators of eight fp32 lanes (accumulator j takes k = 32i + 8j + lane, so four fused
+// multiply-add chains run at once instead of waiting on one), the tail k % 32 into accumulator 0, then
+// ((acc0 + acc1) + (acc2 + acc3)) and the same pairwise lane reduction as the AVX2 path, so both paths round
+// identically. K % 8 == 0.
 float dot_bf16_scalar(const uint16_t* w, const float* x, int64_t K) {
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < K; k += 8)
-    for (int l = 0; l < 8; ++l) lane[l] = std::fma(bf16_to_float(w[k + l]), x[k + l], lane[l]);
-  const float a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
+  float lane[4][8] = {};
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 8; ++l)
+        lane[j][l] = std::fma(bf16_to_float(w[k + 8 * j + l]), x[k + 8 * j + l], lane[j][l]);
+  for (; k < K; k += 8)
+    for (int l = 0; l < 8; ++l) lane[0][l] = std::fma(bf16_to_float(w[k + l]), x[k + l], lane[0][l]);
+  float v[8];
+  for (int l = 0; l < 8; ++l) v[l] = (lane[0][l] + lane[1][l]) + (lane[2][l] + lane[3][l]);
+  const float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
   const float b0 = a0 + a2, b1 = a1 + a3;
   return b0 + b1;
 }
@@ -491,16 +500,28 @@ BC_AVX2 inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(c);
 }
 
+BC_AVX2 inline __m256 bf16x8(const uint16_t* w) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
 template <int TT>
 BC_AVX2 void dot_bf16_avx2(const uint16_t* w, const float* const* x, int64_t K, float* out) {
-  __m256 acc[TT];
-  for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    const __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    for (int t = 0; t < TT; ++t) acc[t] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x[t] + k), acc[t]);
+  __m256 acc[TT][4];
+  for (int t = 0; t < TT; ++t)
+    for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wf = bf16x8(w + k + 8 * j);
+      for (int t = 0; t < TT; ++t) acc[t][j] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x[t] + k + 8 * j), acc[t][j]);
+    }
+  for (; k < K; k += 8) {
+    const __m256 wf = bf16x8(w + k);
+    for (int t = 0; t < TT; ++t) acc[t][0] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x[t] + k), acc[t][0]);
   }
-  for (int t = 0; t < TT; ++t) out[t] = hsum_ps(acc[t]);
+  for (int t = 0; t < TT; ++t)
+    out[t] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
 }
 #endif
 
@@ -521,17 +542,15 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
   at::parallel_for(0, N, T == 1 ? 256 : kRowTile, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
       const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
-      for (int64_t t0 = 0; t0 < T; t0 += 4) {
-        const int64_t tt = T - t0 < 4 ? T - t0 : 4;
-        const float* xs[4];
-        for (int64_t j = 0; j < 4; ++j) xs[j] = xp + (t0 + (j < tt ? j : 0)) * K;
+      for (int64_t t0 = 0; t0 < T; t0 += 2) {  // 2 tokens × 4 accumulators fill the 16 vector registers
+        const int64_t tt = T - t0 < 2 ? T - t0 : 2;
+        const float* xs[2];
+        for (int64_t j = 0; j < 2; ++j) xs[j] = xp + (t0 + (j < tt ? j : 0)) * K;
         for (int64_t n = r0; n < r1; ++n) {
-          float out[4];
+          float out[2];
 #if BC_X86
           if (isa == 1) {
-            if (tt == 4) dot_bf16_avx2<4>(wp + n * K, xs, K, out);
-            else if (tt == 3) dot_bf16_avx2<3>(wp + n * K, xs, K, out);
-            else if (tt == 2) dot_bf16_avx2<2>(wp + n * K, xs, K, out);
+            if (tt == 2) dot_bf16_avx2<2>(wp + n * K, xs, K, out);
             else dot_bf16_avx2<1>(wp + n * K, xs, K, out);
           } else
 #endif
