@@ -59,7 +59,7 @@ def quantize(x: torch.Tensor, spec: ActivationSpec, isa: int) -> tuple[torch.Ten
         codes, sums = _ops().quantize_scaled(x.contiguous(), s, -qp - 1, qp, isa)
         return codes, s, sums
     if spec.method == "fp4_e2m1":
-        s = (F.FP4_UNITS / x.abs().amax(dim=-1, keepdim=True).clamp(min=F.EPS)).reshape(-1).contiguous()
+        s = F.fp4_unit_scale(x).reshape(-1).contiguous()
         values = F.fp4_e2m1_minmax(x).contiguous()
         codes, sums = _ops().quantize_scaled(values, s, -F.FP4_UNITS, F.FP4_UNITS, isa)
         return codes, s, sums

@@ -127,15 +127,6 @@ def _add_ninja_to_path() -> None:
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def available() -> bool:
-    """Whether the native kernels can run here (builds them on first call)."""
-    try:
-        ensure_built()
-    except NativeUnavailable:
-        return False
-    return True
-
-
 def isa() -> int:
     """The instruction set the ops use: AVX2 when the CPU has it, unless ``BITNET_CONVERT_ISA=scalar``."""
     ensure_built()

@@ -147,13 +147,19 @@ def integer_codes(x: torch.Tensor, method: str, bits: int) -> tuple[torch.Tensor
         s = absmax_scale(xf, bits) if method == "absmax" else absmean_scale(xf, bits)
         return round_clip(xf * s, -qp - 1, qp), s
     if method == "fp4_e2m1":
-        s = FP4_UNITS / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+        s = fp4_unit_scale(xf)
         return round_clip(fp4_e2m1_minmax(xf) * s, -FP4_UNITS, FP4_UNITS), s
     raise ValueError(f"activation method {method!r} has no integer codes")
 
 
 #: E2M1 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6} × 2 are the integers up to 12, in units of max|x| / 12.
 FP4_UNITS = 12
+
+
+def fp4_unit_scale(xf: torch.Tensor) -> torch.Tensor:
+    """Per-token multiplier that turns :func:`fp4_e2m1_minmax` values into integers: ``s = 12 / max(max|X|, EPS)``,
+    fp32 ``[..., 1]`` for fp32 ``xf [..., d]``. The native backend calls this same function."""
+    return FP4_UNITS / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
 
 
 def fp4_e2m1_minmax(x: torch.Tensor, exp_bits: int = 2, man_bits: int = 1) -> torch.Tensor:
