@@ -22,11 +22,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
 
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import ResourceError
-from bitnet_convert.modeling import architecture_config, build_layer, quant_linears, run_layer
+from bitnet_convert.modeling import architecture_config, build_layer, quant_linears, rotary_embedding, run_layer
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
@@ -324,7 +323,7 @@ def sequential_calibration(
     embedding = checkpoint.tensor("model.embed_tokens.weight")
     hidden = [embedding[ids[s : s + batch_size]].float() for s in range(0, ids.shape[0], batch_size)]
     del embedding
-    rotary = BitNetRotaryEmbedding(config)
+    rotary = rotary_embedding(checkpoint, config)
     samples = max(1, SAMPLE_SIZE // len(hidden))
     result = Calibration(int(ids.numel()), {}, {})
     for index in range(config.num_hidden_layers):

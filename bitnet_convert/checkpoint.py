@@ -1,6 +1,8 @@
-"""Read Hugging Face BitNet checkpoints in every layout, tensor by tensor.
+"""Read Hugging Face b1.58 checkpoints of every family and layout, tensor by tensor.
 
-Layouts (``quantization_config`` of a ``model_type: bitnet`` config):
+The family (BitNet 2B-4T, Llama-architecture 1.58-bit, 1bitLLM) comes from ``config.json``
+(:mod:`bitnet_convert.families`); tensor names are read in the transformers names of the family's classes.
+Layouts (``quantization_config``; a 1bitLLM checkpoint is always ``master``):
 
 * ``master`` — ``autobitlinear`` + ``online``: bf16/fp32 master weights, ternarized here (absmean, per tensor).
   (A config without ``quantization_config`` is a full-precision model in transformers, and is refused.)
@@ -32,15 +34,19 @@ from pathlib import Path
 import torch
 
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.families import BITNET, Family, detect
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.packing import unpack_ternary
 from bitnet_convert.quant.schemes import role_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BUILTIN_MODELS = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "model"}
+BUILTIN_MODELS = {
+    "builtin:reference": REPO_ROOT / "eval" / "reference" / "model",
+    "builtin:reference-llama": REPO_ROOT / "eval" / "reference" / "model-llama",
+    "builtin:reference-1bitllm": REPO_ROOT / "eval" / "reference" / "model-1bitllm",
+}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,6 +66,9 @@ class Checkpoint:
     config: dict
     layout: Layout
     weight_map: dict[str, Path]
+    family: Family = BITNET
+    #: tensor name (the transformers name) → the name stored in the file, where the family renames it
+    stored: dict[str, str] = field(default_factory=dict)
     #: ``quantization_config.use_rms_norm``: an RMSNorm (this epsilon) on the input of every ternary linear,
     #: as transformers' ``BitLinear``/``AutoBitLinear`` apply it; ``None`` when the checkpoint has none.
     input_norm_eps: float | None = None
@@ -85,22 +94,29 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor from disk; :class:`CheckpointError` for a float tensor holding NaN or Inf."""
         if name not in self.weight_map:
-            raise CheckpointError(f"{self.path}: tensor '{name}' is missing from the checkpoint")
-        tensor = self._handle(self.weight_map[name]).get_tensor(name)
+            raise CheckpointError(f"{self.path}: tensor '{self.stored_name(name)}' is missing from the checkpoint")
+        tensor = self._handle(self.weight_map[name]).get_tensor(self.stored.get(name, name))
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{self.path}: tensor '{name}' holds NaN or Inf values (a broken checkpoint)")
         return tensor
 
     def dtype_of(self, name: str) -> str:
         """Stored dtype of a tensor as safetensors names it (``BF16``, ``U8``…), without reading its data."""
-        return self._handle(self.weight_map[name]).entries[name]["dtype"]
+        return self._entry(name)["dtype"]
 
     def shape_of(self, name: str) -> list[int]:
-        return list(self._handle(self.weight_map[name]).entries[name]["shape"])
+        return list(self._entry(name)["shape"])
+
+    def _entry(self, name: str) -> dict:
+        return self._handle(self.weight_map[name]).entries[self.stored.get(name, name)]
+
+    def stored_name(self, name: str) -> str:
+        """The name a tensor has (or would have) in this checkpoint's files, for messages."""
+        return self.stored.get(name) or self.family.stored(name)
 
     def nbytes_of(self, name: str) -> int:
         """Stored size of a tensor's data in bytes."""
-        start, end = self._handle(self.weight_map[name]).entries[name]["data_offsets"]
+        start, end = self._entry(name)["data_offsets"]
         return end - start
 
     def linear_names(self) -> list[str]:
@@ -122,17 +138,23 @@ class Checkpoint:
         """Ternary codes (int8 ``[out, in]``) and scale α (fp32, 1 element) of one linear, in any layout.
 
         ``scratch`` is passed to :func:`ternary_absmean` for master weights (see there)."""
+        codes, scale, divides = self.ternary_stored(module, scratch)
+        return codes, 1.0 / scale if divides else scale
+
+    def ternary_stored(self, module: str, scratch: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Ternary codes (int8 ``[out, in]``), the scale as stored (fp32, 1 element) and whether it divides:
+        ``1/α`` in the ``packed-bitlinear`` layout, else α (see :meth:`ternary`)."""
         weight = self.tensor(f"{module}.weight")
         if self.layout is Layout.MASTER:
             if not weight.is_floating_point():
                 found = f"'{module}.weight' is {weight.dtype}"
                 raise CheckpointError(f"{self.path}: {found}; expected float master weights")
-            return ternary_absmean(weight, scratch)
+            return (*ternary_absmean(weight, scratch), False)
         if weight.dtype != torch.uint8:
             raise CheckpointError(f"{self.path}: '{module}.weight' is {weight.dtype}, expected packed uint8 weights")
         scale = self.tensor(f"{module}.weight_scale").float().reshape(-1)[:1]
-        alpha = scale if self.layout is Layout.PACKED_AUTOBITLINEAR else 1.0 / scale
-        return unpack_ternary(weight), alpha
+        return unpack_ternary(weight), scale, self.layout is Layout.PACKED_BITLINEAR
 
     def other_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor that is not part of a ternary linear (embeddings, norms, lm_head), one at a time."""
@@ -207,22 +229,31 @@ def _download(repo_id: str) -> Path:
 
 
 def open_checkpoint(model: str | Path) -> Checkpoint:
-    """Open a BitNet causal-LM checkpoint: read config.json, detect the layout, index the tensors."""
+    """Open a b1.58 causal-LM checkpoint: read config.json, detect the family and layout, index the tensors (by
+    their transformers names, :attr:`Checkpoint.stored` keeping the stored ones where the family renames)."""
     path = resolve_model_path(str(model))
     config = _read_config(path)
-    layout = detect_layout(path, config)
+    family = detect(config, str(path / "config.json"))
+    layout = detect_layout(path, config, family)
     eps = _input_norm_eps(path, config)
-    weight_map = _weight_map(path)
-    checkpoint = Checkpoint(path=path, config=config, layout=layout, weight_map=weight_map, input_norm_eps=eps)
+    stored_map = _weight_map(path)
+    weight_map = {family.canonical(name): file for name, file in stored_map.items()}
+    stored = {family.canonical(name): name for name in stored_map if family.canonical(name) != name}
+    clash = sorted(set(stored) & set(stored_map))
+    if clash:
+        raise CheckpointError(f"{path}: holds both '{clash[0]}' and '{stored[clash[0]]}' (the same {family.label} "
+                              "tensor under two names)")
+    checkpoint = Checkpoint(path=path, config=config, layout=layout, weight_map=weight_map, family=family,
+                            stored=stored, input_norm_eps=eps)
     if not checkpoint.linear_names():
-        raise CheckpointError(f"{path}: no q/k/v/o/gate/up/down projection weights found; not a BitNet checkpoint")
+        raise CheckpointError(f"{path}: no q/k/v/o/gate/up/down projection weights found; not a b1.58 checkpoint")
     for file in checkpoint.files:
         handle = checkpoint._handle(file)  # validates every header up front
-        for name in sorted(n for n, f in weight_map.items() if f == file and n not in handle.entries):
+        for name in sorted(n for n, f in stored_map.items() if f == file and n not in handle.entries):
             raise CheckpointError(f"{path / INDEX_FILE}: maps tensor '{name}' to shard '{file.name}', which does "
                                   "not hold it")
     for file in checkpoint.files:
-        for name in sorted(set(checkpoint._handle(file).entries) - set(weight_map)):
+        for name in sorted(set(checkpoint._handle(file).entries) - set(stored_map)):
             raise CheckpointError(f"{path / INDEX_FILE}: shard '{file.name}' holds tensor '{name}', which the index "
                                   "does not list (it would be dropped)")
     audit(checkpoint)
@@ -239,22 +270,23 @@ QUANTIZATION_KEYS = {
     "modules_to_not_convert": "may name lm_head (kept in full precision), never a decoder linear",
     "use_rms_norm": "an RMSNorm on every ternary linear's input, applied as transformers does",
     "rms_norm_eps": "the epsilon of that RMSNorm",
+    "is_bitnet_config": "a marker of onebitllms' Falcon-E configs; changes nothing transformers computes",
 }
-#: Architecture keys of ``BitNetConfig`` whose non-default value bitnet-convert cannot compute.
-REFUSED_ARCHITECTURE = {"attention_bias": False}
+#: Architecture keys whose non-default value bitnet-convert cannot compute (biased projections).
+REFUSED_ARCHITECTURE = {"attention_bias": False, "mlp_bias": False}
 
 
-def architecture_config(config: dict, path: Path | None = None):
-    """The ``BitNetConfig`` of a checkpoint's ``config.json`` without its storage description (one-line
-    :class:`CheckpointError` when transformers rejects a value)."""
-    from transformers import BitNetConfig
-
-    raw = {k: v for k, v in config.items() if k not in ("quantization_config", "bitnet_convert")}
+def architecture_config(config: dict, path: Path | None = None, family: Family = BITNET):
+    """The transformers config (``BitNetConfig``, ``LlamaConfig``) of a checkpoint's ``config.json`` without its
+    storage description and the family's own keys (one-line :class:`CheckpointError` when transformers rejects
+    a value)."""
+    dropped = ("quantization_config", "bitnet_convert", "model_type", "architectures", *family.own_keys)
+    raw = {k: v for k, v in config.items() if k not in dropped}
     try:
-        return BitNetConfig.from_dict(raw)
+        return family.config_class.from_dict(raw)
     except Exception as exc:  # transformers/huggingface_hub validate with many exception types; all mean "invalid"
         where = path / "config.json" if path is not None else "config.json"
-        raise CheckpointError(f"{where}: not a valid BitNet config ({_reason(exc)})") from None
+        raise CheckpointError(f"{where}: not a valid {family.config_class.__name__} ({_reason(exc)})") from None
 
 
 def _linear_part(name: str) -> str | None:
@@ -271,18 +303,16 @@ def audit(checkpoint: Checkpoint) -> None:
     """Check every tensor against what ``config.json`` implies, before any work: shapes and dtypes, tensors the
     model would not consume (refused: they would change what it computes, or mean another architecture) and
     tensors the config needs but the checkpoint lacks. Raises :class:`CheckpointError` naming the first problem."""
-    from transformers import BitNetForCausalLM
-
-    path, config = checkpoint.path, checkpoint.config
+    path, config, family = checkpoint.path, checkpoint.config, checkpoint.family
     file = path / "config.json"
     for key, default in REFUSED_ARCHITECTURE.items():
         if config.get(key, default) != default:
             raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported (biased projections are not "
                                   f"ternary BitLinear layers); supported: {key}={default!r}")
-    arch = architecture_config(config, path)
+    arch = architecture_config(config, path, family)
     try:
         with torch.device("meta"):
-            skeleton = BitNetForCausalLM(arch)
+            skeleton = family.model_class(arch)
     except Exception as exc:  # any failure of transformers' constructors on this config
         raise CheckpointError(f"{file}: cannot build the model this config describes ({_reason(exc)})") from None
     expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
@@ -310,7 +340,7 @@ def audit(checkpoint: Checkpoint) -> None:
                 return fields["mlp"]
         return f"hidden_size={arch.hidden_size}"
     for name in checkpoint.names():
-        where = f"{path}: tensor '{name}'"
+        where = f"{path}: tensor '{checkpoint.stored_name(name)}'"
         shape, dtype = checkpoint.shape_of(name), checkpoint.dtype_of(name)
         part = _linear_part(name)
         module = name.removesuffix("." + part) if part else None
@@ -331,7 +361,7 @@ def audit(checkpoint: Checkpoint) -> None:
         elif part == "weight":
             out_features, in_features = expected[name] if name in expected else (None, None)
             if out_features is None:
-                raise CheckpointError(f"{where} is not part of a BitNet model with {size}")
+                raise CheckpointError(f"{where} is not part of a {family.label} model with {size}")
             want = [out_features // 4, in_features] if packed else [out_features, in_features]
             if packed and dtype != "U8":
                 raise CheckpointError(f"{where} is {dtype}; the '{checkpoint.layout.value}' layout stores packed U8")
@@ -348,7 +378,7 @@ def audit(checkpoint: Checkpoint) -> None:
         elif ".qwt." in name and any(name.startswith(f"model.layers.{i}.qwt.") for i in qwt_layers):
             continue  # a compensation of an export; its shapes are checked when it is loaded
         else:
-            raise CheckpointError(f"{where} is not part of a BitNet model with {size} (an extra tensor "
+            raise CheckpointError(f"{where} is not part of a {family.label} model with {size} (an extra tensor "
                                   "bitnet-convert would not use)")
         if shape != want:
             implied = "packed [out_features/4, in_features] " if part == "weight" and packed else ""
@@ -359,7 +389,8 @@ def audit(checkpoint: Checkpoint) -> None:
     for name in expected:
         if name in present or (tied and name == "lm_head.weight"):
             continue
-        raise CheckpointError(f"{path}: tensor '{name}' is missing from the checkpoint (config.json: {size})")
+        raise CheckpointError(f"{path}: tensor '{checkpoint.stored_name(name)}' is missing from the checkpoint "
+                              f"(config.json: {size})")
     if packed:
         for module in checkpoint.linear_names():
             if f"{module}.weight_scale" not in present:
@@ -409,20 +440,16 @@ def _input_norm_eps(path: Path, config: dict) -> float | None:
     return float(eps) if use else None
 
 
-def detect_layout(path: Path, config: dict) -> Layout:
-    """The layout named by ``quantization_config`` (see the module docstring); a clear error otherwise."""
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or ["BitNetForCausalLM"]
-    if model_type != "bitnet" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-        raise CheckpointError(
-            f"{path / 'config.json'}: model_type '{model_type}' / architectures {architectures} is not a BitNet causal "
-            f"LM; supported: model_type 'bitnet' with {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+def detect_layout(path: Path, config: dict, family: Family = BITNET) -> Layout:
+    """The layout named by ``quantization_config`` (see the module docstring), or by the 1bitLLM keys
+    (``weight_bits: 1``, ``input_bits: 8``: float latent masters); a clear error otherwise."""
+    if family.quantization == "bits":
+        return _bits_layout(path, config)
     qc = config.get("quantization_config") or {}
     if not qc:  # stock transformers builds plain nn.Linear layers: a full-precision model, not a b1.58 one
         raise CheckpointError(
             f"{path / 'config.json'}: no quantization_config, so transformers runs this model with full-precision "
-            "linears, not as BitNet b1.58; if its weights are b1.58 master weights, add \"quantization_config\": "
+            "linears, not as b1.58; if its weights are b1.58 master weights, add \"quantization_config\": "
             "{\"quant_method\": \"bitnet\", \"linear_class\": \"autobitlinear\", \"quantization_mode\": \"online\"}"
         )
     if not isinstance(qc, dict):
@@ -444,6 +471,29 @@ def detect_layout(path: Path, config: dict) -> Layout:
         f"{path / 'config.json'}: quantization_config.linear_class '{linear_class}' is unknown "
         "(expected 'autobitlinear' or 'bitlinear')"
     )
+
+
+#: The 1bitLLM config keys and the values whose computation its published code (and bitnet-convert) implements.
+ONEBITLLM_BITS = {"weight_bits": 1, "input_bits": 8}
+
+
+def _bits_layout(path: Path, config: dict) -> Layout:
+    """A 1bitLLM config: ``weight_bits: 1`` (ternary absmean, despite the name) and ``input_bits: 8`` (INT8
+    absmax), float latent masters, no ``quantization_config``."""
+    file = path / "config.json"
+    qc = config.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CheckpointError(f"{file}: a 1bitLLM (BitnetForCausalLM) config with a quantization_config "
+                              f"(quant_method {method!r}): its latent weights are already the b1.58 model; remove "
+                              "quantization_config or convert the original checkpoint")
+    for key, want in ONEBITLLM_BITS.items():
+        value = config.get(key, want)
+        if value != want or isinstance(value, bool):
+            raise CheckpointError(f"{file}: {key}={value!r} is not supported; 1bitLLM b1.58 checkpoints have "
+                                  f"{', '.join(f'{k}={v}' for k, v in ONEBITLLM_BITS.items())} (ternary weights, "
+                                  "INT8 activations)")
+    return Layout.MASTER
 
 
 def _read_config(path: Path) -> dict:

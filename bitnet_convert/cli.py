@@ -180,9 +180,12 @@ def quantize(
             result = run(resolved, progress)
     report = result.report
     table = Table(title=f"Converted → {result.output}", show_header=False)
+    table.add_row("input", f"{report['input_family']} family, {report['input_layout']} layout")
     table.add_row("scheme", report["scheme"])
     for role, label in report["activations"].items():
         table.add_row(f"  {role} input", label)
+    if report.get("ffn_note"):
+        table.add_row("  SwiGLU down_proj", report["ffn_note"])
     if report.get("attention", "full precision") != "full precision":
         table.add_row("  attention Q/K/V", report["attention"])
     table.add_row("ternary parameters", f"{report['parameters']['ternary']:,}")
@@ -228,7 +231,7 @@ def inspect(
     path: Annotated[str, typer.Argument(help="Checkpoint or converted directory (or a hub id).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Show a checkpoint's layout, scheme, tensor shapes, precisions and sizes (inputs and outputs)."""
+    """Show a checkpoint's family, layout, scheme, tensor shapes, precisions and sizes (inputs and outputs)."""
     from bitnet_convert.checkpoint import open_checkpoint
     from bitnet_convert.load import attention_of, scheme_of
 
@@ -240,13 +243,14 @@ def inspect(
         for name in checkpoint.names():
             shape = checkpoint.shape_of(name)
             dtype = checkpoint.dtype_of(name)
-            pattern = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+            pattern = re.sub(r"\.layers\.\d+\.", ".layers.*.", checkpoint.stored_name(name))
             entry = groups[(pattern, "×".join(map(str, shape)), dtype)]
             entry[0] += 1
             entry[1] += checkpoint.nbytes_of(name)
     config = checkpoint.config
     summary = {
         "path": str(checkpoint.path),
+        "family": checkpoint.family.name,
         "layout": checkpoint.layout.value,
         "scheme": preset,
         "activations": {role: spec.describe() for role, spec in roles.items()},
@@ -265,6 +269,7 @@ def inspect(
         out.print_json(json.dumps(summary))
         return
     head = Table(title=str(checkpoint.path), show_header=False)
+    head.add_row("family", f"{summary['family']} ({checkpoint.family.examples})")
     head.add_row("layout", summary["layout"])
     head.add_row("scheme", preset + ("" if checkpoint.a48_spec else " (unconverted input: W1.58A8)"))
     for role, label in summary["activations"].items():

@@ -232,36 +232,32 @@ def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str]
                 shutil.rmtree(tmp)
 
 
-def bitlinear_scales(model: torch.nn.Module) -> None:
-    """Prepare ``model`` for the ``bitlinear`` layout: each α becomes a value whose float32 reciprocal maps back to
-    it exactly (a change of at most an ulp or two), so the stored 1/α reloads to the α the model computes with."""
-    for name, module in quant_linears(model).items():
-        alpha = module.weight_scale.clone()
-        for _ in range(8):
-            back = 1.0 / (1.0 / alpha)
-            if torch.equal(back, alpha):
-                break
-            alpha = back
-        else:
-            raise OutputError(f"linear '{name}': weight scale {module.weight_scale.item()} has no exact float32 "
-                              "reciprocal round trip; use export.layout: autobitlinear")
-        module.weight_scale = alpha
+def scale_convention(model: torch.nn.Module, layout: str) -> None:
+    """Put every linear of ``model`` in ``layout``'s scale convention before it is exported: ``bitlinear`` stores
+    ``1/α`` that divides, ``autobitlinear`` ``α`` that multiplies (:meth:`QuantLinear.set_scale_convention`). A
+    linear already in that convention (e.g. read from a checkpoint of that layout) is untouched; another one
+    changes by about an ulp, so the exported file reloads to exactly the model in memory."""
+    for module in quant_linears(model).values():
+        module.set_scale_convention(layout == "bitlinear")
 
 
 def export_tensors(
     model: torch.nn.Module, dtype: torch.dtype, layout: str = "autobitlinear"
 ) -> dict[str, torch.Tensor]:
-    """The tensors to save, in a fixed order: packed linears as stored (``weight_scale`` = α, or 1/α for the
-    ``bitlinear`` layout, see :func:`bitlinear_scales`), everything else cast to ``dtype``."""
-    packed = {f"{name}.{key}" for name in quant_linears(model) for key in ("weight", "weight_scale", "bias")}
+    """The tensors to save, in a fixed order: packed linears as they are (``weight_scale`` in ``layout``'s
+    convention, see :func:`scale_convention`), everything else cast to ``dtype``. Raises ``ValueError`` for a
+    linear in the other convention."""
+    linears = quant_linears(model)
+    wrong = [name for name, m in linears.items() if m.scale_divides != (layout == "bitlinear")]
+    if wrong:
+        raise ValueError(f"linear '{wrong[0]}' is not in the {layout} scale convention; call scale_convention first")
+    packed = {f"{name}.{key}" for name in linears for key in ("weight", "weight_scale", "bias")}
     tied = model.config.tie_word_embeddings
     tensors = {}
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
         keep = name in packed or ".qwt." in name  # fitted compensations stay float32: an exact round trip
-        if layout == "bitlinear" and name.endswith(".weight_scale") and name in packed:
-            tensor = 1.0 / tensor
         tensors[name] = tensor if keep else tensor.to(dtype)
         tensors[name] = tensors[name].detach().contiguous()
     return tensors
@@ -305,8 +301,13 @@ def output_config(
     qwt: dict | None = None,
     layout: str = "autobitlinear",
 ) -> dict:
-    """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec."""
-    config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "bitnet_convert")}
+    """The input's config with the packed-storage ``quantization_config`` and the a4.8 spec; a family built from
+    another transformers class than its own (1bitLLM) gets that class's ``model_type`` and ``architectures``."""
+    family = source.family
+    dropped = ("quantization_config", "bitnet_convert", *family.own_keys)
+    config = {k: v for k, v in source.config.items() if k not in dropped}
+    if family.export_model_type is not None:  # e.g. 1bitLLM: exported as the transformers class it is built from
+        config.update(model_type=family.export_model_type, architectures=list(family.export_architectures))
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     config["quantization_config"] = dict(BITLINEAR_CONFIG if layout == "bitlinear" else QUANTIZATION_CONFIG)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoTokenizer, BitNetForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
 from bitnet_convert.errors import BackendError, CheckpointError
@@ -58,7 +58,7 @@ def linear_overrides(checkpoint: Checkpoint) -> dict[str, ActivationSpec]:
 
 
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
-         sparse_roles: tuple[str, ...] | None = None) -> BitNetForCausalLM:
+         sparse_roles: tuple[str, ...] | None = None) -> PreTrainedModel:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
     For a bitnet-convert output this is the a4.8 model, numerically identical to the one that was exported.
@@ -94,7 +94,7 @@ def build_for_backend(
     *, dtype: torch.dtype = torch.float32, attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None, sparse_roles: tuple[str, ...] | None = None,
     on_linear: Callable[[str], None] | None = None,
-) -> BitNetForCausalLM:
+) -> PreTrainedModel:
     """:func:`~bitnet_convert.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
     scheme's name (``b158`` runs every linear dense on the native backend)."""
     if backend == "native" and dtype != torch.float32:

@@ -1,4 +1,7 @@
-"""Build a BitNet causal LM whose linears are :class:`QuantLinear` s, streaming from a checkpoint.
+"""Build a b1.58 causal LM whose linears are :class:`QuantLinear` s, streaming from a checkpoint.
+
+The model is the transformers class of the checkpoint's family (:mod:`bitnet_convert.families`):
+``BitNetForCausalLM`` or ``LlamaForCausalLM``.
 
 The model skeleton is created on the meta device; every ternary linear is read, ternarized (or unpacked) and
 packed one at a time, and the remaining tensors (embeddings, norms) are assigned as they are read, so the
@@ -11,8 +14,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from transformers import BitNetConfig, BitNetForCausalLM
-from transformers.models.bitnet.modeling_bitnet import BitNetDecoderLayer, BitNetRotaryEmbedding
+from transformers import PretrainedConfig, PreTrainedModel
 
 from bitnet_convert import checkpoint as _checkpoint
 from bitnet_convert.checkpoint import Checkpoint, Layout
@@ -26,9 +28,14 @@ from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
 from bitnet_convert.recover.qwt import Compensation, attach
 
 
-def architecture_config(checkpoint: Checkpoint) -> BitNetConfig:
-    """The checkpoint's ``BitNetConfig`` without its storage description."""
-    return _checkpoint.architecture_config(checkpoint.config, checkpoint.path)
+def architecture_config(checkpoint: Checkpoint) -> PretrainedConfig:
+    """The checkpoint's transformers config (``BitNetConfig``, ``LlamaConfig``) without its storage description."""
+    return _checkpoint.architecture_config(checkpoint.config, checkpoint.path, checkpoint.family)
+
+
+def rotary_embedding(checkpoint: Checkpoint, config: PretrainedConfig | None = None) -> torch.nn.Module:
+    """The family's rotary position embedding module for ``config`` (default: the checkpoint's)."""
+    return checkpoint.family.rotary_class(config or architecture_config(checkpoint))
 
 
 def build_model(
@@ -39,8 +46,9 @@ def build_model(
     attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
     embeddings_as_stored: bool = False,
-) -> BitNetForCausalLM:
-    """A ``BitNetForCausalLM`` with every decoder linear replaced by a :class:`QuantLinear` of ``roles``.
+) -> PreTrainedModel:
+    """The family's causal LM (``BitNetForCausalLM``, ``LlamaForCausalLM``) with every decoder linear replaced by
+    a :class:`QuantLinear` of ``roles``.
 
     ``dtype`` is the compute dtype of the non-ternary tensors. ``on_linear(name)`` is called after each
     linear (progress reporting). ``attention`` quantizes Q/K/V inside attention (:mod:`bitnet_convert.quant.kv`).
@@ -49,7 +57,7 @@ def build_model(
     """
     config = architecture_config(checkpoint)
     with torch.device("meta"):
-        model = BitNetForCausalLM(config)
+        model = checkpoint.family.model_class(config)
     scratch = _scratch(checkpoint, checkpoint.linear_names())
     unknown = sorted(set(overrides or {}) - set(checkpoint.linear_names()))
     if unknown:
@@ -71,13 +79,15 @@ def build_model(
                                   "from 'model.embed_tokens.weight' (set tie_word_embeddings: false to use both)")
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise CheckpointError(f"{checkpoint.path}: unexpected tensor '{result.unexpected_keys[0]}' for a BitNet model")
+        raise CheckpointError(f"{checkpoint.path}: unexpected tensor "
+                              f"'{checkpoint.stored_name(result.unexpected_keys[0])}' for a {config.model_type} model")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = BitNetRotaryEmbedding(config)
+    model.model.rotary_emb = rotary_embedding(checkpoint, config)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise CheckpointError(f"{checkpoint.path}: tensor '{missing[0]}' is missing from the checkpoint")
+        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(missing[0])}' is missing from the "
+                              "checkpoint")
     model.requires_grad_(False)
     kv.install(model, attention)
     return model.eval()
@@ -90,13 +100,13 @@ def build_layer(
     dtype: torch.dtype = torch.float32,
     attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
-) -> BitNetDecoderLayer:
+) -> torch.nn.Module:
     """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
     config = architecture_config(checkpoint)
     # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
     config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
     with torch.device("meta"):
-        layer = BitNetDecoderLayer(config, index)
+        layer = checkpoint.family.layer_class(config, index)
     prefix = f"model.layers.{index}."
     names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
     scratch = _scratch(checkpoint, names)
@@ -113,7 +123,8 @@ def build_layer(
     layer.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
     if missing:
-        raise CheckpointError(f"{checkpoint.path}: tensor '{prefix}{missing[0]}' is missing from the checkpoint")
+        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(prefix + missing[0])}' is missing "
+                              "from the checkpoint")
     if attention is not None and attention.enabled:
         layer.self_attn.lowbit_attention = attention
     layer.requires_grad_(False)
@@ -139,8 +150,8 @@ def load_linear(
             f"{checkpoint.path}: '{name}.weight' has out_features={out_features}, not divisible by "
             f"{VALUES_PER_BYTE}; 2-bit packing needs out_features % 4 == 0"
         )
-    codes, alpha = checkpoint.ternary(name, scratch)
-    module = QuantLinear.from_ternary(codes, alpha, spec or roles[role_of(name)])
+    codes, scale, divides = checkpoint.ternary_stored(name, scratch)
+    module = QuantLinear.from_ternary(codes, scale, spec or roles[role_of(name)], divides=divides)
     norm = checkpoint.input_norm(name)
     if norm is not None:
         module.set_input_norm(norm.to(dtype), checkpoint.input_norm_eps)
@@ -151,7 +162,7 @@ def _warn_zero_linears(checkpoint: Checkpoint, linears: dict[str, QuantLinear]) 
     """One warning line naming the linears whose weights are all zero (a known way public re-uploads break)."""
     all_zero_byte = 0b01010101  # four ternary zeros, each stored as value + 1
     zero = [name for name, module in linears.items()
-            if not module.weight_scale.item() or bool((module.weight == all_zero_byte).all())]
+            if not module.alpha().item() or bool((module.weight == all_zero_byte).all())]
     _warn_zero(checkpoint, zero, "linear(s) with all-zero weights, whose output is always 0")
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from bitnet_convert import kernels
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.quant.schemes import ROLES, ActivationSpec, role_of
+from bitnet_convert.quant.schemes import ROLES, SPARSE_GLU, ActivationSpec, role_of
 
 
 def _ops():
@@ -82,7 +82,9 @@ class NativeLinear(nn.Module):
         self.isa = kernels.isa()
         layout = kernels.cols_layout if sparse else kernels.rows_layout
         self.register_buffer("weight", layout(source.weight.cpu()))
+        #: the scale as the source stores it, and whether it divides (the ``bitlinear`` convention)
         self.alpha = float(source.weight_scale.item())
+        self.divides = source.scale_divides
         self.register_buffer("bias", None if source.bias is None else source.bias.detach().float().clone())
         self.rms_norm = source.rms_norm
         self._quantize_input = source.spec.quantizer()  # the fake quantizer, for activation statistics
@@ -102,9 +104,10 @@ class NativeLinear(nn.Module):
             self.zeros[0] += round(_ops().zero_share(codes, self.in_features) * count)
             self.zeros[1] += count
         if self.sparse:
-            y = _ops().ternary_gemm_sparse(codes, sums, s, self.weight, self.out_features, self.alpha, self.isa)
+            y = _ops().ternary_gemm_sparse(codes, sums, s, self.weight, self.out_features, self.alpha, self.divides,
+                                            self.isa)
         else:
-            y = _ops().ternary_gemm(codes, sums, s, self.weight, self.alpha, self.isa)
+            y = _ops().ternary_gemm(codes, sums, s, self.weight, self.alpha, self.divides, self.isa)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -164,14 +167,15 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
     """Move a model from :func:`~bitnet_convert.modeling.build_model` onto the native kernels, in place.
 
     ``scheme``: the scheme name the checkpoint declares. ``sparse_roles``: roles (``qkv``, ``o``, ``gate_up``,
-    ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes and none
-    for ``b158``. Each linear is replaced one at a time, so the peak memory is the model plus one linear. Raises
-    :class:`~bitnet_convert.kernels.NativeUnavailable` when the kernels cannot be built and ``ValueError`` for an
-    unknown role.
+    ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes on relu²
+    models and none for ``b158`` or a SwiGLU model (dense down_proj input). Each linear is replaced one at a time,
+    so the peak memory is the model plus one linear. Raises :class:`~bitnet_convert.kernels.NativeUnavailable` when
+    the kernels cannot be built and ``ValueError`` for an unknown role.
     """
     kernels.ensure_built()
-    if sparse_roles is None:
-        sparse_roles = () if scheme == "b158" else SPARSE_ROLES
+    if sparse_roles is None:  # a SwiGLU down_proj input is dense: the sparse-input kernel would only be slower
+        relu2 = getattr(model.config, "hidden_act", "relu2") in SPARSE_GLU
+        sparse_roles = SPARSE_ROLES if scheme != "b158" and relu2 else ()
     unknown = sorted(set(sparse_roles) - set(ROLES))
     if unknown:
         raise ValueError(f"sparse_roles: unknown role '{unknown[0]}'; expected some of {', '.join(ROLES)}")

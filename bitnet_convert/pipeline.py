@@ -38,16 +38,17 @@ from bitnet_convert.data import (
 from bitnet_convert.errors import DataError, RecipeError
 from bitnet_convert.export import (
     atomic_directory,
-    bitlinear_scales,
     check_output,
     export,
     export_dtype_name,
     output_lock,
+    scale_convention,
 )
 from bitnet_convert.load import DTYPES, load_tokenizer
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
+from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover.qwt import fit_model as fit_qwt_model
@@ -103,7 +104,10 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         calibration = _calibration_windows(recipe, checkpoint, data_used)
         distill = recipe.recovery.distill
         teacher = None if distill is None else kd.teacher_checkpoint(checkpoint, distill)
-    roles = recipe.scheme.resolved()
+    hidden_act = architecture_config(checkpoint).hidden_act
+    roles = recipe.scheme.resolved(hidden_act)
+    # which down_proj treatment a48 chose for a SwiGLU model, said in the report and by the CLI
+    ffn_note = swiglu_note(recipe.scheme.preset, hidden_act) if "down" not in recipe.scheme.roles else None
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
@@ -149,7 +153,9 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
             write_report(details, directory / "calibration", _calibration_meta(recipe, "whole model"))
 
     def report(files: list[Path]) -> dict:
-        result = conversion_report(model, checkpoint, recipe, files, timings, stats)
+        result = conversion_report(model, checkpoint, recipe, files, timings, stats, roles)
+        if ffn_note is not None:
+            result["ffn_note"] = ffn_note
         if choice is not None:
             result["auto"] = choice
         if qwt is not None:
@@ -160,8 +166,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         result["warnings"] = list(warnings)
         return result
 
-    if recipe.export.layout == "bitlinear":
-        bitlinear_scales(model)
+    layout = recipe.export.layout or checkpoint.family.export_layout
+    scale_convention(model, layout)
     with _timed(timings, "export"), progress.stage("Export"):
         export(
             model,
@@ -179,7 +185,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
             overrides=overrides,
             qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
             inputs=input_paths(recipe),
-            layout=recipe.export.layout,
+            layout=layout,
         )
     if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
         kd.remove_state(_distill_state_dir(recipe))
@@ -209,7 +215,8 @@ def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress
     layers = architecture_config(checkpoint).num_hidden_layers
     stage = progress.stage("Calibrate, layer by layer", layers)
     with memory_guard(spec.samples, spec.seq_len, spec.batch_size), stage as advance:
-        result = sequential_calibration(checkpoint, recipe.scheme.resolved(), ids, spec.batch_size,
+        roles = recipe.scheme.resolved(architecture_config(checkpoint).hidden_act)
+        result = sequential_calibration(checkpoint, roles, ids, spec.batch_size,
                                         attention=recipe.scheme.attention, on_layer=advance,
                                         overrides=recipe.scheme.linears)
     with progress.stage("Write report"), atomic_directory(output, overwrite, input_paths(recipe)) as tmp:
@@ -320,8 +327,10 @@ def conversion_report(
     files: list[Path],
     timings: dict[str, float],
     stats: dict | None,
+    roles: dict[Role, ActivationSpec],
 ) -> dict:
-    """Parameters per precision, bits per weight of the packed linears, sizes, time and peak memory."""
+    """The input's family and layout, the activation spec per role (``roles``), parameters per precision, bits
+    per weight of the packed linears, sizes, time and peak memory."""
     linears = quant_linears(model)
     ternary = sum(m.in_features * m.out_features for m in linears.values())
     packed_bytes = sum(m.weight.numel() + 4 * m.weight_scale.numel() for m in linears.values())
@@ -329,9 +338,10 @@ def conversion_report(
     return {
         "bitnet_convert_version": __version__,
         "model": recipe.model,
+        "input_family": checkpoint.family.name,
         "input_layout": checkpoint.layout.value,
         "scheme": recipe.scheme.preset,
-        "activations": {role: spec.describe() for role, spec in recipe.scheme.resolved().items()},
+        "activations": {role: spec.describe() for role, spec in roles.items()},
         "attention": recipe.scheme.attention.describe(),
         "parameters": {
             "ternary": ternary,

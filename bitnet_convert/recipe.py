@@ -10,12 +10,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import PRESETS, ROLES, ActivationSpec, Role
+from bitnet_convert.quant.schemes import ROLES, ActivationSpec, Role, preset_roles
 from bitnet_convert.recover.distill import DistillSpec
 from bitnet_convert.recover.qwt import QwTSpec
 
@@ -44,7 +53,7 @@ class SchemeSpec(_Strict):
     """A named preset, optionally with per-role overrides of its activation quantizers, and the quantization
     of Q/K/V inside attention (``attention``; off unless bits are set)."""
 
-    preset: Literal["b158", "a48", "a48-fp4"] = "a48"
+    preset: Literal["b158", "a48", "a48-fp4", "a48-swiglu-int8", "a48-swiglu-topk", "a48-swiglu-int4"] = "a48"
     roles: dict[Role, ActivationSpec] = Field(default_factory=dict)
     linears: dict[str, ActivationSpec] = Field(
         default_factory=dict, description="per-linear overrides by module name (model.layers.3.mlp.up_proj)"
@@ -52,9 +61,11 @@ class SchemeSpec(_Strict):
     auto: AutoSpec | None = None
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
 
-    def resolved(self) -> dict[Role, ActivationSpec]:
-        """The activation spec of every role: the preset's, replaced where ``roles`` names one."""
-        return {role: self.roles.get(role, PRESETS[self.preset][role]) for role in ROLES}
+    def resolved(self, hidden_act: str = "relu2") -> dict[Role, ActivationSpec]:
+        """The activation spec of every role for a model whose FFN activation is ``hidden_act``: the preset's
+        (:func:`~bitnet_convert.quant.schemes.preset_roles`), replaced where ``roles`` names one."""
+        preset = preset_roles(self.preset, hidden_act)
+        return {role: self.roles.get(role, preset[role]) for role in ROLES}
 
 
 class CalibrationSpec(_Strict):
@@ -85,9 +96,12 @@ class ExportSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of embeddings and norms; auto = the input checkpoint's dtype"
     )
-    layout: Literal["autobitlinear", "bitlinear"] = Field(
-        "autobitlinear", description="packed layout: autobitlinear (weight_scale = α, bit-identical in stock "
-        "transformers) or bitlinear (weight_scale = 1/α, loads in stock transformers with any dtype)"
+    layout: Literal["autobitlinear", "bitlinear"] | None = Field(
+        None, validation_alias=AliasChoices("layout", "linear_class"),
+        description="packed layout (also spelled linear_class): autobitlinear (weight_scale = α, bit-identical in "
+        "stock transformers) or bitlinear (weight_scale = 1/α, loads in stock transformers with any dtype; what "
+        "llama.cpp's converter reads); null = the input family's convention (bitlinear for Llama-architecture "
+        "inputs, autobitlinear otherwise)"
     )
 
 

@@ -413,8 +413,8 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
 
         def run(w, codes=codes, s=s, sums=sums, sparse=sparse, rows=rows):
             if sparse:
-                return ops.ternary_gemm_sparse(codes, sums, s, w, rows, 1.0, isa)
-            return ops.ternary_gemm(codes, sums, s, w, 1.0, isa)
+                return ops.ternary_gemm_sparse(codes, sums, s, w, rows, 1.0, False, isa)
+            return ops.ternary_gemm(codes, sums, s, w, 1.0, False, isa)
 
         for w in weights:
             run(w)

@@ -1,8 +1,9 @@
-"""Checkpoint reading: the three HF BitNet layouts, sharding, and the errors for what is not a BitNet LM."""
+"""Checkpoint reading: the three HF BitNet layouts, sharding, and the errors for what is not a b1.58 LM."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,11 +91,29 @@ def test_sharded_input_reads_like_single_file(tmp_path, tiny_checkpoint):
     assert torch.equal(a, b)
 
 
-def test_not_a_bitnet_checkpoint(tiny_checkpoint):
+@pytest.mark.parametrize("model_type, architectures", [
+    ("gpt2", ["GPT2LMHeadModel"]), ("mistral", None), ("bitnet", ["LlamaForCausalLM"]),
+    ("llama", ["BitNetForCausalLM"]),
+])
+def test_unknown_architecture_is_refused(tiny_checkpoint, model_type, architectures):
+    """An architecture no family has, or a model_type that contradicts the architecture, is refused in one line
+    naming both and listing every supported family."""
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    config.update(model_type=model_type, architectures=architectures)
+    (tiny_checkpoint / "config.json").write_text(json.dumps(config))
+    pattern = (rf"model_type '{model_type}' / architectures {re.escape(str(architectures))} is not a b1.58 causal LM "
+               r"bitnet-convert reads; supported: BitNetForCausalLM .*LlamaForCausalLM .*BitnetForCausalLM ")
+    with pytest.raises(CheckpointError, match=pattern):
+        open_checkpoint(tiny_checkpoint)
+
+
+def test_bitnet_tensors_under_a_llama_config_are_refused(tiny_checkpoint):
+    """A BitNet checkpoint relabelled as Llama holds sub-norms a Llama model has no place for: refused by name."""
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model_type 'llama'.*not a BitNet causal LM"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.ffn_sub_norm.weight' is not part of a "
+                                              r"Llama model"):
         open_checkpoint(tiny_checkpoint)
 
 

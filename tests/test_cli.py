@@ -125,7 +125,7 @@ def test_non_bitnet_checkpoint(tmp_path, tiny_checkpoint):
     config["model_type"] = "llama"
     (tiny_checkpoint / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
-    assert_user_error(invoke("quantize", "--model", tiny_checkpoint, "--output", out), "not a BitNet causal LM")
+    assert_user_error(invoke("quantize", "--model", tiny_checkpoint, "--output", out), "not a b1.58 causal LM")
     assert not out.exists()
 
 

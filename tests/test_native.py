@@ -109,10 +109,11 @@ def test_dense_and_sparse_gemm_are_exact_integer_sums(n, k, t):
     for isa in isas():
         codes, s, sums = ops().quantize_absmax(x, 8, isa)
         exact = (codes[:, :k].long() @ w.long().t()).float()  # int64: the true sums
-        want = exact / s[:, None] * 0.37
-        dense = ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.37, isa)
-        sparse = ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), n, 0.37, isa)
-        assert torch.equal(dense, want) and torch.equal(sparse, want)
+        for divide in (False, True):  # α that multiplies, or 1/α that divides (the bitlinear convention)
+            want = exact / (s[:, None] * 0.37) if divide else exact / s[:, None] * 0.37
+            dense = ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.37, divide, isa)
+            sparse = ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), n, 0.37, divide, isa)
+            assert torch.equal(dense, want) and torch.equal(sparse, want)
 
 
 def test_scalar_and_avx2_paths_agree_bit_for_bit():
@@ -129,9 +130,9 @@ def test_scalar_and_avx2_paths_agree_bit_for_bit():
         codes, s, sums = ops().quantize_absmax(x, 8, isa)
         codes4, sums4 = ops().quantize_scaled(x, scale, -8, 7, isa)
         results.append([codes, s, sums, codes4, sums4,
-                        ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.5, isa),
-                        ops().ternary_gemm(codes[:1], sums[:1], s[:1], kernels.rows_layout(packed), 0.5, isa),
-                        ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 300, 0.5, isa),
+                        ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.5, False, isa),
+                        ops().ternary_gemm(codes[:1], sums[:1], s[:1], kernels.rows_layout(packed), 0.3, True, isa),
+                        ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 300, 0.5, False, isa),
                         ops().bf16_gemm(xb, wb, isa), ops().bf16_gemm(xb[:1], wb, isa)])
     for scalar, avx2 in zip(*results, strict=True):
         assert torch.equal(scalar, avx2)
@@ -147,8 +148,9 @@ def test_results_do_not_depend_on_the_thread_count():
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             codes, s, sums = ops().quantize_absmax(x, 8, kernels.isa())
-            outputs.append([ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 1.0, kernels.isa()),
-                            ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 520, 1.0,
+            outputs.append([ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 1.0, False,
+                                               kernels.isa()),
+                            ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 520, 1.0, False,
                                                       kernels.isa()),
                             ops().bf16_gemm(x, wb, kernels.isa())])
     finally:

@@ -192,9 +192,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_scaled(const at::Tensor& x, const at
 
 // ------------------------------------------------------------------------------- dense ternary GEMM
 
-// Final scaling shared by every path: y = (float)acc / s · alpha. |acc| <= Kp · 128 < 2^24, so the conversion is
-// exact; one division and one multiply, as the reference's dequantize-then-scale.
-inline float finish(int32_t acc, float s, float alpha) { return static_cast<float>(acc) / s * alpha; }
+// Final scaling shared by every path: y = (float)acc / s · alpha, or with `divide` (a scale stored as 1/alpha, the
+// bitlinear convention) y = (float)acc / (s · scale) as transformers' BitLinear computes it. |acc| <= Kp · 128 < 2^24,
+// so the conversion is exact; the float operations are the reference QuantLinear's, in its order.
+inline float finish(int32_t acc, float s, float scale, bool divide) {
+  return divide ? static_cast<float>(acc) / (s * scale) : static_cast<float>(acc) / s * scale;
+}
 
 int32_t dot_row_scalar(const uint8_t* w, const int8_t* x, int64_t Kp) {
   int32_t acc = 0;
@@ -258,9 +261,10 @@ void check_codes(const at::Tensor& codes, const at::Tensor& sums, const at::Tens
               "scale must be fp32 [T]");
 }
 
-// y[t, n] = ((sum_k T[n, k] · codes[t, k]) / scale[t]) · alpha with T the ternary weight in the `rows` layout.
+// y[t, n] = ((sum_k T[n, k] · codes[t, k]) / scale[t]) · alpha with T the ternary weight in the `rows` layout
+// (with `divide`: / (scale[t] · alpha), see finish()).
 at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
-                        const at::Tensor& w, double alpha_d, int64_t isa) {
+                        const at::Tensor& w, double alpha_d, bool divide, int64_t isa) {
   check_isa(isa);
   check_codes(codes, sums, scale);
   const int64_t T = codes.size(0), Kp = codes.size(1), N = w.size(0);
@@ -298,7 +302,7 @@ at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const a
             for (int64_t j = 0; j < tt; ++j) acc[j] = dot_row_scalar(wr, xs[j], Kp);
           }
           for (int64_t j = 0; j < tt; ++j)
-            yp[(t0 + j) * N + n] = finish(acc[j] - up[t0 + j], sp[t0 + j], alpha);
+            yp[(t0 + j) * N + n] = finish(acc[j] - up[t0 + j], sp[t0 + j], alpha, divide);
         }
       }
     }
@@ -417,7 +421,7 @@ BC_AVX2 void sparse_block_avx2(const uint8_t* w, int64_t Kp, int64_t c, const Ac
 
 // y[t, n] as ternary_gemm, with T in the `cols` layout [Np/256, Kp, 64]; reads only the columns of non-zero codes.
 at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
-                               const at::Tensor& w, int64_t N, double alpha_d, int64_t isa) {
+                               const at::Tensor& w, int64_t N, double alpha_d, bool divide, int64_t isa) {
   check_isa(isa);
   check_codes(codes, sums, scale);
   const int64_t T = codes.size(0), Kp = codes.size(1);
@@ -446,7 +450,7 @@ at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, 
         else
 #endif
           sparse_block_scalar(wp, Kp, c, active[t], acc);
-        for (int64_t o = o0; o < o1; ++o) yp[t * N + o] = finish(acc[o - o0] - up[t], sp[t], alpha);
+        for (int64_t o = o0; o < o1; ++o) yp[t * N + o] = finish(acc[o - o0] - up[t], sp[t], alpha, divide);
       }
     }
   });
@@ -573,9 +577,10 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("cpu_has_avx2() -> bool", &cpu_has_avx2);
   m.def("quantize_absmax(Tensor x, int bits, int isa) -> (Tensor, Tensor, Tensor)", &quantize_absmax);
   m.def("quantize_scaled(Tensor x, Tensor s, int lo, int hi, int isa) -> (Tensor, Tensor)", &quantize_scaled);
-  m.def("ternary_gemm(Tensor codes, Tensor sums, Tensor scale, Tensor w, float alpha, int isa) -> Tensor",
+  m.def("ternary_gemm(Tensor codes, Tensor sums, Tensor scale, Tensor w, float alpha, bool divide, int isa) -> Tensor",
         &ternary_gemm);
-  m.def("ternary_gemm_sparse(Tensor codes, Tensor sums, Tensor scale, Tensor w, int n, float alpha, int isa) -> Tensor",
+  m.def("ternary_gemm_sparse(Tensor codes, Tensor sums, Tensor scale, Tensor w, int n, float alpha, bool divide, "
+        "int isa) -> Tensor",
         &ternary_gemm_sparse);
   m.def("zero_share(Tensor codes, int k) -> float", &zero_share);
   m.def("bf16_gemm(Tensor x, Tensor w, int isa) -> Tensor", &bf16_gemm);

@@ -5,7 +5,11 @@ absmean scale — the arithmetic of transformers' offline ``AutoBitLinear``, so 
 transformers give the same numbers up to fp32 rounding. Inference computes it as ``((codes · Tᵀ) / s) · α`` with
 the integer codes and multiplier ``s`` of the input (``x̂ = codes / s``): the integer product is exact in fp32, so
 the result does not depend on the order of summation and the native kernels reproduce it bit for bit.
-State-dict names match that layout: ``weight`` (uint8) and ``weight_scale`` (fp32, multiplies). A checkpoint
+State-dict names match that layout: ``weight`` (uint8) and ``weight_scale`` (fp32). ``weight_scale`` multiplies
+(``α``, transformers' ``AutoBitLinear``) unless ``scale_divides`` is set: a linear read from a ``bitlinear``-layout
+checkpoint keeps the stored ``1/α`` and computes ``(codes · Tᵀ) / (s · weight_scale)``, the exact arithmetic of
+transformers' ``BitLinear`` (``y / (input_scale · weight_scale)``), so b158 on such a checkpoint gives stock
+transformers' logits bit for bit. A checkpoint
 with ``quantization_config.use_rms_norm`` puts an RMSNorm on the input before the quantizer (``rms_norm.weight``),
 as transformers' BitNet linears do.
 
@@ -47,16 +51,21 @@ class QuantLinear(nn.Module):
         self.ste_lambda = 1.0
         #: optional RMSNorm on the input (``use_rms_norm``), applied before the quantizer
         self.rms_norm: nn.Module | None = None
+        #: ``weight_scale`` is ``1/α`` and divides (transformers' ``BitLinear``), not ``α`` that multiplies
+        self.scale_divides = False
         self.train(False)  # an inference module until a fine-tune asks for the training forward
 
     @classmethod
     def from_ternary(
-        cls, codes: torch.Tensor, alpha: torch.Tensor, spec: ActivationSpec, bias: torch.Tensor | None = None
+        cls, codes: torch.Tensor, alpha: torch.Tensor, spec: ActivationSpec, bias: torch.Tensor | None = None,
+        divides: bool = False,
     ) -> QuantLinear:
-        """Build from int ternary codes ``[out, in]`` and the scale ``α`` (1 element)."""
+        """Build from int ternary codes ``[out, in]`` and the scale ``α`` (1 element), or with ``divides`` the
+        stored ``1/α`` of the ``bitlinear`` convention (kept as is; see the module docstring)."""
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, spec, bias=bias is not None)
         module.set_ternary(codes, alpha)
+        module.scale_divides = divides
         if bias is not None:
             module.bias = bias.detach().clone()
         return module
@@ -86,9 +95,30 @@ class QuantLinear(nn.Module):
         return self._dense[1]
 
     def set_ternary(self, codes: torch.Tensor, alpha: torch.Tensor) -> None:
-        """Replace the packed weight and its scale."""
+        """Replace the packed weight and its scale ``α`` (which multiplies from now on)."""
         self.weight = pack_ternary(codes).to(self.weight.device)
         self.weight_scale = alpha.detach().to(torch.float32).reshape(1).clone()
+        self.scale_divides = False
+
+    def alpha(self) -> torch.Tensor:
+        """The weight scale ``α`` (fp32, 1 element) whatever the convention: ``1 / weight_scale`` when it divides."""
+        return 1.0 / self.weight_scale if self.scale_divides else self.weight_scale
+
+    def set_scale_convention(self, divides: bool) -> None:
+        """Store the scale as ``1/α`` that divides (``True``, transformers' ``BitLinear``) or as ``α`` that
+        multiplies; the value becomes the fp32 reciprocal of the other form (a change of the output by about an
+        ulp), so a checkpoint written in either layout reloads to exactly this module."""
+        if divides != self.scale_divides:
+            self.weight_scale = 1.0 / self.weight_scale
+            self.scale_divides = divides
+
+    def _scaled(self, y: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """``y`` (integer sums over codes, or a float product) times ``α``, divided by the input multiplier ``s``."""
+        w = self.weight_scale.to(y.dtype)
+        if s is None:
+            return y / w if self.scale_divides else y * w
+        s = s.to(y.dtype)
+        return y / (s * w) if self.scale_divides else y / s * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantizer_input(x)
@@ -96,10 +126,10 @@ class QuantLinear(nn.Module):
             return self._forward_train(x)
         quantized = self.spec.integer_codes(x)
         if quantized is None:  # full-precision input
-            y = tF.linear(x, self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = self._scaled(tF.linear(x, self.dense_weight(x.dtype)))
         else:  # integer codes times ternary weights: exact in fp32 (sums < 2^24), then one scaling per output
             codes, s = quantized
-            y = tF.linear(codes.to(x.dtype), self.dense_weight(x.dtype)) / s.to(x.dtype) * self.weight_scale.to(x.dtype)
+            y = self._scaled(tF.linear(codes.to(x.dtype), self.dense_weight(x.dtype)), s)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
@@ -108,7 +138,7 @@ class QuantLinear(nn.Module):
         lam = self.ste_lambda
         xq = F.ste(x, self._quantize_input(x), lam)
         if self.latent is None:  # frozen weight: the cached dense codes, no weight-sized temporary kept for backward
-            y = tF.linear(xq, self.dense_weight(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = self._scaled(tF.linear(xq, self.dense_weight(x.dtype)))
         else:
             self._dense = None  # the packed weight is not used while a latent trains
             y = tF.linear(xq, F.ste(self.latent, F.ternary_absmean_fake(self.latent), lam).to(x.dtype))

@@ -1,4 +1,4 @@
-"""Activation specs, the role table and the named schemes (b158, a48, a48-fp4).
+"""Activation specs, the role table and the named schemes (b158, a48, a48-fp4, the SwiGLU down_proj variants).
 
 A *role* groups the linears whose inputs have the same origin in a BitNet block; a scheme maps every role to
 one :class:`ActivationSpec`. Which linear has which role is decided here and nowhere else.
@@ -134,3 +134,38 @@ PRESETS: dict[str, dict[Role, ActivationSpec]] = {
         "down": _INT8,
     },
 }
+
+#: FFN activations whose GLU output (the down_proj input) is sparse by construction. The a4.8 paper's down_proj
+#: treatment (INT8, no top-K) relies on relu² making that input mostly zeros (METHOD.md); a SwiGLU model's is dense.
+SPARSE_GLU: tuple[str, ...] = ("relu2",)
+
+#: down_proj input treatments for GLUs that are not relu² (SwiGLU), each also a preset ``a48-swiglu-<name>``
+#: (a48 with that down_proj input); measured on the SwiGLU reference model in the README ("SwiGLU down_proj").
+SWIGLU_DOWN: dict[str, ActivationSpec] = {
+    "int8": _INT8,
+    "topk": ActivationSpec(method="absmax", bits=8, topk=0.5),
+    "int4": _INT4,
+}
+#: The measured best of :data:`SWIGLU_DOWN`: what ``a48`` and ``a48-fp4`` give a SwiGLU model's down_proj.
+SWIGLU_DEFAULT = "int8"
+PRESETS.update({f"a48-swiglu-{name}": {**PRESETS["a48"], "down": spec} for name, spec in SWIGLU_DOWN.items()})
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def preset_roles(preset: str, hidden_act: str = "relu2") -> dict[Role, ActivationSpec]:
+    """The activation spec of every role of ``preset`` for a model whose FFN activation is ``hidden_act``: the
+    preset as written, except that ``a48`` and ``a48-fp4`` give a non-relu² (SwiGLU) model's down_proj the
+    :data:`SWIGLU_DEFAULT` treatment. Raises ``KeyError`` for an unknown preset."""
+    roles = dict(PRESETS[preset])
+    if preset in ("a48", "a48-fp4") and hidden_act not in SPARSE_GLU:
+        roles["down"] = SWIGLU_DOWN[SWIGLU_DEFAULT]
+    return roles
+
+
+def swiglu_note(preset: str, hidden_act: str) -> str | None:
+    """One line saying which down_proj treatment ``preset`` chose for a non-relu² model; ``None`` otherwise."""
+    if preset not in ("a48", "a48-fp4") or hidden_act in SPARSE_GLU:
+        return None
+    spec = SWIGLU_DOWN[SWIGLU_DEFAULT]
+    return (f"{preset} on a {hidden_act} GLU (SwiGLU) model: down_proj input {spec.describe()} "
+            f"(= a48-swiglu-{SWIGLU_DEFAULT}, the best measured; the paper's treatment assumes relu²'s sparse input)")

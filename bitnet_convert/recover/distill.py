@@ -131,7 +131,7 @@ def trainable_tensors(
         for name, module in model.named_modules():
             if isinstance(module, QuantLinear):
                 init = latent_init(name, module) if latent_init else latent_from_codes(module.ternary(),
-                                                                                        module.weight_scale)
+                                                                                        module.alpha())
                 module.latent = init.detach().to(torch.float32).clone()
                 tensors[f"{name}.latent"] = module.latent
     if "qwt" in groups:

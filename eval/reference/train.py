@@ -1,14 +1,25 @@
-"""Train the reference BitNet b1.58 model with quantization-aware training, deterministically, on CPU.
+"""Train a reference b1.58 model with quantization-aware training, deterministically, on CPU.
 
-The model is ``transformers.BitNetForCausalLM`` in the shape of bitnet-b1.58-2B-4T scaled down (relu² GLU,
-attention and FFN sub-norms, GQA, tied embeddings). Every decoder linear computes
-``F.linear(Q_INT8(x), Q_w(W))`` with the b1.58 quantizers of ``bitnet_convert.quant.functional`` and a
-straight-through gradient (b1.58, arXiv 2402.17764); embeddings, norms and lm_head stay full precision.
+``--family bitnet`` (the default, ``model/``): ``transformers.BitNetForCausalLM`` in the shape of
+bitnet-b1.58-2B-4T scaled down (relu² GLU, attention and FFN sub-norms, GQA, tied embeddings), saved like the public
+"-bf16" release: bfloat16 master weights and a ``quantization_config`` that makes stock transformers load every
+decoder linear as an online ``AutoBitLinear``.
 
-The result is saved like the public "-bf16" release: bfloat16 master weights and a ``quantization_config``
-that makes stock transformers load every decoder linear as an online ``AutoBitLinear``.
+``--family llama`` (``model-llama/``): ``LlamaForCausalLM`` (SwiGLU, no sub-norms, untied lm_head), saved like
+Falcon3-*-1.58bit: packed uint8 ternary weights with ``weight_scale`` = 1/α (the ``bitlinear`` convention, no
+``linear_class`` key), bfloat16 everything else, ``quant_method: bitnet`` with lm_head not converted.
 
-Usage: ``python eval/reference/train.py`` (needs the tokenizer in ``model/``; see README.md).
+``--family 1bitllm`` (``model-1bitllm/``): the 1bitLLM/bitnet_b1_58 graph (Llama with SiLU GLU plus the sub-norms
+``self_attn.inner_attn_ln`` and ``mlp.ffn_layernorm``, untied lm_head), saved like those releases: float16 latent
+masters, ``architectures: [BitnetForCausalLM]``, ``weight_bits: 1``, ``input_bits: 8`` and no
+``quantization_config``.
+
+In every family each decoder linear computes ``F.linear(Q_INT8(x), Q_w(W))`` with the b1.58 quantizers of
+``bitnet_convert.quant.functional`` and a straight-through gradient (b1.58, arXiv 2402.17764); embeddings, norms and
+lm_head stay full precision.
+
+Usage: ``python eval/reference/train.py [--family llama --out eval/reference/model-llama ...]`` (needs the
+tokenizer in ``model/``; see README.md for the exact commands of the committed checkpoints).
 """
 
 from __future__ import annotations
@@ -23,18 +34,38 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoTokenizer, BitNetConfig, BitNetForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoTokenizer,
+    BitNetConfig,
+    BitNetForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: bitnet_convert
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import iter_documents
 from evaluate_reference import DECODER_LINEARS, SEQ_LEN, pack, perplexity, read_documents, windows
 
-from bitnet_convert.quant.functional import int8_absmax, int8_absmax_ste, ternary_absmean_fake, ternary_absmean_ste
+from bitnet_convert.quant.functional import (
+    int8_absmax,
+    int8_absmax_ste,
+    ternary_absmean,
+    ternary_absmean_fake,
+    ternary_absmean_ste,
+)
+from bitnet_convert.quant.packing import pack_ternary
 
 HERE = Path(__file__).resolve().parent
 QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+#: Falcon3-*-1.58bit style: packed, ``weight_scale`` = 1/α (transformers' default ``linear_class: bitlinear``)
+PACKED_BITLINEAR_CONFIG = {"quant_method": "bitnet", "modules_to_not_convert": ["lm_head"]}
+#: 1bitLLM's stored names of the two sub-norms (transformers' BitNet names them attn_sub_norm / ffn_sub_norm)
+ONEBITLLM_NAMES = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
 
 
 class BitLinearQAT(nn.Linear):
@@ -65,9 +96,10 @@ def make_qat(model: nn.Module) -> int:
     return len(swaps)
 
 
-def make_config(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> BitNetConfig:
-    """The 2B-4T architecture scaled down; every linear's out_features is a multiple of 4 (2-bit packing)."""
-    config = BitNetConfig(
+def make_config(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> PretrainedConfig:
+    """The family's architecture scaled down; every linear's out_features is a multiple of 4 (2-bit packing)."""
+    config_class = LlamaConfig if args.family == "llama" else BitNetConfig
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -75,11 +107,11 @@ def make_config(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) ->
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         head_dim=args.hidden // args.heads,
-        hidden_act="relu2",
+        hidden_act="relu2" if args.family == "bitnet" else "silu",
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True,
+        tie_word_embeddings=args.family == "bitnet",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -115,7 +147,8 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
     start = time.perf_counter()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = BitNetForCausalLM(make_config(tokenizer, args))
+    model_class = LlamaForCausalLM if args.family == "llama" else BitNetForCausalLM
+    model = model_class(make_config(tokenizer, args))
     n_qat = make_qat(model)
     n_params = sum(p.numel() for p in model.parameters())
     data, n_docs = train_windows(tokenizer, args.steps * args.batch, args.seed)
@@ -147,16 +180,20 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
 
     val = windows(pack(tokenizer, read_documents(args.validation)), tokenizer.bos_token_id)
     ppl_fp32, n_val = perplexity(model, val)
+    stored = torch.float16 if args.family == "1bitllm" else torch.bfloat16
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+            p.copy_(p.to(stored).float())
     ppl_bf16, _ = perplexity(model, val)
-    print(f"validation ppl: fp32 masters {ppl_fp32:.4f}, bf16 masters {ppl_bf16:.4f} ({n_val:,} tokens)")
+    print(f"validation ppl: fp32 masters {ppl_fp32:.4f}, {stored} masters {ppl_bf16:.4f} ({n_val:,} tokens)")
 
-    model.to(torch.bfloat16)
-    model.config.quantization_config = dict(QUANTIZATION_CONFIG)
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(args.out)
+    if args.family == "bitnet":
+        model.to(torch.bfloat16)
+        model.config.quantization_config = dict(QUANTIZATION_CONFIG)
+        model.config.dtype = torch.bfloat16
+        model.save_pretrained(args.out)
+    else:
+        save_family(model, args)
     if args.out.resolve() != args.tokenizer.resolve():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(args.tokenizer / name, args.out / name)
@@ -171,13 +208,48 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
         "total_seconds": round(time.perf_counter() - start, 1),
         "validation_tokens": n_val,
         "validation_ppl_fp32": round(ppl_fp32, 4),
-        "validation_ppl_bf16": round(ppl_bf16, 4),
+        f"validation_ppl_{'fp16' if args.family == '1bitllm' else 'bf16'}": round(ppl_bf16, 4),
     }
+
+
+def save_family(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """Write the ``llama`` (packed ``bitlinear``) or ``1bitllm`` (float16 latent masters) checkpoint layout."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    for key in ("transformers_version", "torch_dtype", "_name_or_path", "id2label", "label2id", "problem_type",
+                "chunk_size_feed_forward", "is_encoder_decoder", "output_attentions", "output_hidden_states",
+                "return_dict"):
+        config.pop(key, None)
+    rope = config.pop("rope_parameters")  # the releases' (pre-transformers-5) key, which transformers still reads
+    config.update(rope_theta=rope["rope_theta"], rope_scaling=None)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        module = name.removesuffix(".weight")
+        if args.family == "llama" and module.rsplit(".", 1)[-1] in DECODER_LINEARS:
+            codes, alpha = ternary_absmean(tensor.float())
+            tensors[name] = pack_ternary(codes)
+            tensors[f"{module}.weight_scale"] = (1.0 / alpha).to(torch.bfloat16).reshape(1)
+            continue
+        if args.family == "1bitllm":
+            for ours, theirs in ONEBITLLM_NAMES.items():
+                name = name.replace(f".{ours}.", f".{theirs}.")
+        tensors[name] = tensor.to(torch.bfloat16 if args.family == "llama" else torch.float16).contiguous()
+    if args.family == "llama":
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", dtype="bfloat16",
+                      quantization_config=dict(PACKED_BITLINEAR_CONFIG))
+    else:
+        config.update(architectures=["BitnetForCausalLM"], model_type="llama", dtype="float16", weight_bits=1,
+                      input_bits=8)
+    save_file(tensors, args.out / "model.safetensors", metadata={"format": "pt"})
+    (args.out / "model.safetensors").chmod(0o644)  # safetensors writes through a private (0600) temporary file
+    (args.out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.generation_config.save_pretrained(args.out)
 
 
 def main() -> None:
     """Parse the training options (defaults: the committed model), train, save, write the metrics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("bitnet", "llama", "1bitllm"), default="bitnet")
     parser.add_argument("--out", type=Path, default=HERE / "model")
     parser.add_argument("--tokenizer", type=Path, default=HERE / "model")
     parser.add_argument("--validation", type=Path, default=HERE / "data" / "validation.txt")
