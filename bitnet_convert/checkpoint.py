@@ -182,6 +182,25 @@ def tokenizer_fingerprint(path: Path) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: ``config.json`` keys that tell two models apart independently of family naming (a 1bitLLM input and its
+#: BitNet-architecture export share them)
+SIGNATURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size")
+
+
+def architecture_signature(path: Path) -> str | None:
+    """The shape of the model in ``path`` (:data:`SIGNATURE_KEYS` of its ``config.json``, e.g.
+    ``192-512-4-6-2-1024``), so eval reports of different models with one tokenizer are not compared; ``None``
+    without a readable config."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return "-".join(str(config.get(key)) for key in SIGNATURE_KEYS)
+
+
 def uses_reference_tokenizer(path: Path) -> bool:
     """Whether the checkpoint in ``path`` tokenizes as the built-in reference model does: the reference model, its
     conversions, and models of its family — those the built-in corpus, tasks and baselines fit. Decided by the

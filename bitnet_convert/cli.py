@@ -322,14 +322,18 @@ def perplexity(
         resolve_backend,
         scheme_of,
     )
-    from bitnet_convert.quant.schemes import PRESETS
+    from bitnet_convert.modeling import architecture_config
+    from bitnet_convert.quant.schemes import PRESETS, preset_roles
 
     with _user_errors():
         backend = resolve_backend(backend)  # an unknown name or unavailable kernels fail before any work
         checkpoint = open_checkpoint(path)
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
-        name, roles = (scheme, PRESETS[scheme]) if scheme else scheme_of(checkpoint)
+        if scheme:  # the preset as a conversion would resolve it for this model (SwiGLU down_proj)
+            name, roles = scheme, preset_roles(scheme, architecture_config(checkpoint).hidden_act)
+        else:
+            name, roles = scheme_of(checkpoint)
         if txt_documents not in ("paragraphs", "lines"):
             _fail(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
         warn_builtin_data(checkpoint.path, data, "--data", "give --data FILE with its own held-out text")
@@ -551,12 +555,30 @@ def generate(
 
 
 def _of_another_model(report: dict, model: Path) -> bool:
-    """Whether an eval report was measured on a model of another family than ``model``: by the tokenizer
-    fingerprint the report records; for a report without one, by whether it names the built-in reference model."""
-    from bitnet_convert.checkpoint import tokenizer_fingerprint, uses_reference_tokenizer
+    """Whether an eval report was measured on another model than ``model`` (or its conversions): another tokenizer
+    (the fingerprint the report records) or another shape (the architecture signature the report records, else
+    that of the model directory it names, when that exists here); for a report with neither, by whether it names
+    the built-in reference model."""
+    from bitnet_convert.checkpoint import (
+        REPO_ROOT,
+        architecture_signature,
+        tokenizer_fingerprint,
+        uses_reference_tokenizer,
+    )
 
+    if report.get("tokenizer") and report["tokenizer"] != tokenizer_fingerprint(model):
+        return True
+    shape = report.get("architecture")
+    if shape is None and report.get("model"):
+        named = Path(str(report["model"]))
+        for where in (named, REPO_ROOT / named):
+            if (where / "config.json").is_file():
+                shape = architecture_signature(where)
+                break
+    if shape is not None and shape != architecture_signature(model):
+        return True
     if report.get("tokenizer"):
-        return report["tokenizer"] != tokenizer_fingerprint(model)
+        return False
     named = str(report.get("model", "")).rstrip("/")
     recipe = report.get("recipe") or {}
     of_reference = named == "builtin:reference" or named.endswith("eval/reference/model") or (

@@ -21,6 +21,7 @@ from bitnet_convert.calibrate import activation_stats
 from bitnet_convert.checkpoint import (
     REPO_ROOT,
     Checkpoint,
+    architecture_signature,
     open_checkpoint,
     tokenizer_fingerprint,
     uses_reference_tokenizer,
@@ -145,6 +146,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
         "attention": attention.describe() if attention is not None else "full precision",
         "recipe": _conversion_recipe(checkpoint.path),
         "tokenizer": tokenizer_fingerprint(checkpoint.path),
+        "architecture": architecture_signature(checkpoint.path),
         "tasks": tasks,
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
                      "device": device, "seed": seed, "backend": backend},

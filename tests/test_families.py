@@ -22,7 +22,7 @@ from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
-from bitnet_convert.checkpoint import BUILTIN_MODELS, open_checkpoint
+from bitnet_convert.checkpoint import BUILTIN_MODELS, REPO_ROOT, architecture_signature, open_checkpoint
 from bitnet_convert.data import load_texts, token_stream, windows
 from bitnet_convert.evaluate import perplexity
 from bitnet_convert.load import build_for_backend, load_tokenizer
@@ -31,6 +31,7 @@ from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.schemes import PRESETS, SWIGLU_DEFAULT, SWIGLU_DOWN, preset_roles
 from bitnet_convert.recipe import Recipe
 
+REPO = REPO_ROOT
 LLAMA = BUILTIN_MODELS["builtin:reference-llama"]
 ONEBITLLM = BUILTIN_MODELS["builtin:reference-1bitllm"]
 FAMILIES = {"llama": LLAMA, "1bitllm": ONEBITLLM}
@@ -238,6 +239,19 @@ def test_stages_run_on_each_family(tmp_path, ids):
         assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())
         ppl = [perplexity(m, ids, batch_size=2)["perplexity"] for m in (reference, fast)]
         assert f"{ppl[0]:.4f}" == f"{ppl[1]:.4f}"
+
+
+def test_the_reference_baseline_is_not_compared_with_another_model_of_the_same_tokenizer(reference_dir):
+    """The committed eval baselines were measured on the BitNet reference model; the other reference models share
+    its tokenizer, so ``eval`` tells them apart by shape (the report's architecture signature, or that of the
+    model directory a baseline names) and does not compare them with it."""
+    from bitnet_convert.cli import _of_another_model
+    from bitnet_convert.report import load_report
+
+    baseline = load_report(REPO / "eval" / "baselines" / "b158.json")
+    assert not _of_another_model(baseline, reference_dir)
+    assert _of_another_model(baseline, LLAMA) and _of_another_model(baseline, ONEBITLLM)
+    assert not _of_another_model({**baseline, "architecture": architecture_signature(LLAMA)}, LLAMA)
 
 
 def test_inspect_names_the_family_and_the_stored_tensor_names():
