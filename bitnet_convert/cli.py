@@ -196,6 +196,13 @@ def quantize(
     if report.get("qwt"):
         qwt = report["qwt"]
         table.add_row("QwT", f"{qwt['form']}, {len(qwt['layers'])} blocks, {qwt['added_parameters']:,} parameters")
+    if report.get("blockwise"):
+        blocks = report["blockwise"]["blocks"]
+        before = sum(b["heldout_error_before"] for b in blocks) / len(blocks)
+        after = sum(b["heldout_error_after"] for b in blocks) / len(blocks)
+        resumed = report["blockwise"]["resumed_blocks"]
+        table.add_row("block-wise recovery", f"{len(report['blockwise']['kept_layers'])}/{len(blocks)} blocks kept, "
+                      f"held-out error {before:.4f} → {after:.4f} (mean)" + (f", {resumed} resumed" if resumed else ""))
     if report.get("distill"):
         tuned = report["distill"]
         table.add_row("distillation", f"{tuned['steps']} steps, KL {tuned['loss_first']:.4f} → "

@@ -51,6 +51,8 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
+from bitnet_convert.recover.blockwise import recover_model as recover_blocks
+from bitnet_convert.recover.blockwise import remove_state as remove_blockwise_state
 from bitnet_convert.recover.qwt import fit_model as fit_qwt_model
 
 
@@ -111,7 +113,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
-    stats = details = qwt = tuned = None
+    stats = details = qwt = tuned = blockwise = None
     overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
     batches = 0 if calibration is None else -(-calibration.shape[0] // spec.batch_size)
@@ -120,7 +122,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
 
     # the statistics of the final model come from the report's own pass when nothing changes the model after it
-    changes = recipe.scheme.auto is not None or recipe.recovery.qwt is not None or teacher is not None
+    changes = (recipe.scheme.auto is not None or recipe.recovery.qwt is not None
+               or recipe.recovery.blockwise is not None or teacher is not None)
     if calibration is not None and (spec.report or recipe.scheme.auto is not None):
         stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), batches)
         with guarded(), _timed(timings, "calibration_report"), stage as step:
@@ -139,6 +142,16 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
             try:
                 qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, recipe.recovery.qwt,
                                     on_layer=advance)
+            except ValueError as exc:
+                raise RecipeError(str(exc)) from None
+    if recipe.recovery.blockwise is not None:
+        blocks = len(model.model.layers)
+        state_dir = _blockwise_state_dir(recipe)
+        with guarded(), _timed(timings, "blockwise"), progress.stage("Block-wise recovery", blocks) as advance:
+            try:
+                blockwise = recover_blocks(model, checkpoint, calibration, recipe.recovery.blockwise,
+                                           seed=recipe.seed, state_dir=state_dir,
+                                           fingerprint=kd.fingerprint(_blockwise_inputs(recipe)), on_block=advance)
             except ValueError as exc:
                 raise RecipeError(str(exc)) from None
     if teacher is not None:
@@ -160,6 +173,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
             result["auto"] = choice
         if qwt is not None:
             result["qwt"] = qwt
+        if blockwise is not None:
+            result["blockwise"] = blockwise
         if tuned is not None:
             result["distill"] = tuned
         result["data"] = data_used
@@ -189,6 +204,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         )
     if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
         kd.remove_state(_distill_state_dir(recipe))
+    if blockwise is not None and not recipe.recovery.blockwise.keep_checkpoint:
+        remove_blockwise_state(_blockwise_state_dir(recipe))
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
 
@@ -267,12 +284,30 @@ def _distill_state_dir(recipe: Recipe) -> Path:
     return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".distill")
 
 
+def _blockwise_state_dir(recipe: Recipe) -> Path:
+    spec = recipe.recovery.blockwise
+    return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".blockwise")
+
+
+def _blockwise_inputs(recipe: Recipe) -> dict:
+    """What decides block-wise recovery's result: the recipe up to that stage (not the fine-tune after it), without
+    where things are written or how they are shown."""
+    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
+    data["calibration"].pop("report")
+    data["recovery"].pop("distill")
+    for key in ("checkpoint_dir", "keep_checkpoint"):
+        data["recovery"]["blockwise"].pop(key)
+    return data
+
+
 def _training_inputs(recipe: Recipe) -> dict:
     """What decides the fine-tune's result: the recipe without where things are written or how they are shown."""
     data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
     data["calibration"].pop("report")
     for key in ("save_every", "checkpoint_dir", "keep_checkpoint"):
         data["recovery"]["distill"].pop(key)
+    for key in ("checkpoint_dir", "keep_checkpoint"):
+        (data["recovery"]["blockwise"] or {}).pop(key, None)
     return data
 
 

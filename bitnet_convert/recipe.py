@@ -25,6 +25,7 @@ from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ROLES, ActivationSpec, Role, preset_roles
+from bitnet_convert.recover.blockwise import BlockwiseSpec
 from bitnet_convert.recover.distill import DistillSpec
 from bitnet_convert.recover.qwt import QwTSpec
 
@@ -133,9 +134,12 @@ class EvalSpec(_Strict):
 
 class RecoverySpec(_Strict):
     """Accuracy recovery after conversion, in this order: ``qwt``, closed-form compensation per decoder block;
-    ``distill``, a short fine-tune of the converted model towards the b1.58 model (logit distillation)."""
+    ``blockwise``, each decoder block trained on its own to reproduce the b1.58 block (block-wise
+    reconstruction); ``distill``, a short fine-tune of the converted model towards the b1.58 model (logit
+    distillation)."""
 
     qwt: QwTSpec | None = None
+    blockwise: BlockwiseSpec | None = None
     distill: DistillSpec | None = None
 
 
@@ -171,13 +175,17 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _fine_tune_in_float32(self) -> Recipe:
-        if self.recovery.distill is not None and self.dtype != "float32":
-            raise ValueError(f"recovery.distill trains in float32; set dtype: float32 (got dtype: {self.dtype})")
+        for name in ("blockwise", "distill"):
+            if getattr(self.recovery, name) is not None and self.dtype != "float32":
+                raise ValueError(f"recovery.{name} trains in float32; set dtype: float32 (got dtype: {self.dtype})")
         return self
 
     @model_validator(mode="after")
     def _calibration_data_where_needed(self) -> Recipe:
         cal = self.calibration
+        if self.recovery.blockwise is not None and cal.samples == 1:
+            raise ValueError("recovery.blockwise: trains on some calibration windows and tests on others, so it "
+                             "needs calibration.samples >= 2")
         if self.recovery.qwt is not None and 0 < cal.samples <= cal.batch_size:
             raise ValueError(f"recovery.qwt: fits on some calibration batches and tests on others, so it needs at "
                              f"least 2; calibration.samples={cal.samples} with calibration.batch_size="
@@ -185,6 +193,8 @@ class Recipe(_Strict):
         if self.calibration.samples == 0:
             if self.recovery.qwt is not None:
                 raise ValueError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
+            if self.recovery.blockwise is not None:
+                raise ValueError("recovery.blockwise: trained on calibration data; calibration.samples must be > 0")
             if self.scheme.auto is not None:
                 raise ValueError("scheme.auto: chosen from calibration data; calibration.samples must be > 0")
         return self

@@ -69,9 +69,11 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
 
 def test_every_shipped_recipe_is_valid_and_writes_its_own_output():
     files = sorted((REPO / "recipes").glob("*.yaml"))
-    assert {"a48", "a48-kd", "a48-qwt-kd", "a48-kv3-kd", "b158"} <= {f.stem for f in files}
+    assert {"a48", "a48-kd", "a48-qwt-kd", "a48-kv3-kd", "a48-blockwise", "a48-blockwise-kd", "b158"} <= {
+        f.stem for f in files}
     for file in files:
         recipe = load_recipe(file)
         assert recipe.output == Path("out") / f"{file.stem}-reference", file.name
         assert (recipe.recovery.distill is not None) == file.stem.endswith("-kd"), file.name
         assert (recipe.recovery.qwt is not None) == ("qwt" in file.stem), file.name
+        assert (recipe.recovery.blockwise is not None) == ("blockwise" in file.stem), file.name

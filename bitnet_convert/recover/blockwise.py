@@ -1,0 +1,269 @@
+"""Block-wise reconstruction: each converted decoder block is trained, on its own, to reproduce the b1.58 block.
+
+For each decoder block in order, on the block inputs that the already-recovered converted blocks before it produce
+(as QwT's fit sees them), the block's latent ternary weights and its RMSNorm weights train through the a4.8
+quantizers (straight-through, as the distillation fine-tune) to minimise the normalized squared error between its
+output and the b1.58 block's output on the same inputs; then the latents are re-ternarized (absmean) and the block
+is frozen. The calibration windows are split: the first ones train, the last ``holdout`` share decides — a block
+whose held-out error does not fall is reverted to its converted weights (QwT's keep/drop rule).
+
+Memory: the converted model (packed), one b1.58 block, the trained block's latents and AdamW state, and the block
+inputs/targets of the calibration windows — independent of depth. Each finished block is saved to the state
+directory; a run of the same recipe continues at the first unfinished block and writes the same bytes as an
+uninterrupted run (batches come from a private generator seeded by the recipe seed and the block index).
+
+Source: block-wise reconstruction as in BRECQ (arXiv 2102.05426) and the block-wise tuning of low-bit LLM
+quantizers; the straight-through estimator of BitNet training (arXiv 2402.17764).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bitnet_convert.errors import Interrupted
+from bitnet_convert.quant.functional import ternary_absmean
+from bitnet_convert.quant.linear import QuantLinear
+
+BlockGroup = Literal["norms", "linears"]
+STATE_VERSION = 1
+
+
+class BlockwiseSpec(BaseModel):
+    """The recipe's ``recovery.blockwise`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(200, ge=1, description="optimizer steps per decoder block")
+    batch_size: int = Field(4, ge=1, description="calibration windows per step")
+    lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="per block: cosine to 0, or flat")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
+    trainable: list[BlockGroup] = Field(default_factory=lambda: ["norms", "linears"], min_length=1)
+    holdout: float = Field(0.25, gt=0.0, lt=1.0, description="share of calibration windows that decide keep/revert")
+    checkpoint_dir: Path | None = Field(None, description="where finished blocks go (default <output>.blockwise)")
+    keep_checkpoint: bool = Field(False, description="keep the finished blocks after a successful conversion")
+
+
+def learning_rate(spec: BlockwiseSpec, step: int) -> float:
+    """``lr`` flat, or cosine from ``lr`` to 0 over the block's steps."""
+    if spec.schedule == "constant":
+        return spec.lr
+    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
+
+
+def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``‖output − target‖² / ‖target‖²`` (float64 for the keep/revert decision, differentiable in training)."""
+    return (output - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
+
+
+def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes in a block (packed weights, scales, norm weights), copied."""
+    return {name: tensor.detach().clone() for name, tensor in block.state_dict().items()}
+
+
+def _trainable(block: nn.Module, groups: list[BlockGroup],
+               latent_init: Callable[[str, QuantLinear], torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    if "norms" in groups:
+        tensors.update((n, p) for n, p in block.named_parameters() if n.endswith("norm.weight"))
+    if "linears" in groups:
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                module.latent = latent_init(name, module).detach().to(torch.float32).clone()
+                tensors[f"{name}.latent"] = module.latent
+    for tensor in tensors.values():
+        tensor.requires_grad_(True)
+    return tensors
+
+
+def _freeze(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Re-ternarize the latents into the packed buffers, stop gradients, back to eval mode."""
+    for module in block.modules():
+        if isinstance(module, QuantLinear) and module.latent is not None:
+            codes, alpha = ternary_absmean(module.latent.detach())
+            module.set_ternary(codes, alpha)
+            module.latent = None
+    for tensor in tensors.values():
+        tensor.requires_grad_(False)
+    block.eval()
+
+
+def train_block(
+    block: nn.Module,
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    spec: BlockwiseSpec,
+    *,
+    seed: int,
+    latent_init: Callable[[str, QuantLinear], torch.Tensor],
+) -> dict:
+    """Train one converted ``block`` (in place) so that ``run(block, x)`` matches ``targets`` on ``inputs``
+    (``[windows, seq, hidden]`` fp32, the last ``holdout`` share held out); revert it when the held-out error does
+    not fall. Returns the block's record (errors before/after, kept, losses)."""
+    windows = inputs.shape[0]
+    held = max(1, round(spec.holdout * windows))
+    fit = windows - held
+    if fit < 1:
+        raise ValueError(f"recovery.blockwise needs at least 2 calibration windows (got {windows}): raise "
+                         "calibration.samples")
+
+    def held_out_error() -> float:
+        with torch.no_grad():
+            return float(relative_error(run(block, inputs[fit:]).double(), targets[fit:].double()))
+
+    before, saved = held_out_error(), block_state(block)
+    divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    tensors = _trainable(block, spec.trainable, latent_init)
+    optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    block.train()
+    try:
+        for step in range(spec.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(spec, step)
+            pick = torch.randperm(fit, generator=generator)[: spec.batch_size]
+            loss = relative_error(run(block, inputs[pick]), targets[pick])
+            loss.backward()
+            if spec.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        _freeze(block, tensors)
+    after = held_out_error()
+    kept = after < before
+    if not kept:  # back to the converted block, its scale convention included (re-ternarizing set α)
+        block.load_state_dict(saved)
+        for name, module in block.named_modules():
+            if isinstance(module, QuantLinear):
+                module.scale_divides = divides[name]
+        after = before
+    return {"heldout_error_before": before, "heldout_error_after": after, "kept": kept,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def _block_file(directory: Path, index: int) -> Path:
+    return directory / f"block-{index:04d}.pt"
+
+
+def _save_block(directory: Path, index: int, state: dict) -> None:
+    """One finished block, written atomically (a temporary file renamed into place)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".block-{index:04d}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, _block_file(directory, index))
+
+
+def _load_block(directory: Path, index: int, fingerprint: str) -> dict | None:
+    file = _block_file(directory, index)
+    if not file.is_file():
+        return None
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise ValueError(f"{file}: unreadable block-wise state ({type(exc).__name__}); delete it to start over") \
+            from None
+    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{file}: block-wise state from a different recipe; delete '{directory}' to start over, "
+                         "or set recovery.blockwise.checkpoint_dir")
+    return state
+
+
+def remove_state(directory: Path) -> None:
+    if directory.is_dir():
+        shutil.rmtree(directory)
+
+
+def recover_model(
+    model: nn.Module,
+    checkpoint,
+    ids: torch.Tensor,
+    spec: BlockwiseSpec,
+    *,
+    seed: int,
+    state_dir: Path,
+    fingerprint: str,
+    on_block: Callable[[str], None] | None = None,
+) -> dict:
+    """Block-wise recovery of a converted in-memory ``model`` (in place) on the calibration windows ``ids``
+    ``[windows, seq]``: the b1.58 blocks are read from ``checkpoint`` one at a time. Finished blocks are saved in
+    ``state_dir`` (a resumed run loads them instead of training). Returns the conversion report's record."""
+    from bitnet_convert.modeling import build_layer, run_layer
+    from bitnet_convert.quant.schemes import PRESETS
+    from bitnet_convert.recover.distill import latent_from_codes, master_latents
+
+    start = time.perf_counter()
+    layers = model.model.layers
+    rotary = model.model.rotary_emb
+    masters = master_latents(checkpoint)
+
+    def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return run_layer(block, h, rotary)
+
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids).float()
+    records, resumed = [], 0
+    try:
+        for index, block in enumerate(layers):
+            prefix = f"model.layers.{index}."
+            saved = _load_block(state_dir, index, fingerprint)
+            if saved is not None:
+                block.load_state_dict(saved["tensors"])
+                for name, module in block.named_modules():
+                    if isinstance(module, QuantLinear):
+                        module.scale_divides = saved["divides"][name]
+                record = saved["record"]
+                resumed += 1
+            else:
+                with torch.no_grad():
+                    reference = build_layer(checkpoint, index, PRESETS["b158"])
+                    targets = run(reference, hidden)
+                del reference
+
+                def latent_init(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
+                    if masters is not None:
+                        return masters(prefix + name, module)
+                    return latent_from_codes(module.ternary(), module.alpha())
+
+                record = train_block(block, run, hidden, targets, spec, seed=seed * 100_003 + index,
+                                     latent_init=latent_init)
+                del targets
+                divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+                _save_block(state_dir, index, {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                               "tensors": block_state(block), "divides": divides,
+                                               "record": record})
+            records.append({"layer": index, **record})
+            with torch.no_grad():
+                hidden = run(block, hidden)
+            if on_block is not None:
+                on_block(f"block {index + 1}/{len(layers)}" + (" (resumed)" if saved is not None else ""))
+    except KeyboardInterrupt:
+        done = len(records)
+        raise Interrupted(f"block-wise recovery stopped after {done} of {len(layers)} blocks; the finished ones are "
+                          f"in '{state_dir}': run the same recipe again to continue") from None
+    return {
+        "steps_per_block": spec.steps,
+        "trainable": list(spec.trainable),
+        "windows": int(ids.shape[0]),
+        "kept_layers": [r["layer"] for r in records if r["kept"]],
+        "resumed_blocks": resumed,
+        "blocks": records,
+        "time_s": round(time.perf_counter() - start, 3),
+    }
