@@ -313,6 +313,35 @@ def _job_distill(spec: dict[str, Any]) -> dict[str, Any]:
     return {"work_s": time.perf_counter() - start, "step_s": step_s, "trained_parameters": record["trained_parameters"]}
 
 
+def _job_blockwise(spec: dict[str, Any]) -> dict[str, Any]:
+    """Block-wise recovery of the a48 model of a checkpoint: ``spec["steps"]`` steps per block on
+    ``spec["samples"]`` windows of seeded random token ids (1 window per step); the time per block per step
+    leaves out the first block (it allocates the optimizer state) and the model build."""
+    import tempfile
+
+    import torch
+
+    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.modeling import build_model
+    from bitnet_convert.quant.schemes import PRESETS
+    from bitnet_convert.recover.blockwise import BlockwiseSpec, recover_model
+
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(spec["model"])
+    model = build_model(checkpoint, PRESETS["a48"])
+    built = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, checkpoint.config["vocab_size"], (spec["samples"], spec["seq_len"]), generator=generator)
+    settings = BlockwiseSpec(steps=spec["steps"], batch_size=1, holdout=0.5)
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory() as state:
+        record = recover_model(model, checkpoint, ids, settings, seed=0, state_dir=Path(state), fingerprint="bench",
+                               on_block=lambda label: stamps.append(time.perf_counter()))
+    per_block = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return {"work_s": time.perf_counter() - start, "build_s": built - start, "block_s": per_block,
+            "block_step_s": per_block / spec["steps"], "blocks": len(record["blocks"])}
+
+
 def _rss_bytes() -> int:
     """Current resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as statm:
@@ -436,6 +465,7 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "calibrate": _job_calibrate,
     "distill": _job_distill,
+    "blockwise": _job_blockwise,
     "generate": _job_generate,
     "quantize": _job_quantize,
     "transformers": _job_transformers,
@@ -860,6 +890,41 @@ def bench_distill(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+RECOVERY_DEPTHS = (8, 30)
+MAX_BLOCKWISE_RSS_GB = 6.0  # block-wise recovery peak RSS, 30-layer 2B-4T shapes, CPU
+MAX_BLOCKWISE_GROWTH = 0.10  # peak RSS 30 layers ÷ 8 layers − 1
+
+
+def bench_recovery(args: argparse.Namespace) -> list[Row]:
+    """Block-wise recovery on the 2B-4T shapes at two depths: peak RSS (flat in depth: one block at a time) and
+    seconds per block per step (1 × 256 tokens), next to the end-to-end fine-tune's peak RSS from
+    ``--only distill`` (measured at 2 and 4 layers and extrapolated there)."""
+    rows, peaks = [], {}
+    for layers in sorted({min(d, args.layers) for d in RECOVERY_DEPTHS}):
+        checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=layers), args.seed)
+        subject = f"synthetic 2B-4T, {layers} layers, block-wise (2 steps per block, 4 windows of 256)"
+        spec = {"model": str(checkpoint), "steps": 2, "samples": 4, "seq_len": 256, "threads": args.threads}
+        result = run_job("blockwise", spec, subject)
+        if not result.ok:
+            rows.append(Row("recovery", subject, "block-wise", f"failed: {result.error}", passed=False))
+            continue
+        peak = result.data["peak_rss_bytes"] / GB
+        peaks[layers] = peak
+        rows.append(Row("recovery", subject, "seconds per block per step", f"{result.data['block_step_s']:.1f} s",
+                        value=result.data["block_step_s"], unit="s", details=result.data))
+        full = layers == ShapeConfig.layers
+        rows.append(Row("recovery", subject, "peak RSS", f"{peak:.2f} GB",
+                        target=f"≤ {MAX_BLOCKWISE_RSS_GB:.0f} GB" if full else "",
+                        passed=peak <= MAX_BLOCKWISE_RSS_GB if full else None, value=peak, unit="GB"))
+    if len(peaks) == 2:
+        (a, pa), (b, pb) = sorted(peaks.items())
+        growth = pb / pa - 1
+        rows.append(Row("recovery", f"block-wise peak RSS, {b} vs {a} layers", "growth", f"{growth:+.1%}",
+                        target=f"≤ {MAX_BLOCKWISE_GROWTH:.0%}", passed=growth <= MAX_BLOCKWISE_GROWTH,
+                        value=growth))
+    return rows
+
+
 def _extrapolate(measured: dict[int, dict[str, Any]], key: str, layers: int) -> float:
     """The straight line through the two (depth, ``key``) points of ``measured``, at ``layers``."""
     (a, da), (b, db) = sorted(measured.items())
@@ -1016,6 +1081,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "kv_cache": bench_kv_cache,
     "calibration": bench_calibration,
     "distill": bench_distill,
+    "recovery": bench_recovery,
     "runtime": bench_runtime,
 }
 

@@ -143,6 +143,13 @@ def test_distill_job_runs_and_the_extrapolation_is_a_straight_line(tmp_path: Pat
     assert bench._extrapolate(measured, "x", 30) == 94.0
 
 
+def test_blockwise_job_runs_one_block_at_a_time(tmp_path: Path) -> None:
+    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
+    data = bench._job_blockwise({"model": str(tmp_path), "steps": 2, "samples": 4, "seq_len": 16})
+    assert data["blocks"] == TINY.layers
+    assert 0 < data["block_step_s"] < data["block_s"] < data["work_s"]
+
+
 def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
     fast = {"decode_128_tok_s": 12.0, "prefill_tok_s": 60.0, "rss_after_load_bytes": 1.5e9,
             "decode_128_zero_share": {"o": 0.5, "down": 0.7}}

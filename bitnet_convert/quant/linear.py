@@ -94,6 +94,11 @@ class QuantLinear(nn.Module):
             self._dense = (key, unpack_ternary(self.weight, dtype))
         return self._dense[1]
 
+    def release_dense(self) -> None:
+        """Drop the cached unpacked weight (4 bytes per weight in fp32, 16× the packed buffer), e.g. after a
+        block-by-block pass that will not run this linear again soon."""
+        self._dense = None
+
     def set_ternary(self, codes: torch.Tensor, alpha: torch.Tensor) -> None:
         """Replace the packed weight and its scale ``α`` (which multiplies from now on)."""
         self.weight = pack_ternary(codes).to(self.weight.device)

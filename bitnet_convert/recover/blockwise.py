@@ -7,8 +7,9 @@ output and the b1.58 block's output on the same inputs; then the latents are re-
 is frozen. The calibration windows are split: the first ones train, the last ``holdout`` share decides — a block
 whose held-out error does not fall is reverted to its converted weights (QwT's keep/drop rule).
 
-Memory: the converted model (packed), one b1.58 block, the trained block's latents and AdamW state, and the block
-inputs/targets of the calibration windows — independent of depth. Each finished block is saved to the state
+Memory: the converted model (packed; each block's unpacked-weight cache is dropped once the block is done), one
+b1.58 block, the trained block's latents and AdamW state, and the block inputs/targets of the calibration windows —
+independent of depth. Each finished block is saved to the state
 directory; a run of the same recipe continues at the first unfinished block and writes the same bytes as an
 uninterrupted run (batches come from a private generator seeded by the recipe seed and the block index).
 
@@ -252,6 +253,9 @@ def recover_model(
             records.append({"layer": index, **record})
             with torch.no_grad():
                 hidden = run(block, hidden)
+            for module in block.modules():  # the unpacked weight cache would grow the memory with depth
+                if isinstance(module, QuantLinear):
+                    module.release_dense()
             if on_block is not None:
                 on_block(f"block {index + 1}/{len(layers)}" + (" (resumed)" if saved is not None else ""))
     except KeyboardInterrupt:

@@ -191,6 +191,9 @@ def fit_qwt(
             hidden = [comp(h, out) for h, out in zip(hidden, outputs, strict=True)]
         else:
             hidden = outputs
+        for module in converted.modules():  # the unpacked-weight caches would grow the memory with depth
+            if hasattr(module, "release_dense"):
+                module.release_dense()
         del converted
         if on_layer is not None:
             on_layer(f"layer {index + 1}/{num_layers}")
