@@ -97,7 +97,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: tensor '{self.stored_name(name)}' is missing from the checkpoint")
         tensor = self._handle(self.weight_map[name]).get_tensor(self.stored.get(name, name))
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{self.path}: tensor '{name}' holds NaN or Inf values (a broken checkpoint)")
+            raise CheckpointError(f"{self.path}: tensor '{self.stored_name(name)}' holds NaN or Inf values (a broken "
+                                  "checkpoint)")
         return tensor
 
     def dtype_of(self, name: str) -> str:
