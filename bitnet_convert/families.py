@@ -2,8 +2,9 @@
 
 Every family-specific fact lives in :data:`FAMILIES` (ARCHITECTURE.md: no ``if "llama" in name`` in the stages):
 which ``config.json`` it is recognised by, which transformers classes build it, how its stored tensor names map
-to those classes' names, what its FFN activation is, and what an export of it looks like. The stages build the
-model from the family's transformers classes and never execute a checkpoint's remote code.
+to those classes' names, and what an export of it looks like (the FFN activation, which decides the SwiGLU presets,
+is the config's ``hidden_act``). The stages build the model from the family's transformers classes and never
+execute a checkpoint's remote code.
 
 * ``bitnet`` (microsoft/bitnet-b1.58-2B-4T, -bf16): ``model_type: bitnet``, ``BitNetForCausalLM`` (relu² GLU,
   sub-norms); ``quantization_config`` says packed or masters.
