@@ -289,11 +289,17 @@ def _blockwise_state_dir(recipe: Recipe) -> Path:
     return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".blockwise")
 
 
+def _decisive_recipe(recipe: Recipe) -> dict:
+    """The recipe as JSON without where the output goes, how it is written and evaluated, or the report switch."""
+    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
+    data["calibration"].pop("report")
+    return data
+
+
 def _blockwise_inputs(recipe: Recipe) -> dict:
     """What decides block-wise recovery's result: the recipe up to that stage (not the fine-tune after it), without
     where things are written or how they are shown."""
-    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
-    data["calibration"].pop("report")
+    data = _decisive_recipe(recipe)
     data["recovery"].pop("distill")
     for key in ("checkpoint_dir", "keep_checkpoint"):
         data["recovery"]["blockwise"].pop(key)
@@ -302,8 +308,7 @@ def _blockwise_inputs(recipe: Recipe) -> dict:
 
 def _training_inputs(recipe: Recipe) -> dict:
     """What decides the fine-tune's result: the recipe without where things are written or how they are shown."""
-    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
-    data["calibration"].pop("report")
+    data = _decisive_recipe(recipe)
     for key in ("save_every", "checkpoint_dir", "keep_checkpoint"):
         data["recovery"]["distill"].pop(key)
     for key in ("checkpoint_dir", "keep_checkpoint"):

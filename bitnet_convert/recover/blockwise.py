@@ -20,7 +20,6 @@ quantizers; the straight-through estimator of BitNet training (arXiv 2402.17764)
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bitnet_convert.errors import Interrupted
-from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.recover.distill import finish, load_state, save_state, trainable_tensors
 
 BlockGroup = Literal["norms", "linears"]
 STATE_VERSION = 1
@@ -73,33 +72,6 @@ def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in block.state_dict().items()}
 
 
-def _trainable(block: nn.Module, groups: list[BlockGroup],
-               latent_init: Callable[[str, QuantLinear], torch.Tensor]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    if "norms" in groups:
-        tensors.update((n, p) for n, p in block.named_parameters() if n.endswith("norm.weight"))
-    if "linears" in groups:
-        for name, module in block.named_modules():
-            if isinstance(module, QuantLinear):
-                module.latent = latent_init(name, module).detach().to(torch.float32).clone()
-                tensors[f"{name}.latent"] = module.latent
-    for tensor in tensors.values():
-        tensor.requires_grad_(True)
-    return tensors
-
-
-def _freeze(block: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Re-ternarize the latents into the packed buffers, stop gradients, back to eval mode."""
-    for module in block.modules():
-        if isinstance(module, QuantLinear) and module.latent is not None:
-            codes, alpha = ternary_absmean(module.latent.detach())
-            module.set_ternary(codes, alpha)
-            module.latent = None
-    for tensor in tensors.values():
-        tensor.requires_grad_(False)
-    block.eval()
-
-
 def train_block(
     block: nn.Module,
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
@@ -108,11 +80,12 @@ def train_block(
     spec: BlockwiseSpec,
     *,
     seed: int,
-    latent_init: Callable[[str, QuantLinear], torch.Tensor],
+    latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None,
 ) -> dict:
     """Train one converted ``block`` (in place) so that ``run(block, x)`` matches ``targets`` on ``inputs``
     (``[windows, seq, hidden]`` fp32, the last ``holdout`` share held out); revert it when the held-out error does
-    not fall. Returns the block's record (errors before/after, kept, losses)."""
+    not fall. ``latent_init(name, module)`` starts each latent weight (default: from the codes, as the fine-tune
+    does). Returns the block's record (errors before/after, kept, losses)."""
     windows = inputs.shape[0]
     held = max(1, round(spec.holdout * windows))
     fit = windows - held
@@ -126,7 +99,7 @@ def train_block(
 
     before, saved = held_out_error(), block_state(block)
     divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
-    tensors = _trainable(block, spec.trainable, latent_init)
+    tensors = trainable_tensors(block, list(spec.trainable), latent_init)
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -144,7 +117,7 @@ def train_block(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
     finally:
-        _freeze(block, tensors)
+        finish(block, tensors)
     after = held_out_error()
     kept = after < before
     if not kept:  # back to the converted block, its scale convention included (re-ternarizing set α)
@@ -160,31 +133,9 @@ def train_block(
 # ------------------------------------------------------------------------------------------ the model
 
 
-def _block_file(directory: Path, index: int) -> Path:
-    return directory / f"block-{index:04d}.pt"
-
-
-def _save_block(directory: Path, index: int, state: dict) -> None:
-    """One finished block, written atomically (a temporary file renamed into place)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".block-{index:04d}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, _block_file(directory, index))
-
-
-def _load_block(directory: Path, index: int, fingerprint: str) -> dict | None:
-    file = _block_file(directory, index)
-    if not file.is_file():
-        return None
-    try:
-        state = torch.load(file, weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise ValueError(f"{file}: unreadable block-wise state ({type(exc).__name__}); delete it to start over") \
-            from None
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{file}: block-wise state from a different recipe; delete '{directory}' to start over, "
-                         "or set recovery.blockwise.checkpoint_dir")
-    return state
+def _block_file(index: int) -> str:
+    """The state file of finished block ``index`` inside the state directory."""
+    return f"block-{index:04d}.pt"
 
 
 def remove_state(directory: Path) -> None:
@@ -208,7 +159,7 @@ def recover_model(
     ``state_dir`` (a resumed run loads them instead of training). Returns the conversion report's record."""
     from bitnet_convert.modeling import build_layer, run_layer
     from bitnet_convert.quant.schemes import PRESETS
-    from bitnet_convert.recover.distill import latent_from_codes, master_latents
+    from bitnet_convert.recover.distill import master_latents
 
     start = time.perf_counter()
     layers = model.model.layers
@@ -224,7 +175,7 @@ def recover_model(
     try:
         for index, block in enumerate(layers):
             prefix = f"model.layers.{index}."
-            saved = _load_block(state_dir, index, fingerprint)
+            saved = load_state(state_dir, fingerprint, _block_file(index), STATE_VERSION, "block-wise", "blockwise")
             if saved is not None:
                 block.load_state_dict(saved["tensors"])
                 for name, module in block.named_modules():
@@ -238,18 +189,16 @@ def recover_model(
                     targets = run(reference, hidden)
                 del reference
 
-                def latent_init(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
-                    if masters is not None:
-                        return masters(prefix + name, module)
-                    return latent_from_codes(module.ternary(), module.alpha())
+                def from_masters(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
+                    return masters(prefix + name, module)
 
                 record = train_block(block, run, hidden, targets, spec, seed=seed * 100_003 + index,
-                                     latent_init=latent_init)
+                                     latent_init=from_masters if masters is not None else None)
                 del targets
                 divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
-                _save_block(state_dir, index, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                               "tensors": block_state(block), "divides": divides,
-                                               "record": record})
+                save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                       "tensors": block_state(block), "divides": divides, "record": record},
+                           _block_file(index))
             records.append({"layer": index, **record})
             with torch.no_grad():
                 hidden = run(block, hidden)

@@ -208,28 +208,30 @@ def fingerprint(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_state(directory: Path, state: dict) -> None:
-    """Write the training state atomically (a temporary file renamed into place)."""
+def save_state(directory: Path, state: dict, name: str = STATE_FILE) -> None:
+    """Write a training state atomically (a temporary file renamed into place) as ``directory/name``."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
+    tmp = directory / f".{name}.tmp-{os.getpid()}"
     torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    os.replace(tmp, directory / name)
 
 
-def load_state(directory: Path, expected: str) -> dict | None:
-    """The saved state in ``directory`` (``None`` when there is none); a state written by another recipe is
-    an error, never silently resumed."""
-    file = directory / STATE_FILE
+def load_state(directory: Path, expected: str, name: str = STATE_FILE, version: int = STATE_VERSION,
+               what: str = "fine-tune", section: str = "distill") -> dict | None:
+    """The saved state ``directory/name`` (``None`` when there is none); a state written by another recipe
+    (``fingerprint`` ≠ ``expected``) or another ``version`` is an error, never silently resumed. ``what`` and
+    ``section`` (``recovery.<section>``) name the stage in the messages."""
+    file = directory / name
     if not file.is_file():
         return None
     try:
         state = torch.load(file, weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
         reason = type(exc).__name__
-        raise ValueError(f"{file}: unreadable fine-tune state ({reason}); delete it to start over") from None
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
-        raise ValueError(f"{file}: fine-tune state from a different recipe; delete '{directory}' to start over, "
-                         "or set recovery.distill.checkpoint_dir")
+        raise ValueError(f"{file}: unreadable {what} state ({reason}); delete it to start over") from None
+    if state.get("version") != version or state.get("fingerprint") != expected:
+        raise ValueError(f"{file}: {what} state from a different recipe; delete '{directory}' to start over, "
+                         f"or set recovery.{section}.checkpoint_dir")
     return state
 
 
