@@ -157,14 +157,19 @@ def preset_roles(preset: str, hidden_act: str = "relu2") -> dict[Role, Activatio
     preset as written, except that ``a48`` and ``a48-fp4`` give a non-relu² (SwiGLU) model's down_proj the
     :data:`SWIGLU_DEFAULT` treatment. Raises ``KeyError`` for an unknown preset."""
     roles = dict(PRESETS[preset])
-    if preset in ("a48", "a48-fp4") and hidden_act not in SPARSE_GLU:
+    if _takes_swiglu_default(preset, hidden_act):
         roles["down"] = SWIGLU_DOWN[SWIGLU_DEFAULT]
     return roles
 
 
+def _takes_swiglu_default(preset: str, hidden_act: str) -> bool:
+    """Whether ``preset`` gives a model with FFN activation ``hidden_act`` the :data:`SWIGLU_DEFAULT` down_proj."""
+    return preset in ("a48", "a48-fp4") and hidden_act not in SPARSE_GLU
+
+
 def swiglu_note(preset: str, hidden_act: str) -> str | None:
     """One line saying which down_proj treatment ``preset`` chose for a non-relu² model; ``None`` otherwise."""
-    if preset not in ("a48", "a48-fp4") or hidden_act in SPARSE_GLU:
+    if not _takes_swiglu_default(preset, hidden_act):
         return None
     spec = SWIGLU_DOWN[SWIGLU_DEFAULT]
     return (f"{preset} on a {hidden_act} GLU (SwiGLU) model: down_proj input {spec.describe()} "
