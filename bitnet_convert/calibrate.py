@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitnet_convert import distributed
+from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.devices import module_device
 from bitnet_convert.errors import ResourceError
-from bitnet_convert.modeling import architecture_config, build_layer, quant_linears, rotary_embedding, run_layer
+from bitnet_convert.modeling import architecture_config, quant_linears, rotary_embedding
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
@@ -76,7 +79,24 @@ class _Sparsity:
 
         return record
 
+    def reduce(self) -> None:
+        """Sum the tallies over the ``torchrun`` processes (each counted its own batches)."""
+        if distributed.world_size() == 1:
+            return
+        roles = sorted({role for tallies in distributed.gather_objects(sorted(self.roles)) for role in tallies})
+        linears = sorted(self.linears)
+        keys = ("zero", "numel", "err2", "x2")
+        flat = [self.roles[r][k] for r in roles for k in keys] + [v for n in linears for v in self.zeros[n]]
+        summed = distributed.sum_floats(*flat)
+        for i, role in enumerate(roles):
+            self.roles[role] = defaultdict(float, zip(keys, summed[4 * i : 4 * i + 4], strict=True))
+        rest = summed[4 * len(roles):]
+        for i, name in enumerate(linears):
+            if rest[2 * i + 1]:
+                self.zeros[name] = [rest[2 * i], rest[2 * i + 1]]
+
     def result(self) -> dict:
+        self.reduce()
         return {
             "tokens": self.tokens,
             "roles": {
@@ -92,11 +112,17 @@ class _Sparsity:
 
 @torch.no_grad()
 def _run(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: list,
-         on_batch: Callable[[], None] | None, **call: object) -> None:
-    """Run ``ids`` through ``model`` in batches with the forward ``handles`` attached, then remove them."""
+         on_batch: Callable[[], None] | None, batch: list[int] | None = None, **call: object) -> None:
+    """Run ``ids`` through ``model`` in batches with the forward ``handles`` attached, then remove them. Under
+    ``torchrun`` a process runs the batches it owns (:func:`bitnet_convert.distributed.owned`); ``batch[0]`` is
+    set to the index of the batch running (the seed of the value samples)."""
+    device = module_device(model)
     try:
-        for start in range(0, ids.shape[0], batch_size):
-            model(ids[start : start + batch_size], **call)
+        starts = range(0, ids.shape[0], batch_size)
+        for index in distributed.owned(len(starts)):
+            if batch is not None:
+                batch[0] = index
+            model(ids[starts[index] : starts[index] + batch_size].to(device), **call)
             if on_batch is not None:
                 on_batch()
     finally:
@@ -174,14 +200,17 @@ class LinearStats:
         self.errors = {k: torch.zeros(4, dtype=torch.float64) for k in self.quantizers}  # Σ‖q−x‖², Σ‖x‖², out
         self.quantized_zeros = 0
         self.sample: list[torch.Tensor] = []
+        self.sample_batches: list[int] = []
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add a batch of inputs ``x [..., in]``; ``weight [out, in]`` is the linear's dense ternary weight."""
+    def update(self, x: torch.Tensor, weight: torch.Tensor, batch: int | None = None) -> None:
+        """Add a batch of inputs ``x [..., in]``; ``weight [out, in]`` is the linear's dense ternary weight;
+        ``batch`` is the batch's index among the calibration batches (default: how many came before), which seeds
+        the value sample, so the sample does not depend on which process ran the batch."""
         rows = x.reshape(-1, x.shape[-1]).float()
         xd = rows.double()
         self.count += rows.numel()
-        self.moments += torch.stack([xd.sum(), xd.pow(2).sum(), xd.pow(3).sum(), xd.pow(4).sum()])
+        self.moments += torch.stack([xd.sum(), xd.pow(2).sum(), xd.pow(3).sum(), xd.pow(4).sum()]).cpu()
         magnitude = rows.abs()
         self.abs_sum += float(magnitude.double().sum())
         self.absmax = max(self.absmax, float(magnitude.max()))
@@ -198,14 +227,33 @@ class LinearStats:
             out_err = float((q @ weight.t() - y).double().pow(2).sum())
             self.errors[name] += torch.tensor([err, x2, out_err, y2], dtype=torch.float64)
         flat = rows.flatten()
+        index = len(self.sample) if batch is None else batch
         if flat.numel() <= self.samples_per_update:
-            self.sample.append(flat.clone())
+            self.sample.append(flat.cpu())
         else:  # uniformly at random, seeded by the batch number: a stride would favour some channels
-            generator = torch.Generator().manual_seed(len(self.sample))
-            picks = torch.randperm(flat.numel(), generator=generator)[: self.samples_per_update]
-            self.sample.append(flat[picks.sort().values].clone())
+            generator = torch.Generator().manual_seed(index)
+            picks = torch.randperm(flat.numel(), generator=generator)[: self.samples_per_update].to(flat.device)
+            self.sample.append(flat[picks.sort().values].cpu())
+        self.sample_batches.append(index)
+
+    def reduce(self) -> None:
+        """Combine the statistics of the ``torchrun`` processes (each saw its own batches): sums and maxima over
+        the processes, the value samples in batch order."""
+        if distributed.world_size() == 1:
+            return
+        sums = torch.tensor([self.count, self.abs_sum, self.zeros, self.quantized_zeros], dtype=torch.float64)
+        distributed.sum_tensors([sums, self.moments, *self.errors.values()])
+        self.count, self.zeros, self.quantized_zeros = int(sums[0]), int(sums[2]), int(sums[3])
+        self.abs_sum = float(sums[1])
+        peaks = torch.cat([torch.tensor([self.absmax], dtype=self.channel_absmax.dtype), self.channel_absmax.cpu()])
+        distributed.max_tensors([peaks])
+        self.absmax, self.channel_absmax = float(peaks[0]), peaks[1:]
+        pairs = sorted(p for part in distributed.gather_objects(list(zip(self.sample_batches, self.sample,
+                                                                         strict=True))) for p in part)
+        self.sample_batches, self.sample = [b for b, _ in pairs], [t for _, t in pairs]
 
     def result(self) -> dict:
+        """The statistics as JSON-ready numbers (after :meth:`reduce` under ``torchrun``)."""
         n = self.count
         mean, m2, m3, m4 = (self.moments / n).tolist()
         var = m2 - mean**2
@@ -269,10 +317,14 @@ def memory_guard(samples: int, seq_len: int, batch_size: int):
     )
 
 
-def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "") -> list:
+def _hook_linears(modules: dict[str, QuantLinear], stats: dict[str, LinearStats], prefix: str = "",
+                  batch: list[int] | None = None) -> list:
+    """Forward pre-hooks feeding each linear's input to its :class:`LinearStats`; ``batch[0]`` is the index of
+    the batch running."""
     def hook(name: str, module: QuantLinear):
         def record(_module, args):
-            stats[prefix + name].update(module.quantizer_input(args[0]), module.dense_weight(torch.float32))
+            stats[prefix + name].update(module.quantizer_input(args[0]), module.dense_weight(torch.float32),
+                                        None if batch is None else batch[0])
 
         return record
 
@@ -296,11 +348,14 @@ def calibration_and_stats(
     linears = quant_linears(model)
     samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
     stats = {n: LinearStats(m.spec, samples) for n, m in linears.items()}
-    handles = _hook_linears(linears, stats)
+    batch = [0]
+    handles = _hook_linears(linears, stats, batch=batch)
     counter = _Sparsity(model, int(ids.numel())) if sparsity else None
     if counter is not None:
         handles += counter.attach()
-    _run(model, ids, batch_size, handles, on_batch, use_cache=False)
+    _run(model, ids, batch_size, handles, on_batch, batch, use_cache=False)
+    for linear_stats in stats.values():
+        linear_stats.reduce()
     calibration = Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},
                               {n: torch.cat(s.sample) for n, s in stats.items()})
     return calibration, None if counter is None else counter.result()
@@ -315,28 +370,41 @@ def sequential_calibration(
     attention: AttentionSpec | None = None,
     on_layer: Callable[[str], None] | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Calibration:
     """Per-linear statistics of ``ids [n, seq_len]``, computed one decoder layer at a time: the layer is read
-    from the checkpoint, the cached hidden states of every batch go through it, its outputs become the next
-    layer's inputs, and it is freed. Peak memory is one layer plus the hidden states, whatever the depth."""
+    from the checkpoint and moved to ``device``, the cached hidden states of every batch (on the CPU) go through it
+    one batch at a time, its outputs become the next layer's inputs, and it is freed. Peak memory is one layer
+    plus the hidden states, whatever the depth; on a GPU, one layer plus one batch. Under ``torchrun`` each
+    process runs the batches it owns and the statistics are combined (:meth:`LinearStats.reduce`)."""
     config = architecture_config(checkpoint)
     embedding = checkpoint.tensor("model.embed_tokens.weight")
-    hidden = [embedding[ids[s : s + batch_size]].float() for s in range(0, ids.shape[0], batch_size)]
+    starts = range(0, ids.shape[0], batch_size)
+    owned = distributed.owned(len(starts))
+    hidden = [embedding[ids[starts[b] : starts[b] + batch_size]].float() for b in owned]
     del embedding
-    rotary = rotary_embedding(checkpoint, config)
-    samples = max(1, SAMPLE_SIZE // len(hidden))
+    runner = BlockRunner(rotary_embedding(checkpoint, config), device)
+    samples = max(1, SAMPLE_SIZE // len(starts))
     result = Calibration(int(ids.numel()), {}, {})
+    batch = [0]
     for index in range(config.num_hidden_layers):
         layer = build_layer(checkpoint, index, roles, attention=attention, overrides=overrides)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, QuantLinear)}
         prefix = f"model.layers.{index}."
         stats = {prefix + n: LinearStats(m.spec, samples) for n, m in linears.items()}
-        handles = _hook_linears(linears, stats, prefix)
+        handles = _hook_linears(linears, stats, prefix, batch)
         try:
-            hidden = [run_layer(layer, h, rotary) for h in hidden]
+            with runner.onload(layer):
+                outputs = []
+                for number, h in zip(owned, hidden, strict=True):
+                    batch[0] = number
+                    outputs.append(runner.run(layer, h))
+                hidden = outputs
         finally:
             for handle in handles:
                 handle.remove()
+        for linear_stats in stats.values():
+            linear_stats.reduce()
         result.linears.update({name: s.result() for name, s in stats.items()})
         result.samples.update({name: torch.cat(s.sample) for name, s in stats.items()})
         del layer, linears, stats

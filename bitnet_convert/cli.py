@@ -124,16 +124,12 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
-def _check_device(device: str) -> None:
-    """A ``--device`` that this machine cannot use is one line before any work (torch's own error is a traceback
-    deep inside the model)."""
-    import torch
+def _check_device(device: str) -> str:
+    """``--device`` resolved on this machine (``auto`` → ``cuda`` or ``cpu``); one line, exit 2, before any work
+    when it cannot be used here (:func:`bitnet_convert.devices.resolve_device`)."""
+    from bitnet_convert.devices import resolve_device
 
-    try:
-        torch.empty(0, device=torch.device(device))
-    except Exception as exc:  # torch raises RuntimeError, AssertionError or ValueError, depending on the backend
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        _fail(f"--device '{device}' cannot be used on this machine ({reason}); use e.g. --device cpu")
+    return str(resolve_device(device))
 
 
 BackendOption = Annotated[
@@ -145,6 +141,14 @@ RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recip
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
 CalibrationDataOption = Annotated[
     str | None, typer.Option(help="Calibration text: a .txt/.jsonl file or a hub dataset id.")
+]
+DeviceOption = Annotated[
+    str, typer.Option(help="cpu, cuda, cuda:N or auto (cuda when available, else cpu).")
+]
+RecipeDeviceOption = Annotated[
+    str | None,
+    typer.Option(help="Where block-by-block stages and training run: cpu, cuda, cuda:N or auto (recipe key "
+                 "device) [default: the recipe's, cpu].")
 ]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override any recipe field: key.path=value (repeatable).")
@@ -167,17 +171,23 @@ def quantize(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
     calibration_data: CalibrationDataOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    device: RecipeDeviceOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Convert a BitNet b1.58 checkpoint as the recipe says and write the packed a4.8 model."""
+    """Convert a BitNet b1.58 checkpoint as the recipe says and write the packed a4.8 model.
+
+    Data-parallel recovery: torchrun --nproc-per-node N bitnet-convert quantize ... (rank 0 writes)."""
+    from bitnet_convert.distributed import is_writer
     from bitnet_convert.pipeline import run
 
     with _user_errors():
         fields = {"model": model, "output": output and str(output), "calibration.data": calibration_data,
-                  "overwrite": True if overwrite else None}
+                  "overwrite": True if overwrite else None, "device": device}
         resolved = _recipe_from_options(recipe, set_, **fields)
         with RichProgress() as progress:
             result = run(resolved, progress)
+    if not is_writer():  # under torchrun, rank 0 prints the summary
+        return
     report = result.report
     table = Table(title=f"Converted → {result.output}", show_header=False)
     table.add_row("input", f"{report['input_family']} family, {report['input_layout']} layout")
@@ -207,6 +217,8 @@ def quantize(
         tuned = report["distill"]
         table.add_row("distillation", f"{tuned['steps']} steps, KL {tuned['loss_first']:.4f} → "
                                       f"{tuned['loss_last10_mean']:.4f} (mean of the last 10)")
+    table.add_row("device", report.get("device", "cpu") + (f", {report['processes']} processes"
+                                                          if report.get("processes") else ""))
     table.add_row("time", f"{sum(report['time_s'].values()):.1f} s")
     out.print(table)
 
@@ -220,17 +232,21 @@ def calibrate(
     ] = None,
     calibration_data: CalibrationDataOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    device: RecipeDeviceOption = None,
     set_: SetOption = None,
 ) -> None:
     """Measure every linear's inputs layer by layer and write calibration.json, calibration.md and plots."""
+    from bitnet_convert.distributed import is_writer
     from bitnet_convert.pipeline import calibrate as run_calibration
 
     with _user_errors():
-        resolved = _recipe_from_options(recipe, set_, model=model, **{"calibration.data": calibration_data})
+        resolved = _recipe_from_options(recipe, set_, model=model, device=device,
+                                        **{"calibration.data": calibration_data})
         target = output or resolved.output.with_name(resolved.output.name + "-calibration")
         with RichProgress() as progress:
             written = run_calibration(resolved, target, overwrite, progress)
-    out.print(f"calibration report → {written}/calibration.md")
+    if is_writer():
+        out.print(f"calibration report → {written}/calibration.md")
 
 
 @app.command()
@@ -308,6 +324,7 @@ def perplexity(
         str, typer.Option(help="A .txt file's documents: paragraphs (blank-line separated, newlines kept) or lines.")
     ] = "paragraphs",
     backend: BackendOption = "auto",
+    device: DeviceOption = "cpu",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
     from bitnet_convert.checkpoint import open_checkpoint
@@ -323,17 +340,18 @@ def perplexity(
     from bitnet_convert.evaluate import perplexity as measure
     from bitnet_convert.load import (
         attention_of,
+        backend_for_device,
         build_for_backend,
         linear_overrides,
         load_tokenizer,
-        resolve_backend,
         scheme_of,
     )
     from bitnet_convert.modeling import architecture_config
     from bitnet_convert.quant.schemes import PRESETS, preset_roles
 
     with _user_errors():
-        backend = resolve_backend(backend)  # an unknown name or unavailable kernels fail before any work
+        device = _check_device(device)
+        backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
         checkpoint = open_checkpoint(path)
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
@@ -354,6 +372,7 @@ def perplexity(
         attention = attention_of(checkpoint)
         overrides = {} if scheme else linear_overrides(checkpoint)
         model = build_for_backend(checkpoint, name, roles, backend, attention=attention, overrides=overrides)
+        model.to(device)
         if attention is not None and attention.enabled:
             name += f" + attention {attention.describe()}"
         steps = -(-batches.shape[0] // batch_size)
@@ -376,7 +395,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     num_fewshot: Annotated[int | None, typer.Option(min=0)] = None,
     max_length: Annotated[int | None, typer.Option(min=2, help="Context length (default: the model's).")] = None,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the JSON report here, and the Markdown beside it.")
@@ -420,7 +439,7 @@ def eval_(
     from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
 
     with _user_errors(), collect() as notes:
-        _check_device(device)
+        device = _check_device(device)
         backend = backend_for_device(backend, device)  # once: a fallback warning is given once
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
@@ -510,7 +529,7 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampler (the global RNG is left as it was).")] = 0,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     backend: BackendOption = "auto",
 ) -> None:
     """Continue a prompt with the converted model, streaming tokens; K/V in a packed low-bit cache."""
@@ -523,7 +542,7 @@ def generate(
     from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, spec_of
 
     with _user_errors():
-        _check_device(device)
+        device = _check_device(device)
         if bos_bits is not None and kv_bits is None:
             _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
         model = load(path, backend=backend_for_device(backend, device)).to(device)

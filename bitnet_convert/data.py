@@ -121,6 +121,18 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def checked_token_stream(checkpoint, tokenizer, data: str, split: str, text_field: str,
+                         txt_documents: str = "paragraphs") -> torch.Tensor:
+    """The token stream of a text source (:func:`token_stream`), checked against ``checkpoint``'s vocabulary:
+    :class:`DataError` when the tokenizer produces an id the model does not have."""
+    stream = token_stream(tokenizer, load_texts(data, split, text_field, txt_documents))
+    vocab = checkpoint.config.get("vocab_size")
+    if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
+        raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "
+                        f"vocab_size is {vocab}; the tokenizer does not belong to this model")
+    return stream
+
+
 def describe_source(setting: str, data: str, split: str) -> str:
     """How an error or warning names a text source: the setting that chose it, the source, and its split (only a
     source with splits has one)."""

@@ -27,6 +27,7 @@ from bitnet_convert.checkpoint import (
     uses_reference_tokenizer,
 )
 from bitnet_convert.data import token_stream, warn_no_bos, windows
+from bitnet_convert.devices import module_device
 from bitnet_convert.errors import DataError
 from bitnet_convert.load import (
     attention_of,
@@ -47,11 +48,13 @@ def perplexity(
     batch_size: int = 8,
     on_batch: Callable[[], None] | None = None,
 ) -> dict:
-    """Token-level perplexity over windows ``[n, seq_len]`` (see :func:`bitnet_convert.data.windows`); every
-    token after the first of each window is predicted. Returns ``{"perplexity", "nll", "tokens"}``."""
+    """Token-level perplexity over windows ``[n, seq_len]`` (see :func:`bitnet_convert.data.windows`) on the
+    device of ``model``; every token after the first of each window is predicted. Returns
+    ``{"perplexity", "nll", "tokens"}``."""
     total, count = 0.0, 0
+    device = module_device(model)
     for start in range(0, token_windows.shape[0], batch_size):
-        batch = token_windows[start : start + batch_size]
+        batch = token_windows[start : start + batch_size].to(device)
         logits = model(batch).logits.float()
         nll = tF.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
@@ -91,6 +94,7 @@ def evaluate(
     """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
     disk: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same documents.
 
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`bitnet_convert.devices.resolve_device`).
     ``backend``: ``reference``, ``native`` (integer CPU kernels, ``device`` must be ``cpu``) or ``auto`` (native
     when it can run here, see :func:`bitnet_convert.load.load`); the report's ``settings.backend`` says which ran.
     Returns the report ``bitnet-convert eval`` writes (``format`` :data:`~bitnet_convert.report.REPORT_FORMAT`).
@@ -108,9 +112,11 @@ def evaluate(
 def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device, seed, stats_chars,
               progress, backend) -> dict:
     from bitnet_convert import __version__
+    from bitnet_convert.devices import resolve_device
     from bitnet_convert.notes import warn
 
     start = time.perf_counter()
+    device = str(resolve_device(device))
     backend = backend_for_device(backend, device)
     checkpoint = open_checkpoint(str(path))
     preset, roles = scheme_of(checkpoint)

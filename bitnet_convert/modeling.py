@@ -21,11 +21,11 @@ from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.notes import warn
 from bitnet_convert.quant import kv
+from bitnet_convert.quant.compensation import Compensation, attach
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
-from bitnet_convert.recover.qwt import Compensation, attach
 
 
 def architecture_config(checkpoint: Checkpoint) -> PretrainedConfig:
@@ -91,51 +91,6 @@ def build_model(
     model.requires_grad_(False)
     kv.install(model, attention)
     return model.eval()
-
-
-def build_layer(
-    checkpoint: Checkpoint,
-    index: int,
-    roles: dict[Role, ActivationSpec],
-    dtype: torch.dtype = torch.float32,
-    attention: AttentionSpec | None = None,
-    overrides: dict[str, ActivationSpec] | None = None,
-) -> torch.nn.Module:
-    """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
-    config = architecture_config(checkpoint)
-    # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
-    config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
-    with torch.device("meta"):
-        layer = checkpoint.family.layer_class(config, index)
-    prefix = f"model.layers.{index}."
-    names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
-    scratch = _scratch(checkpoint, names)
-    for name in names:
-        spec = (overrides or {}).get(name)
-        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec, dtype))
-    _warn_zero_linears(checkpoint, {name: layer.get_submodule(name.removeprefix(prefix)) for name in names})
-    linear = set(names)
-    state = {
-        n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
-        for n in checkpoint.names()
-        if n.startswith(prefix) and n.rsplit(".", 1)[0] not in linear
-    }
-    layer.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(prefix + missing[0])}' is missing "
-                              "from the checkpoint")
-    if attention is not None and attention.enabled:
-        layer.self_attn.lowbit_attention = attention
-    layer.requires_grad_(False)
-    return layer.eval()
-
-
-def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
-    """One decoder layer on its own: ``hidden [batch, seq, d]`` at positions 0.., causal (SDPA's own mask)."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    cos_sin = rotary(hidden, positions.expand(hidden.shape[0], -1))
-    return layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
 
 
 def load_linear(

@@ -14,27 +14,27 @@ from typing import Any
 
 import torch
 
-from bitnet_convert import __version__
+from bitnet_convert import __version__, distributed
+from bitnet_convert.blocks import on_device
 from bitnet_convert.calibrate import (
     activation_stats,
     calibration_and_stats,
     choose_precision,
     memory_guard,
-    out_of_memory,
     sequential_calibration,
 )
 from bitnet_convert.calibration_report import write_report
 from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint
 from bitnet_convert.data import (
     BUILTIN_DATA,
+    checked_token_stream,
     describe_source,
-    load_texts,
     sample_windows,
-    token_stream,
     warn_builtin_data,
     warn_no_bos,
     warn_positions,
 )
+from bitnet_convert.devices import device_name, resolve_device
 from bitnet_convert.errors import DataError, RecipeError
 from bitnet_convert.export import (
     atomic_directory,
@@ -51,9 +51,7 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
-from bitnet_convert.recover.blockwise import recover_model as recover_blocks
-from bitnet_convert.recover.blockwise import remove_state as remove_blockwise_state
-from bitnet_convert.recover.qwt import fit_model as fit_qwt_model
+from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context
 
 
 @dataclass
@@ -82,11 +80,22 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     """Run the conversion ``recipe`` describes and write its output directory.
 
     The output is checked (creatable, not overlapping an input, ``overwrite``) and locked before any work;
-    warnings about silent degradations are shown as they happen and listed in the report (``warnings``)."""
-    check_output(recipe.output, recipe.overwrite, input_paths(recipe))
-    with output_lock(recipe.output), collect() as warnings:
-        check_output(recipe.output, recipe.overwrite)  # again: taking the lock may have restored a killed run's
-        return _run(recipe, progress, warnings)
+    warnings about silent degradations are shown as they happen and listed in the report (``warnings``). Under
+    ``torchrun`` every process converts and recovers (data-parallel, :mod:`bitnet_convert.distributed`) and rank 0
+    alone checks, locks and writes the output; the others show no progress and return once it is written."""
+    device = resolve_device(recipe.device, "device")
+    created = distributed.init(device)
+    try:
+        if not distributed.is_writer():
+            with collect() as warnings:
+                return _run(recipe, SILENT, warnings, device)
+        check_output(recipe.output, recipe.overwrite, input_paths(recipe))
+        with output_lock(recipe.output), collect() as warnings:
+            check_output(recipe.output, recipe.overwrite)  # again: taking the lock may have restored a killed run's
+            return _run(recipe, progress, warnings, device)
+    finally:
+        if created:
+            distributed.shutdown()
 
 
 def input_paths(recipe: Recipe) -> list[str]:
@@ -97,15 +106,16 @@ def input_paths(recipe: Recipe) -> list[str]:
     return [str(g) for g in given if g is not None and str(g) not in BUILTIN_MODELS and str(g) not in BUILTIN_DATA]
 
 
-def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
+def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.device) -> Conversion:
     timings: dict[str, float] = {}
     data_used: dict[str, dict] = {}
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        check_output(recipe.output, recipe.overwrite, [checkpoint.path])
+        if distributed.is_writer():
+            check_output(recipe.output, recipe.overwrite, [checkpoint.path])
         calibration = _calibration_windows(recipe, checkpoint, data_used)
-        distill = recipe.recovery.distill
-        teacher = None if distill is None else kd.teacher_checkpoint(checkpoint, distill)
+        if recipe.recovery.distill is not None:  # a teacher that cannot teach fails before any work
+            kd.teacher_checkpoint(checkpoint, recipe.recovery.distill)
     hidden_act = architecture_config(checkpoint).hidden_act
     roles = recipe.scheme.resolved(hidden_act)
     # which down_proj treatment a48 chose for a SwiGLU model, said in the report and by the CLI
@@ -113,20 +123,22 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
     with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
         model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
                             attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
-    stats = details = qwt = tuned = blockwise = None
+    stats = details = None
+    sections: dict[str, dict] = {}
     overrides, choice = dict(recipe.scheme.linears), None
     spec = recipe.calibration
     batches = 0 if calibration is None else -(-calibration.shape[0] // spec.batch_size)
+    if calibration is not None:
+        _check_batches(spec, batches)
 
     def guarded():  # an out-of-memory error names the knobs
         return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
 
     # the statistics of the final model come from the report's own pass when nothing changes the model after it
-    changes = (recipe.scheme.auto is not None or recipe.recovery.qwt is not None
-               or recipe.recovery.blockwise is not None or teacher is not None)
+    changes = recipe.scheme.auto is not None or bool(recipe.recovery.order())
     if calibration is not None and (spec.report or recipe.scheme.auto is not None):
         stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), batches)
-        with guarded(), _timed(timings, "calibration_report"), stage as step:
+        with guarded(), _timed(timings, "calibration_report"), stage as step, on_device(model, device):
             details, stats = calibration_and_stats(model, calibration, spec.batch_size, step, sparsity=not changes)
     if recipe.scheme.auto is not None:
         auto = recipe.scheme.auto
@@ -136,29 +148,13 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
         for name, linear_spec in chosen.items():
             set_input_spec(linears[name], linear_spec)
         overrides.update(chosen)
-    if recipe.recovery.qwt is not None:
-        layers = len(model.model.layers)
-        with guarded(), _timed(timings, "qwt"), progress.stage("QwT compensation", layers) as advance:
-            try:
-                qwt = fit_qwt_model(model, checkpoint, calibration, spec.batch_size, recipe.recovery.qwt,
-                                    on_layer=advance)
-            except ValueError as exc:
-                raise RecipeError(str(exc)) from None
-    if recipe.recovery.blockwise is not None:
-        blocks = len(model.model.layers)
-        state_dir = _blockwise_state_dir(recipe)
-        with guarded(), _timed(timings, "blockwise"), progress.stage("Block-wise recovery", blocks) as advance:
-            try:
-                blockwise = recover_blocks(model, checkpoint, calibration, recipe.recovery.blockwise,
-                                           seed=recipe.seed, state_dir=state_dir,
-                                           fingerprint=kd.fingerprint(_blockwise_inputs(recipe)), on_block=advance)
-            except ValueError as exc:
-                raise RecipeError(str(exc)) from None
-    if teacher is not None:
-        with _timed(timings, "distill"):
-            tuned = fine_tune(model, checkpoint, teacher, recipe, progress, data_used)
+    context = Context(model, checkpoint, recipe, calibration, device, progress, data_used)
+    for key in recipe.recovery.order():  # the recovery stages, in the recipe's order
+        with _timed(timings, key):
+            sections[key] = STAGES[key].run(context, getattr(recipe.recovery, key))
     if calibration is not None and stats is None:
-        with guarded(), _timed(timings, "calibrate"), progress.stage("Calibration statistics", batches) as advance:
+        stage = progress.stage("Calibration statistics", batches)
+        with guarded(), _timed(timings, "calibrate"), stage as advance, on_device(model, device):
             stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
 
     def write_calibration(directory: Path) -> None:
@@ -167,153 +163,100 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str]) -> Conversion:
 
     def report(files: list[Path]) -> dict:
         result = conversion_report(model, checkpoint, recipe, files, timings, stats, roles)
+        result["device"] = device_name(device)
+        if distributed.world_size() > 1:
+            result["processes"] = distributed.world_size()
         if ffn_note is not None:
             result["ffn_note"] = ffn_note
         if choice is not None:
             result["auto"] = choice
-        if qwt is not None:
-            result["qwt"] = qwt
-        if blockwise is not None:
-            result["blockwise"] = blockwise
-        if tuned is not None:
-            result["distill"] = tuned
+        result.update(sections)
         result["data"] = data_used
         result["warnings"] = list(warnings)
         return result
 
     layout = recipe.export.layout or checkpoint.family.export_layout
     scale_convention(model, layout)
-    with _timed(timings, "export"), progress.stage("Export"):
-        export(
-            model,
-            checkpoint,
-            recipe.output,
-            roles=roles,
-            preset=recipe.scheme.preset,
-            recipe_yaml=recipe.to_yaml(),
-            dtype=recipe.export.dtype,
-            max_shard_size=recipe.export.max_shard_size,
-            overwrite=recipe.overwrite,
-            report=report,
-            attention=recipe.scheme.attention,
-            extra=write_calibration if spec.report else None,
-            overrides=overrides,
-            qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
-            inputs=input_paths(recipe),
-            layout=layout,
-        )
-    if tuned is not None and not recipe.recovery.distill.keep_checkpoint:
-        kd.remove_state(_distill_state_dir(recipe))
-    if blockwise is not None and not recipe.recovery.blockwise.keep_checkpoint:
-        remove_blockwise_state(_blockwise_state_dir(recipe))
+    qwt = sections.get("qwt")
+    if distributed.is_writer():
+        with _timed(timings, "export"), progress.stage("Export"):
+            export(
+                model,
+                checkpoint,
+                recipe.output,
+                roles=roles,
+                preset=recipe.scheme.preset,
+                recipe_yaml=recipe.to_yaml(),
+                dtype=recipe.export.dtype,
+                max_shard_size=recipe.export.max_shard_size,
+                overwrite=recipe.overwrite,
+                report=report,
+                attention=recipe.scheme.attention,
+                extra=write_calibration if spec.report else None,
+                overrides=overrides,
+                qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
+                inputs=input_paths(recipe),
+                layout=layout,
+            )
+        for key in recipe.recovery.order():
+            STAGES[key].cleanup(recipe)
+    distributed.barrier()  # the other processes return the output rank 0 wrote
     written = json_report(recipe.output)
     return Conversion(output=recipe.output, report=written, model=model)
+
+
+def _check_batches(spec, batches: int) -> None:
+    """Under ``torchrun`` each process runs whole calibration batches: there must be one for each."""
+    if batches < distributed.world_size():
+        raise RecipeError(f"calibration: {batches} batch(es) of calibration.batch_size={spec.batch_size} for "
+                          f"{distributed.world_size()} processes; each process needs one: raise calibration.samples "
+                          "or lower calibration.batch_size")
 
 
 def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: Progress = SILENT) -> Path:
     """Calibrate ``recipe``'s model layer by layer (peak memory: one layer + the calibration activations) and
     write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically). The report records
     the data used (``data``) and the run's warnings (``warnings``)."""
-    check_output(output, overwrite, input_paths(recipe))
-    with output_lock(output), collect() as warnings:
-        check_output(output, overwrite)
-        return _calibrate(recipe, output, overwrite, progress, warnings)
+    device = resolve_device(recipe.device, "device")
+    created = distributed.init(device)
+    try:
+        if not distributed.is_writer():
+            with collect() as warnings:
+                return _calibrate(recipe, output, overwrite, SILENT, warnings, device)
+        check_output(output, overwrite, input_paths(recipe))
+        with output_lock(output), collect() as warnings:
+            check_output(output, overwrite)
+            return _calibrate(recipe, output, overwrite, progress, warnings, device)
+    finally:
+        if created:
+            distributed.shutdown()
 
 
-def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress, warnings: list[str]) -> Path:
+def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress, warnings: list[str],
+               device: torch.device) -> Path:
     data_used: dict[str, dict] = {}
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        check_output(output, overwrite, [checkpoint.path])
+        if distributed.is_writer():
+            check_output(output, overwrite, [checkpoint.path])
         ids = _calibration_windows(recipe, checkpoint, data_used)
     if ids is None:
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")
     spec = recipe.calibration
+    _check_batches(spec, -(-ids.shape[0] // spec.batch_size))
     layers = architecture_config(checkpoint).num_hidden_layers
     stage = progress.stage("Calibrate, layer by layer", layers)
     with memory_guard(spec.samples, spec.seq_len, spec.batch_size), stage as advance:
         roles = recipe.scheme.resolved(architecture_config(checkpoint).hidden_act)
         result = sequential_calibration(checkpoint, roles, ids, spec.batch_size,
                                         attention=recipe.scheme.attention, on_layer=advance,
-                                        overrides=recipe.scheme.linears)
-    with progress.stage("Write report"), atomic_directory(output, overwrite, input_paths(recipe)) as tmp:
-        write_report(result, tmp, {**_calibration_meta(recipe, "layer by layer"), "data": data_used,
-                                   "warnings": list(warnings)})
+                                        overrides=recipe.scheme.linears, device=device)
+    if distributed.is_writer():
+        with progress.stage("Write report"), atomic_directory(output, overwrite, input_paths(recipe)) as tmp:
+            write_report(result, tmp, {**_calibration_meta(recipe, "layer by layer"), "data": data_used,
+                                       "device": device_name(device), "warnings": list(warnings)})
+    distributed.barrier()
     return output
-
-
-def fine_tune(model: torch.nn.Module, checkpoint: Checkpoint, teacher: Checkpoint, recipe: Recipe,
-              progress: Progress = SILENT, data_used: dict | None = None) -> dict:
-    """Distill the b1.58 ``teacher`` into the converted ``model`` (in place) as ``recovery.distill`` says; the
-    trained float tensors are rounded to the export dtype, so the model in memory is the one written.
-    ``data_used`` receives which text trained it (``distill``)."""
-    spec = recipe.recovery.distill
-    tokenizer = load_tokenizer(checkpoint.path)
-    data, split, text_field, txt_documents = recipe.distill_data()
-    warn_builtin_data(checkpoint.path, data, "recovery.distill.data", _OWN_TEXT.format("recovery.distill.data"))
-    stream = _tokens(checkpoint, tokenizer, data, split, text_field, txt_documents)
-    if data_used is not None:
-        data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
-    warn_no_bos(tokenizer, checkpoint.path, _NO_BOS)
-    warn_positions(checkpoint.config, spec.seq_len, f"recovery.distill.seq_len={spec.seq_len}")
-    state_dir = _distill_state_dir(recipe)
-    with progress.stage("Load the b1.58 teacher"):
-        teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
-    guard = out_of_memory(
-        f"the fine-tune ran out of memory with recovery.distill.batch_size={spec.batch_size}, "
-        f"recovery.distill.seq_len={spec.seq_len}, trainable={spec.trainable}; lower them "
-        f"(e.g. --set recovery.distill.batch_size={max(1, spec.batch_size // 2)})"
-    )
-    with guard, progress.stage(f"Distillation ({spec.steps} steps)", spec.steps) as advance:
-        try:
-            record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed, state_dir=state_dir,
-                                recipe_fingerprint=kd.fingerprint(_training_inputs(recipe)),
-                                bos_id=tokenizer.bos_token_id, latent_init=kd.master_latents(checkpoint),
-                                on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
-        except ValueError as exc:
-            raise RecipeError(str(exc)) from None
-    export_dtype = DTYPES[export_dtype_name(checkpoint, recipe.export.dtype)]
-    with torch.no_grad():  # the float parameters (norms, embeddings); packed linears and compensations are buffers
-        for tensor in model.parameters():
-            tensor.copy_(tensor.to(export_dtype))
-    return record
-
-
-def _distill_state_dir(recipe: Recipe) -> Path:
-    spec = recipe.recovery.distill
-    return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".distill")
-
-
-def _blockwise_state_dir(recipe: Recipe) -> Path:
-    spec = recipe.recovery.blockwise
-    return spec.checkpoint_dir or recipe.output.with_name(recipe.output.name + ".blockwise")
-
-
-def _decisive_recipe(recipe: Recipe) -> dict:
-    """The recipe as JSON without where the output goes, how it is written and evaluated, or the report switch."""
-    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
-    data["calibration"].pop("report")
-    return data
-
-
-def _blockwise_inputs(recipe: Recipe) -> dict:
-    """What decides block-wise recovery's result: the recipe up to that stage (not the fine-tune after it), without
-    where things are written or how they are shown."""
-    data = _decisive_recipe(recipe)
-    data["recovery"].pop("distill")
-    for key in ("checkpoint_dir", "keep_checkpoint"):
-        data["recovery"]["blockwise"].pop(key)
-    return data
-
-
-def _training_inputs(recipe: Recipe) -> dict:
-    """What decides the fine-tune's result: the recipe without where things are written or how they are shown."""
-    data = _decisive_recipe(recipe)
-    for key in ("save_every", "checkpoint_dir", "keep_checkpoint"):
-        data["recovery"]["distill"].pop(key)
-    for key in ("checkpoint_dir", "keep_checkpoint"):
-        (data["recovery"]["blockwise"] or {}).pop(key, None)
-    return data
 
 
 def _calibration_meta(recipe: Recipe, mode: str) -> dict:
@@ -328,8 +271,8 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
     if spec.samples == 0:
         return None
     tokenizer = load_tokenizer(checkpoint.path)
-    warn_builtin_data(checkpoint.path, spec.data, "calibration.data", _OWN_TEXT.format("calibration.data"))
-    stream = _tokens(checkpoint, tokenizer, spec.data, spec.split, spec.text_field, spec.txt_documents)
+    warn_builtin_data(checkpoint.path, spec.data, "calibration.data", OWN_TEXT.format("calibration.data"))
+    stream = checked_token_stream(checkpoint, tokenizer, spec.data, spec.split, spec.text_field, spec.txt_documents)
     source = describe_source("calibration.data", spec.data, spec.split)
     warn_positions(checkpoint.config, spec.seq_len, f"calibration.seq_len={spec.seq_len}")
     ids = sample_windows(stream, spec.samples, spec.seq_len, recipe.seed, tokenizer.bos_token_id, source,
@@ -337,27 +280,11 @@ def _calibration_windows(recipe: Recipe, checkpoint: Checkpoint, data_used: dict
     if ids.shape[0] < spec.samples:
         warn(f"{source} holds only {ids.shape[0]} windows of {spec.seq_len} tokens ({ids.numel():,} tokens); "
              f"calibration.samples asks for {spec.samples}: calibrating on {ids.shape[0]}")
-    warn_no_bos(tokenizer, checkpoint.path, _NO_BOS)
+    warn_no_bos(tokenizer, checkpoint.path, NO_BOS)
     if data_used is not None:
         data_used["calibration"] = {"data": spec.data, "split": spec.split, "windows": int(ids.shape[0]),
                                     "tokens": int(ids.numel())}
     return ids
-
-
-#: What the warnings of the calibration and training windows say.
-_OWN_TEXT = "give your own text (--calibration-data FILE, or --set {0}=FILE)"
-_NO_BOS = "calibration and training windows start mid-text, unlike windows that start with BOS"
-
-
-def _tokens(checkpoint: Checkpoint, tokenizer, data: str, split: str, text_field: str,
-            txt_documents: str = "paragraphs") -> torch.Tensor:
-    """The token stream of a text source, checked against the model's vocabulary."""
-    stream = token_stream(tokenizer, load_texts(data, split, text_field, txt_documents))
-    vocab = checkpoint.config.get("vocab_size")
-    if vocab is not None and stream.numel() and int(stream.max()) >= vocab:
-        raise DataError(f"{checkpoint.path}: the tokenizer produces id {int(stream.max())} but the model's "
-                        f"vocab_size is {vocab}; the tokenizer does not belong to this model")
-    return stream
 
 
 def conversion_report(

@@ -18,6 +18,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -132,15 +133,49 @@ class EvalSpec(_Strict):
         return value
 
 
+#: The recovery stages a recipe may name under ``recovery``.
+RECOVERY_STAGES = ("qwt", "blockwise", "distill")
+
+
 class RecoverySpec(_Strict):
-    """Accuracy recovery after conversion, in this order: ``qwt``, closed-form compensation per decoder block;
-    ``blockwise``, each decoder block trained on its own to reproduce the b1.58 block (block-wise
-    reconstruction); ``distill``, a short fine-tune of the converted model towards the b1.58 model (logit
-    distillation)."""
+    """Accuracy recovery after conversion, stages run in the order the recipe lists them (usually ``qwt``,
+    ``blockwise``, ``distill``): ``qwt``, closed-form compensation per decoder block; ``blockwise``, each decoder
+    block trained on its own to reproduce the b1.58 block (block-wise reconstruction); ``distill``, a short
+    fine-tune of the converted model towards the b1.58 model (logit distillation)."""
 
     qwt: QwTSpec | None = None
     blockwise: BlockwiseSpec | None = None
     distill: DistillSpec | None = None
+    #: the enabled stages in the order the recipe gave them
+    _order: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_order(cls, data: Any, handler):
+        spec = handler(data)
+        given = list(data) if isinstance(data, dict) else list(RECOVERY_STAGES)
+        spec._order = tuple(k for k in given if k in RECOVERY_STAGES and getattr(spec, k) is not None)
+        return spec
+
+    @model_validator(mode="after")
+    def _qwt_before_training_it(self) -> RecoverySpec:
+        order = self.order()
+        if self.distill is not None and "qwt" in self.distill.trainable and "qwt" in order and (
+                order.index("qwt") > order.index("distill")):
+            raise ValueError("recovery.distill.trainable names 'qwt' but recovery.qwt comes after recovery.distill; "
+                             "list qwt first")
+        return self
+
+    def order(self) -> tuple[str, ...]:
+        """The enabled stages, in the recipe's order."""
+        known = [k for k in self._order if getattr(self, k) is not None]
+        return (*known, *(k for k in RECOVERY_STAGES if getattr(self, k) is not None and k not in known))
+
+    @model_serializer(mode="wrap")
+    def _ordered(self, handler) -> dict:
+        data = handler(self)
+        first = [k for k in self.order() if k in data]
+        return {**{k: data[k] for k in first}, **{k: v for k, v in data.items() if k not in first}}
 
 
 class Recipe(_Strict):
@@ -151,6 +186,8 @@ class Recipe(_Strict):
     overwrite: bool = False
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype")
+    device: str = Field("cpu", description="where block-by-block stages and training run: cpu, cuda, cuda:N or "
+                        "auto (cuda when available); the same recipe on the same device gives the same bytes")
     scheme: SchemeSpec = Field(default_factory=SchemeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
@@ -165,6 +202,15 @@ class Recipe(_Strict):
 
     def __eq__(self, other: object) -> bool:  # the same recipe, wherever it was read from
         return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from bitnet_convert.devices import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(value.strip().lower()):
+            raise ValueError("expected cpu, cuda, cuda:N or auto")
+        return value.strip().lower()
 
     @field_validator("model")
     @classmethod

@@ -859,22 +859,22 @@ DISTILL_DEPTHS = (2, 4)
 DISTILL_GROUPS = (("norms", "linears"), ("norms",))
 
 
-def bench_distill(args: argparse.Namespace) -> list[Row]:
+def bench_distill(args: argparse.Namespace, groups: tuple[tuple[str, ...], ...] = DISTILL_GROUPS) -> list[Row]:
     """Step time and peak RSS of the distillation fine-tune (1 × 256 tokens per step) on 2B-4T-shaped checkpoints
     of two depths, for two trainable sets; the full 30-layer peak RSS is extrapolated linearly from the two
     depths (labelled as such: the whole model does not fit this machine when its weights train)."""
     rows = []
-    for groups in DISTILL_GROUPS:
+    for trainable in groups:
         measured = {}
         for layers in sorted({min(d, args.layers) for d in DISTILL_DEPTHS}):
             shape = ShapeConfig(layers=layers)
             checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), shape, args.seed)
-            subject = f"synthetic 2B-4T, {layers} layers, trainable {'+'.join(groups)}"
-            spec = {"model": str(checkpoint), "steps": 4, "seq_len": 256, "trainable": list(groups),
+            subject = f"synthetic 2B-4T, {layers} layers, trainable {'+'.join(trainable)}"
+            spec = {"model": str(checkpoint), "steps": 4, "seq_len": 256, "trainable": list(trainable),
                     "threads": args.threads}
             result = run_job("distill", spec, subject)
             if not result.ok:
-                rows.append(Row("fine-tune", subject, "distill", f"failed: {result.error}", passed=False))
+                rows.append(Row("fine-tune", subject, "failed", f"failed: {result.error}", passed=False))
                 continue
             measured[layers] = result.data
             rows.append(Row("fine-tune", subject, "step time (1 × 256 tokens)", f"{result.data['step_s']:.2f} s",
@@ -884,7 +884,7 @@ def bench_distill(args: argparse.Namespace) -> list[Row]:
         if len(measured) == 2:  # memory grows linearly with depth; step times are too noisy to extrapolate
             full = ShapeConfig.layers
             peak = _extrapolate(measured, "peak_rss_bytes", full) / GB
-            subject = (f"2B-4T, {full} layers, trainable {'+'.join(groups)} (extrapolated from "
+            subject = (f"2B-4T, {full} layers, trainable {'+'.join(trainable)} (extrapolated from "
                        f"{' and '.join(map(str, sorted(measured)))} layers)")
             rows.append(Row("fine-tune", subject, "peak RSS", f"{peak:.1f} GB", value=peak, unit="GB"))
     return rows
@@ -897,8 +897,61 @@ MAX_BLOCKWISE_GROWTH = 0.10  # peak RSS 30 layers ÷ 8 layers − 1
 
 def bench_recovery(args: argparse.Namespace) -> list[Row]:
     """Block-wise recovery on the 2B-4T shapes at two depths: peak RSS (target ≤ 6 GB at 30 layers, and flat in
-    depth: one block at a time) and seconds per block per step (1 × 256 tokens). The end-to-end fine-tune's peak
-    RSS to compare with is ``--only distill``'s."""
+    depth: one block at a time) and seconds per block per step (1 × 256 tokens); beside it, the end-to-end
+    fine-tune's peak RSS (measured at 2 and 4 layers, extrapolated to 30: it does not fit this machine); then
+    data-parallel recovery under ``torchrun`` with 2 processes against 1 on the reference model (on a 2-core
+    machine the figure of interest is the overhead, not a speedup)."""
+    rows = _blockwise_rows(args)
+    rows += [row for row in bench_distill(args, groups=(("norms", "linears"),))
+             if row.metric == "peak RSS" or row.metric.startswith("failed")]
+    rows += _ddp_rows(args)
+    return rows
+
+
+DDP_RECIPE = {"calibration": {"samples": 16, "seq_len": 256, "batch_size": 4},
+              "recovery": {"blockwise": {"steps": 40, "batch_size": 4},
+                           "distill": {"steps": 20, "batch_size": 4, "seq_len": 256}}}
+
+
+def _ddp_rows(args: argparse.Namespace) -> list[Row]:
+    """The same recipe (block-wise recovery and a fine-tune on the reference model) as 1 process with 2 threads
+    and as ``torchrun --nproc-per-node 2`` with 1 thread each: stage times, and the overhead ratio."""
+    import yaml
+
+    rows, times = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"model": "builtin:reference", **DDP_RECIPE}, sort_keys=False))
+        for processes in (1, 2):
+            output = Path(tmp) / f"out{processes}"
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+                      if processes == 2 else [sys.executable])
+            command = [*launch, "-m", "bitnet_convert.cli", "quantize", "--recipe", str(recipe), "-o", str(output)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes), "HF_HUB_OFFLINE": "1"}
+            subject = f"reference model, {processes} process(es) × {2 // processes} thread(s)"
+            print(f"[bench] {subject}: quantize with block-wise recovery and fine-tune ...", file=sys.stderr,
+                  flush=True)
+            proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                error = ([line for line in proc.stderr.splitlines() if line.strip()] or ["no output"])[-1]
+                rows.append(Row("recovery", subject, "data-parallel", f"failed: {error}", passed=False))
+                continue
+            report = json.loads((output / "conversion_report.json").read_text())
+            times[processes] = {k: report["time_s"][k] for k in ("blockwise", "distill")}
+            rows.append(Row("recovery", subject, "block-wise / fine-tune time",
+                            f"{times[processes]['blockwise']:.1f} s / {times[processes]['distill']:.1f} s",
+                            value=sum(times[processes].values()), unit="s", details=report["time_s"]))
+            rows.append(Row("recovery", subject, "peak RSS (rank 0)", f"{report['peak_rss_bytes'] / GB:.2f} GB",
+                            value=report["peak_rss_bytes"] / GB, unit="GB"))
+    if len(times) == 2:
+        ratio = sum(times[2].values()) / sum(times[1].values())
+        rows.append(Row("recovery", "reference model, 2 processes ÷ 1 process (same 2 cores)", "time ratio",
+                        f"{ratio:.2f}×", value=ratio))
+    return rows
+
+
+def _blockwise_rows(args: argparse.Namespace) -> list[Row]:
+    """Block-wise recovery peak RSS and seconds per block per step at the depths of :data:`RECOVERY_DEPTHS`."""
     rows, peaks = [], {}
     for layers in sorted({min(d, args.layers) for d in RECOVERY_DEPTHS}):
         checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=layers), args.seed)

@@ -266,7 +266,7 @@ EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "report below an existing file": lambda t: (
         ["-o", str(Path(write(t / "afile", b"x")) / "eval.json")], ["afile", "is a file"]),
     "report path is a directory": lambda t: (["-o", str(t)], [str(t), "is a directory"]),
-    "unusable device": lambda t: (["--device", "nodevice"], ["--device 'nodevice' cannot be used"]),
+    "unusable device": lambda t: (["--device", "nodevice"], ["--device 'nodevice' is not a device", "cuda:N"]),
     "report would replace the model's config": lambda t: (
         ["-o", str(REFERENCE / "config.json")], ["config.json", "would replace a file of the model"]),
 }

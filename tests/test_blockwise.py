@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import bitnet_convert
+from bitnet_convert.blocks import BlockRunner, build_layer, run_layer
 from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.modeling import build_layer, build_model, run_layer
+from bitnet_convert.modeling import build_model
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover.blockwise import BlockwiseSpec, block_state, train_block
@@ -35,7 +36,7 @@ def first_block(reference_dir):
 def _train(model, hidden, targets, **spec):
     block = model.model.layers[0]
     saved = block_state(block)
-    record = train_block(block, lambda b, h: run_layer(b, h, model.model.rotary_emb), hidden, targets,
+    record = train_block(block, BlockRunner(model.model.rotary_emb), hidden, targets,
                          BlockwiseSpec(**spec), seed=0,
                          latent_init=lambda name, m: latent_from_codes(m.ternary(), m.alpha()))
     after = block_state(block)

@@ -168,7 +168,7 @@ def test_calibrate_command_writes_the_report_and_refuses_to_overwrite(tmp_path):
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")])
 def test_out_of_memory_during_calibration_names_the_knobs(tmp_path, monkeypatch, error):
-    def exhausted(self, x, weight):
+    def exhausted(self, x, weight, batch=None):
         raise error
 
     monkeypatch.setattr(LinearStats, "update", exhausted)

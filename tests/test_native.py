@@ -240,10 +240,13 @@ def test_no_compiler_is_one_clear_line(monkeypatch, tmp_path):
         kernels._build_and_load()
 
 
-def test_bad_backend_arguments_are_one_line():
+def test_bad_backend_arguments_are_one_line(monkeypatch):
     assert_user_error(invoke("perplexity", REFERENCE, "--backend", "fast"), "--backend 'fast'", "native, reference")
-    assert_user_error(invoke("generate", REFERENCE, "-p", "x", "--backend", "native", "--device", "meta"),
-                      "--backend native runs on the CPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the check can tell
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for command in (["generate", REFERENCE, "-p", "x"], ["perplexity", REFERENCE]):
+        assert_user_error(invoke(*command, "--backend", "native", "--device", "cuda"),
+                          "--backend native runs on the CPU; got --device cuda:0")
     with pytest.raises(BackendError, match="float32"):
         bitnet_convert.load(REFERENCE, dtype="bfloat16", backend="native")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import assert_linears_match, assert_same_predictions
 from transformers import AutoModelForCausalLM
 
@@ -157,3 +158,61 @@ def test_optimum_quantizer_entry_point(tmp_path, reference_ids):
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_no_import_cycle_between_modules():
+    """The package's module-level imports form no cycle (the model builder does not reach back into recovery, the
+    block runner sits between them)."""
+    import ast
+
+    package = REPO / "bitnet_convert"
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.parse(path.read_text()).body:  # module level only: imports inside functions run later
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bitnet_convert"):
+                edges |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in modules}
+        graph[name] = {e for e in edges if e in modules and e != "bitnet_convert"}
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for nxt in sorted(graph[name]):
+            assert state.get(nxt) != 1, " → ".join([*path, name, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert "bitnet_convert.blocks" in graph["bitnet_convert.recover.qwt"]
+    assert not any(e.startswith("bitnet_convert.recover") for e in graph["bitnet_convert.modeling"])
+
+
+def test_recovery_stages_run_in_the_recipe_order(tmp_path, reference_dir, monkeypatch):
+    """``recovery`` stages run in the order the recipe lists them, and the stored recipe keeps that order."""
+    from bitnet_convert import pipeline
+    from bitnet_convert.recover import stages
+
+    ran = []
+    for key, stage in stages.STAGES.items():
+        section = {"stage": key, "form": "channel", "rank": None, "layers": []}  # what the export reads of QwT's
+        monkeypatch.setitem(stages.STAGES, key, stage.__class__(key, lambda context, spec, key=key, section=section:
+                                                                ran.append(key) or section))
+    recipe = pipeline.load_recipe(None, {"model": str(reference_dir), "output": str(tmp_path / "out"),
+                                         "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
+                                         "recovery": {"distill": {"steps": 1}, "blockwise": {"steps": 1},
+                                                      "qwt": {}}})
+    conversion = pipeline.run(recipe)
+    assert ran == ["distill", "blockwise", "qwt"]
+    assert [conversion.report[k]["stage"] for k in ("distill", "blockwise", "qwt")] == ["distill", "blockwise", "qwt"]
+    stored = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert [k for k, v in stored["recovery"].items() if v is not None] == ["distill", "blockwise", "qwt"]
+    with pytest.raises(pipeline.RecipeError, match=r"trainable names .qwt. but recovery\.qwt comes after"):
+        pipeline.load_recipe(None, {"recovery": {"distill": {"trainable": ["qwt"]}, "qwt": {}}})

@@ -30,9 +30,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bitnet_convert import distributed
+from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.errors import Interrupted
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.recover.distill import finish, load_state, save_state, trainable_tensors
+from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.recover.distill import finish, load_state, master_latents, save_state, trainable_tensors
 
 BlockGroup = Literal["norms", "linears"]
 STATE_VERSION = 1
@@ -53,6 +56,8 @@ class BlockwiseSpec(BaseModel):
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="share of calibration windows that decide keep/revert")
     checkpoint_dir: Path | None = Field(None, description="where finished blocks go (default <output>.blockwise)")
     keep_checkpoint: bool = Field(False, description="keep the finished blocks after a successful conversion")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the training forward (bfloat16: autocast; float32 is the reference)")
 
 
 def learning_rate(spec: BlockwiseSpec, step: int) -> float:
@@ -62,40 +67,59 @@ def learning_rate(spec: BlockwiseSpec, step: int) -> float:
     return spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
 
 
-def relative_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``‖output − target‖² / ‖target‖²`` (float64 for the keep/revert decision, differentiable in training)."""
-    return (output - target).pow(2).sum() / target.pow(2).sum().clamp(min=1e-12)
-
-
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes in a block (packed weights, scales, norm weights), copied."""
-    return {name: tensor.detach().clone() for name, tensor in block.state_dict().items()}
+    """What training changes in a block (packed weights, scales, norm weights), copied to the CPU."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in block.state_dict().items()}
+
+
+def autocast(spec: BlockwiseSpec, device: torch.device):
+    """The forward's autocast context for ``spec.dtype`` (float32: none)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
 
 
 def train_block(
     block: nn.Module,
-    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    runner: BlockRunner,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     spec: BlockwiseSpec,
     *,
     seed: int,
     latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None,
+    windows: list[int] | None = None,
+    total: int | None = None,
 ) -> dict:
-    """Train one converted ``block`` (in place) so that ``run(block, x)`` matches ``targets`` on ``inputs``
-    (``[windows, seq, hidden]`` fp32, the last ``holdout`` share held out); revert it when the held-out error does
-    not fall. ``latent_init(name, module)`` starts each latent weight (default: from the codes, as the fine-tune
-    does). Returns the block's record (errors before/after, kept, losses)."""
-    windows = inputs.shape[0]
-    held = max(1, round(spec.holdout * windows))
-    fit = windows - held
+    """Train one converted ``block`` (in place, on ``runner``'s device) so that it maps ``inputs`` to ``targets``
+    (``[windows, seq, hidden]`` fp32 on the CPU; the last ``holdout`` share held out); revert it when the
+    held-out error does not fall. ``latent_init(name, module)`` starts each latent weight (default: from the
+    codes, as the fine-tune does). Returns the block's record (errors before/after, kept, losses).
+
+    Under ``torchrun`` each process passes the windows it owns: ``windows`` are their indices among all
+    ``total`` windows (default: all of them, in order). Every step draws the same global batch in each process;
+    a process computes its rows' share of the loss (``Σ‖o − t‖²`` of its rows over the global ``Σ‖t‖²``) and the
+    gradients are summed (:func:`bitnet_convert.distributed.sum_gradients`), so the step is the one-process
+    step up to the order of float additions."""
+    windows = list(range(inputs.shape[0])) if windows is None else windows
+    total = inputs.shape[0] if total is None else total
+    held = max(1, round(spec.holdout * total))
+    fit = total - held
     if fit < 1:
-        raise ValueError(f"recovery.blockwise needs at least 2 calibration windows (got {windows}): raise "
+        raise ValueError(f"recovery.blockwise needs at least 2 calibration windows (got {total}): raise "
                          "calibration.samples")
+    position = {window: row for row, window in enumerate(windows)}
+    tested = torch.tensor([row for window, row in position.items() if window >= fit], dtype=torch.long)
+    device = runner.device
 
     def held_out_error() -> float:
         with torch.no_grad():
-            return float(relative_error(run(block, inputs[fit:]).double(), targets[fit:].double()))
+            if len(tested):
+                out = runner.run(block, inputs[tested]).double()
+                num, den = float((out - targets[tested].double()).pow(2).sum()), float(targets[tested].double()
+                                                                                       .pow(2).sum())
+            else:
+                num = den = 0.0
+            num, den = distributed.sum_floats(num, den)
+            return num / max(den, 1e-12)
 
     before, saved = held_out_error(), block_state(block)
     divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
@@ -108,14 +132,24 @@ def train_block(
         for step in range(spec.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(spec, step)
-            pick = torch.randperm(fit, generator=generator)[: spec.batch_size]
-            loss = relative_error(run(block, inputs[pick]), targets[pick])
-            loss.backward()
+            pick = torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
+            rows = torch.tensor([position[w] for w in pick if w in position], dtype=torch.long)
+            target = targets[rows].to(device)
+            norm = target.pow(2).sum().reshape(1)
+            distributed.sum_tensors([norm])
+            if len(rows):
+                with autocast(spec, device):
+                    output = runner.forward(block, inputs[rows])
+                loss = (output.float() - target).pow(2).sum() / norm.clamp(min=1e-12)[0]
+                loss.backward()
+            else:
+                loss = torch.zeros((), device=device)
+            distributed.sum_gradients(tensors.values())
             if spec.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(distributed.sum_floats(float(loss.detach()))[0])
     finally:
         finish(block, tensors)
     after = held_out_error()
@@ -153,24 +187,22 @@ def recover_model(
     state_dir: Path,
     fingerprint: str,
     on_block: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
 ) -> dict:
     """Block-wise recovery of a converted in-memory ``model`` (in place) on the calibration windows ``ids``
-    ``[windows, seq]``: the b1.58 blocks are read from ``checkpoint`` one at a time. Finished blocks are saved in
-    ``state_dir`` (a resumed run loads them instead of training). Returns the conversion report's record."""
-    from bitnet_convert.modeling import build_layer, run_layer
-    from bitnet_convert.quant.schemes import PRESETS
-    from bitnet_convert.recover.distill import master_latents
-
+    ``[windows, seq]``: the b1.58 blocks are read from ``checkpoint`` one at a time, and each block trains on
+    ``device`` (its inputs and targets stay on the CPU; ``batch_size`` windows at a time go through a block
+    outside training). Finished blocks are saved in ``state_dir`` (a resumed run loads them instead of
+    training; under ``torchrun`` rank 0 writes them). Returns the conversion report's record."""
     start = time.perf_counter()
     layers = model.model.layers
-    rotary = model.model.rotary_emb
+    runner = BlockRunner(model.model.rotary_emb, device, batch_size)
     masters = master_latents(checkpoint)
-
-    def run(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return run_layer(block, h, rotary)
-
+    windows = distributed.owned(ids.shape[0])
+    distributed.check_batch("recovery.blockwise.batch_size", spec.batch_size)
     with torch.no_grad():
-        hidden = model.model.embed_tokens(ids).float()
+        hidden = model.model.embed_tokens(ids[windows]).float()
     records, resumed = [], 0
     try:
         for index, block in enumerate(layers):
@@ -184,27 +216,27 @@ def recover_model(
                 record = saved["record"]
                 resumed += 1
             else:
-                with torch.no_grad():
-                    reference = build_layer(checkpoint, index, PRESETS["b158"])
-                    targets = run(reference, hidden)
+                reference = build_layer(checkpoint, index, PRESETS["b158"])
+                with runner.onload(reference):
+                    targets = runner.run(reference, hidden)
                 del reference
 
                 def from_masters(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
                     return masters(prefix + name, module)
 
-                record = train_block(block, run, hidden, targets, spec, seed=seed * 100_003 + index,
-                                     latent_init=from_masters if masters is not None else None)
+                with runner.onload(block):
+                    record = train_block(block, runner, hidden, targets, spec, seed=seed * 100_003 + index,
+                                         latent_init=from_masters if masters is not None else None,
+                                         windows=windows, total=ids.shape[0])
                 del targets
                 divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
-                save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                       "tensors": block_state(block), "divides": divides, "record": record},
-                           _block_file(index))
+                if distributed.is_writer():
+                    save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
+                                           "tensors": block_state(block), "divides": divides, "record": record},
+                               _block_file(index))
             records.append({"layer": index, **record})
-            with torch.no_grad():
-                hidden = run(block, hidden)
-            for module in block.modules():  # the unpacked weight cache would grow the memory with depth
-                if isinstance(module, QuantLinear):
-                    module.release_dense()
+            with runner.onload(block):
+                hidden = runner.run(block, hidden)
             if on_block is not None:
                 on_block(f"block {index + 1}/{len(layers)}" + (" (resumed)" if saved is not None else ""))
     except KeyboardInterrupt:

@@ -33,6 +33,8 @@ import torch.nn.functional as tF
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bitnet_convert import distributed
+from bitnet_convert.devices import module_device
 from bitnet_convert.errors import Interrupted
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
@@ -67,6 +69,8 @@ class DistillSpec(BaseModel):
     save_every: int = Field(50, ge=1, description="write the resumable training state every N steps")
     checkpoint_dir: Path | None = Field(None, description="where the training state goes (default <output>.distill)")
     keep_checkpoint: bool = Field(False, description="keep the training state after a successful conversion")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the forwards (bfloat16: autocast; float32 is the reference)")
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -106,10 +110,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return tF.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over the decoder layers' outputs of ``‖h_s − h_t‖² / ‖h_t‖²``."""
-    terms = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp(min=1e-12)
-             for s, t in zip(student[1:], teacher[1:], strict=True)]
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the decoder layers' outputs of ``‖h_s − h_t‖² / ‖h_t‖²``; ``norms`` (``[layers]``) replaces the
+    denominators (the global ``‖h_t‖²`` of a batch split over processes)."""
+    if norms is None:
+        norms = torch.stack([t.float().pow(2).sum() for t in teacher[1:]])
+    terms = [(s.float() - t.float()).pow(2).sum() / n.clamp(min=1e-12)
+             for s, t, n in zip(student[1:], teacher[1:], norms, strict=True)]
     return torch.stack(terms).mean()
 
 
@@ -132,7 +140,7 @@ def trainable_tensors(
             if isinstance(module, QuantLinear):
                 init = latent_init(name, module) if latent_init else latent_from_codes(module.ternary(),
                                                                                         module.alpha())
-                module.latent = init.detach().to(torch.float32).clone()
+                module.latent = init.detach().to(module.weight.device, torch.float32, copy=True)
                 tensors[f"{name}.latent"] = module.latent
     if "qwt" in groups:
         comps = [(n, m) for n, m in model.named_modules() if n.endswith(".qwt")]
@@ -263,6 +271,9 @@ def distill(
     ``on_step(step, loss)`` is called after each optimizer step (1-based; also for the steps a resumed run
     skips, with ``nan``). Returns the record the conversion report keeps."""
     start_time = time.perf_counter()
+    device = module_device(student)
+    distributed.check_batch("recovery.distill.batch_size", spec.batch_size)
+    mine = distributed.owned(spec.batch_size)  # this process's rows of every global batch
     body = spec.seq_len - (bos_id is not None)
     offsets = batch_offsets(stream.numel(), spec, seed, body)
     tensors = trainable_tensors(student, spec.trainable, latent_init)
@@ -286,26 +297,33 @@ def distill(
                 on_step(step + 1, float("nan"))
         student.train()
         for step in range(start, spec.steps):
-            ids = batch(stream, offsets[step], body, bos_id)
+            ids = batch(stream, offsets[step][mine], body, bos_id).to(device)
             lam = ste_lambda(spec, step)
             set_ste_lambda(student, lam)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(spec, step)
             hidden = spec.hidden_mse > 0
-            with torch.no_grad():
-                target = teacher(input_ids=ids, output_hidden_states=hidden)
-            output = student(input_ids=ids, output_hidden_states=hidden)
-            loss = kd_loss(output.logits, target.logits, spec.temperature)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16"):
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, output_hidden_states=hidden)
+                output = student(input_ids=ids, output_hidden_states=hidden)
+            # this process's share of the global batch's loss: its rows' mean over the global batch, and the
+            # hidden-state errors over the global norms (the sum over processes is the one-process loss)
+            share = len(mine) / spec.batch_size
+            loss = kd_loss(output.logits, target.logits, spec.temperature) * share
             if hidden:
-                loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states)
+                norms = torch.stack([t.float().pow(2).sum() for t in target.hidden_states[1:]])
+                distributed.sum_tensors([norms])
+                loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states, norms)
             loss.backward()
+            distributed.sum_gradients(tensors.values())
             if spec.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(distributed.sum_floats(float(loss.detach()))[0])
             done = step + 1
-            if done % spec.save_every == 0 or done == spec.steps:
+            if (done % spec.save_every == 0 or done == spec.steps) and distributed.is_writer():
                 save_state(state_dir, {
                     "version": STATE_VERSION,
                     "fingerprint": recipe_fingerprint,

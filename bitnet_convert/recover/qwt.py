@@ -13,13 +13,15 @@ projected on the top-``rank`` directions of its fitted values, ``(x·D)·U + b``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-Form = Literal["full", "lowrank", "channel"]
+from bitnet_convert import distributed
+from bitnet_convert.blocks import BlockRunner, build_layer
+from bitnet_convert.quant.compensation import Compensation, Form, attach
+from bitnet_convert.quant.schemes import PRESETS
 
 
 class QwTSpec(BaseModel):
@@ -33,87 +35,41 @@ class QwTSpec(BaseModel):
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="share of calibration batches for the keep/drop test")
 
 
-class Compensation(nn.Module):
-    """``comp(x, out)`` added to a decoder block's output (see the module docstring for the forms)."""
-
-    def __init__(self, form: Form, dim: int, rank: int | None = None) -> None:
-        super().__init__()
-        self.form, self.dim, self.rank = form, dim, rank
-        if form == "full":
-            self.register_buffer("weight", torch.zeros(dim, dim))
-        elif form == "lowrank":
-            if rank is None:
-                raise ValueError("the lowrank form needs a rank")
-            self.register_buffer("down", torch.zeros(dim, rank))
-            self.register_buffer("up", torch.zeros(rank, dim))
-        else:
-            self.register_buffer("scale", torch.zeros(dim))
-        self.register_buffer("bias", torch.zeros(dim))
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.form == "full":
-            delta = x @ self.weight.to(x.dtype)
-        elif self.form == "lowrank":
-            delta = (x @ self.down.to(x.dtype)) @ self.up.to(x.dtype)
-        else:
-            delta = out * self.scale.to(out.dtype)
-        return out + delta + self.bias.to(out.dtype)
-
-    @property
-    def parameters_count(self) -> int:
-        return sum(b.numel() for b in self.buffers())
-
-    @property
-    def flops_per_token(self) -> int:
-        """Multiply-adds ×2 per token (the bias add counted once per channel)."""
-        if self.form == "full":
-            return 2 * self.dim * self.dim + self.dim
-        if self.form == "lowrank":
-            return 4 * self.dim * self.rank + self.dim
-        return 3 * self.dim
-
-
-def attach(layer: nn.Module, compensation: Compensation) -> None:
-    """Make ``layer`` return ``comp(x, layer(x))``; the module is stored as ``layer.qwt``."""
-    layer.qwt = compensation
-
-    def apply(module, args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        return module.qwt(x, output)
-
-    layer.register_forward_hook(apply, with_kwargs=True)
-
-
 # ------------------------------------------------------------------------------------------ the fit
 
 
 class Accumulator:
-    """Float64 sufficient statistics of one block's regression, over any number of batches."""
+    """Float64 sufficient statistics of one block's regression, over any number of batches, on ``device``."""
 
-    def __init__(self, form: Form, dim: int) -> None:
-        self.form, self.dim = form, dim
+    def __init__(self, form: Form, dim: int, device: torch.device | str = "cpu") -> None:
+        self.form, self.dim, self.device = form, dim, torch.device(device)
         if form == "channel":  # per channel: n, Σo, Σo², Σt, Σo·t
-            self.sums = torch.zeros(5, dim, dtype=torch.float64)
+            self.sums = torch.zeros(5, dim, dtype=torch.float64, device=self.device)
         else:
-            self.xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
-            self.xty = torch.zeros(dim + 1, dim, dtype=torch.float64)
+            self.xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=self.device)
+            self.xty = torch.zeros(dim + 1, dim, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor, out: torch.Tensor, target: torch.Tensor) -> None:
-        t = target.reshape(-1, self.dim).double()
+        t = target.reshape(-1, self.dim).to(self.device, torch.float64)
         if self.form == "channel":
-            o = out.reshape(-1, self.dim).double()
-            n = torch.full((self.dim,), float(o.shape[0]), dtype=torch.float64)
+            o = out.reshape(-1, self.dim).to(self.device, torch.float64)
+            n = torch.full((self.dim,), float(o.shape[0]), dtype=torch.float64, device=self.device)
             self.sums += torch.stack([n, o.sum(0), o.pow(2).sum(0), t.sum(0), (o * t).sum(0)])
             return
-        xs = x.reshape(-1, self.dim).double()
-        xs = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=torch.float64)], dim=1)
+        xs = x.reshape(-1, self.dim).to(self.device, torch.float64)
+        xs = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=torch.float64, device=self.device)], dim=1)
         self.xtx += xs.T @ xs
         self.xty += xs.T @ t
 
+    def reduce(self) -> None:
+        """Sum the statistics over the ``torchrun`` processes (each added its own batches)."""
+        distributed.sum_tensors([self.sums] if self.form == "channel" else [self.xtx, self.xty])
+
     def solve(self, ridge: float, rank: int | None = None) -> Compensation:
+        """The ridge solution as a :class:`Compensation` on the CPU (see the module docstring)."""
         comp = Compensation(self.form, self.dim, rank)
         if self.form == "channel":
-            n, so, so2, st, sot = self.sums
+            n, so, so2, st, sot = self.sums.cpu()
             var = so2 / n - (so / n) ** 2
             cov = sot / n - so * st / n**2
             scale = cov / (var + ridge * var.mean())
@@ -121,14 +77,15 @@ class Accumulator:
             comp.bias = (st / n - scale * so / n).float()
             return comp
         d = self.dim
+        xtx, xty = self.xtx.cpu(), self.xty.cpu()
         penalty = torch.zeros(d + 1, dtype=torch.float64)
-        penalty[:d] = ridge * self.xtx.diagonal()[:d].mean()
-        solution = torch.linalg.solve(self.xtx + torch.diag(penalty), self.xty)  # [d + 1, d]
+        penalty[:d] = ridge * xtx.diagonal()[:d].mean()
+        solution = torch.linalg.solve(xtx + torch.diag(penalty), xty)  # [d + 1, d]
         if self.form == "full":
             comp.weight, comp.bias = solution[:d].float(), solution[d].float()
             return comp
         # reduced-rank regression: keep the top-r directions of the fitted values' covariance Wᵀ XᵀX W
-        fitted = solution.T @ self.xtx @ solution
+        fitted = solution.T @ xtx @ solution
         _, vectors = torch.linalg.eigh(fitted)
         top = vectors[:, -rank:]  # [d, r], eigenvalues ascending
         comp.down, comp.up = (solution[:d] @ top).float(), top.T.float()
@@ -144,23 +101,35 @@ def fit_block(
     ridge: float,
     holdout: float,
     rank: int | None = None,
+    *,
+    batches: list[int] | None = None,
+    total: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Compensation | None, dict]:
     """Fit one block's compensation on the first batches and test it on the last ``holdout`` share; returns
-    ``None`` when it does not lower the held-out error, with the errors either way."""
-    if len(inputs) < 2:
+    ``None`` when it does not lower the held-out error, with the errors either way.
+
+    Under ``torchrun`` each process passes the batches it owns: ``batches`` are their indices among all
+    ``total`` batches (default: ``inputs`` are all of them, in order); sums are combined over the processes."""
+    batches = list(range(len(inputs))) if batches is None else batches
+    total = len(inputs) if total is None else total
+    if total < 2:
         raise ValueError("QwT needs at least 2 calibration batches (one to fit, one to test)")
-    held = max(1, round(holdout * len(inputs)))
-    fit = len(inputs) - held
+    held = max(1, round(holdout * total))
+    fit = total - held
     dim = inputs[0].shape[-1]
     if rank is not None and rank > dim:
         raise ValueError(f"recovery.qwt.rank {rank} is larger than the hidden size {dim}")
-    accumulator = Accumulator(form, dim)
-    for x, out, target in zip(inputs[:fit], outputs[:fit], targets[:fit], strict=True):
+    accumulator = Accumulator(form, dim, device)
+    rows = list(zip(batches, inputs, outputs, targets, strict=True))
+    for _, x, out, target in (r for r in rows if r[0] < fit):
         accumulator.add(x, out, target)
+    accumulator.reduce()
     comp = accumulator.solve(ridge, rank)
-    before = sum(float(t.double().pow(2).sum()) for t in targets[fit:])
-    after = sum(float((comp(x, out) - out - t).double().pow(2).sum())
-                for x, out, t in zip(inputs[fit:], outputs[fit:], targets[fit:], strict=True))
+    tested = [r for r in rows if r[0] >= fit]
+    before = sum(float(t.double().pow(2).sum()) for _, _, _, t in tested)
+    after = sum(float((comp(x, out) - out - t).double().pow(2).sum()) for _, x, out, t in tested)
+    before, after = distributed.sum_floats(before, after)
     record = {"heldout_error_before": before, "heldout_error_after": after, "kept": after < before}
     return (comp if after < before else None), record
 
@@ -170,30 +139,35 @@ def fit_qwt(
     build_block: Callable[[int, str], nn.Module],
     num_layers: int,
     hidden: list[torch.Tensor],
-    run_block: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    runner: BlockRunner,
     spec: QwTSpec,
     on_layer: Callable[[str], None] | None = None,
+    *,
+    batches: list[int] | None = None,
+    total: int | None = None,
 ) -> tuple[dict[int, Compensation], list[dict]]:
     """Fit compensations block by block. ``build_block(i, "converted" | "reference")`` builds decoder block
-    ``i``; ``run_block(block, h)`` runs it; ``hidden`` are the embeddings of the calibration batches.
-    Each block sees the outputs of the compensated blocks before it. Memory: two blocks and the activations."""
+    ``i`` (on the CPU); ``runner`` runs it on its device; ``hidden`` are the embeddings of the calibration batches
+    (this process's ``batches`` of ``total`` under ``torchrun``). Each block sees the outputs of the compensated
+    blocks before it. Memory: two blocks and the activations."""
     kept: dict[int, Compensation] = {}
     records = []
     for index in range(num_layers):
-        converted, reference = build_block(index, "converted"), build_block(index, "reference")
-        outputs = [run_block(converted, h) for h in hidden]
-        targets = [run_block(reference, h) - out for h, out in zip(hidden, outputs, strict=True)]
+        converted = build_block(index, "converted")
+        with runner.onload(converted):
+            outputs = [runner.run(converted, h) for h in hidden]
+        reference = build_block(index, "reference")
+        with runner.onload(reference):
+            targets = [runner.run(reference, h) - out for h, out in zip(hidden, outputs, strict=True)]
         del reference
-        comp, record = fit_block(spec.form, hidden, outputs, targets, spec.ridge, spec.holdout, spec.rank)
+        comp, record = fit_block(spec.form, hidden, outputs, targets, spec.ridge, spec.holdout, spec.rank,
+                                 batches=batches, total=total, device=runner.device)
         records.append({"layer": index, **record})
         if comp is not None:
             kept[index] = comp
             hidden = [comp(h, out) for h, out in zip(hidden, outputs, strict=True)]
         else:
             hidden = outputs
-        for module in converted.modules():  # the unpacked-weight caches would grow the memory with depth
-            if hasattr(module, "release_dense"):
-                module.release_dense()
         del converted
         if on_layer is not None:
             on_layer(f"layer {index + 1}/{num_layers}")
@@ -208,29 +182,28 @@ def fit_model(
     batch_size: int,
     spec: QwTSpec,
     on_layer: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """Fit and attach QwT compensations to a converted in-memory ``model`` (its decoder layers are the
-    converted blocks; the b1.58 reference blocks are read from ``checkpoint`` one at a time). Returns the record
-    the conversion report and the export keep."""
-    from bitnet_convert.modeling import build_layer, run_layer
-    from bitnet_convert.quant.schemes import PRESETS
-
+    converted blocks; the b1.58 reference blocks are read from ``checkpoint`` one at a time), one block at a time
+    on ``device``. Returns the record the conversion report and the export keep."""
     layers = model.model.layers
-    hidden = [model.model.embed_tokens(ids[s : s + batch_size]).float() for s in range(0, ids.shape[0], batch_size)]
-    if len(hidden) < 2:
+    starts = range(0, ids.shape[0], batch_size)
+    if len(starts) < 2:
         raise ValueError(
             f"recovery.qwt needs at least 2 calibration batches; calibration.samples={ids.shape[0]} with "
-            f"calibration.batch_size={batch_size} gives {len(hidden)}: raise calibration.samples or lower "
+            f"calibration.batch_size={batch_size} gives {len(starts)}: raise calibration.samples or lower "
             "calibration.batch_size"
         )
+    owned = distributed.owned(len(starts))
+    hidden = [model.model.embed_tokens(ids[starts[b] : starts[b] + batch_size]).float() for b in owned]
 
     def build_block(index: int, which: str) -> nn.Module:
         return layers[index] if which == "converted" else build_layer(checkpoint, index, PRESETS["b158"])
 
-    def run_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return run_layer(block, h, model.model.rotary_emb)
-
-    kept, records = fit_qwt(build_block, len(layers), hidden, run_block, spec, on_layer)
+    runner = BlockRunner(model.model.rotary_emb, device)
+    kept, records = fit_qwt(build_block, len(layers), hidden, runner, spec, on_layer, batches=owned,
+                            total=len(starts))
     for index, comp in kept.items():
         attach(layers[index], comp)
     return {

@@ -1,0 +1,130 @@
+"""Block-by-block execution: decoder blocks one at a time on a device, over block inputs cached on the CPU.
+
+Layer-by-layer calibration, QwT and block-wise recovery all walk the decoder the same way: the block inputs of
+the calibration windows are kept on the CPU (``[windows, seq, hidden]`` fp32, or a list of such batches); one
+block at a time is moved to the device (:meth:`BlockRunner.onload`), the inputs go through it one batch at a time
+(:meth:`BlockRunner.run`), its outputs come back to the CPU and become the next block's inputs, and the block goes
+back to the CPU without its unpacked-weight caches. Device memory is one block, its trainer's state where it
+trains, and one batch of activations, whatever the depth.
+
+A block runs on its own as transformers runs it inside the model: rotary position embeddings of positions
+``0 … seq−1``, causal attention (SDPA's own mask when no mask is given).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.errors import CheckpointError
+from bitnet_convert.modeling import _scratch, _warn_zero_linears, architecture_config, load_linear
+from bitnet_convert.quant import kv
+from bitnet_convert.quant.kv import AttentionSpec
+from bitnet_convert.quant.schemes import ActivationSpec, Role
+
+
+def build_layer(
+    checkpoint: Checkpoint,
+    index: int,
+    roles: dict[Role, ActivationSpec],
+    dtype: torch.dtype = torch.float32,
+    attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
+) -> torch.nn.Module:
+    """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
+    config = architecture_config(checkpoint)
+    # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
+    config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
+    with torch.device("meta"):
+        layer = checkpoint.family.layer_class(config, index)
+    prefix = f"model.layers.{index}."
+    names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
+    scratch = _scratch(checkpoint, names)
+    for name in names:
+        spec = (overrides or {}).get(name)
+        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec, dtype))
+    _warn_zero_linears(checkpoint, {name: layer.get_submodule(name.removeprefix(prefix)) for name in names})
+    linear = set(names)
+    state = {
+        n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
+        for n in checkpoint.names()
+        if n.startswith(prefix) and n.rsplit(".", 1)[0] not in linear
+    }
+    layer.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(prefix + missing[0])}' is missing "
+                              "from the checkpoint")
+    if attention is not None and attention.enabled:
+        layer.self_attn.lowbit_attention = attention
+    layer.requires_grad_(False)
+    return layer.eval()
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    """One decoder layer on its own: ``hidden [batch, seq, d]`` at positions 0.., causal (SDPA's own mask)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    cos_sin = rotary(hidden, positions.expand(hidden.shape[0], -1))
+    return layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+
+
+def release_caches(block: nn.Module) -> None:
+    """Drop every unpacked-weight cache of ``block`` (4 bytes per weight in fp32, 16× the packed buffer), which
+    would otherwise grow the memory with depth in a block-by-block pass."""
+    for module in block.modules():
+        if hasattr(module, "release_dense"):
+            module.release_dense()
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """The whole ``model`` on ``device`` for a whole-model pass (the fine-tune, the statistics pass), then back on
+    the CPU without its unpacked-weight caches; on the CPU nothing moves."""
+    if device.type == "cpu":
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
+        release_caches(model)
+
+
+class BlockRunner:
+    """Runs decoder blocks on ``device`` over block inputs kept on the CPU.
+
+    ``rotary`` is the model's rotary embedding module (copied to the device, the model's own is left where it
+    is). ``batch_size`` windows go to the device at a time (``None``: each given tensor at once)."""
+
+    def __init__(self, rotary: nn.Module, device: torch.device | str = "cpu", batch_size: int | None = None) -> None:
+        self.device = torch.device(device)
+        self.rotary = rotary if self.device.type == "cpu" else copy.deepcopy(rotary).to(self.device)
+        self.batch_size = batch_size
+
+    @contextmanager
+    def onload(self, block: nn.Module) -> Iterator[nn.Module]:
+        """``block`` on the device for the duration; then back on the CPU, its unpacked-weight caches dropped."""
+        block.to(self.device)
+        try:
+            yield block
+        finally:
+            block.to("cpu")
+            release_caches(block)
+
+    def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``block`` on ``hidden`` ``[batch, seq, d]`` (moved to the device), output on the device, with autograd
+        as the caller has it (the training step's forward)."""
+        return run_layer(block, hidden.to(self.device, non_blocking=True), self.rotary)
+
+    @torch.no_grad()
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``block`` on ``hidden`` ``[n, seq, d]`` (CPU), ``batch_size`` windows at a time; output on the CPU."""
+        step = self.batch_size or max(1, hidden.shape[0])
+        outputs = [self.forward(block, hidden[s : s + step]).to("cpu") for s in range(0, hidden.shape[0], step)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

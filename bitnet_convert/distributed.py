@@ -1,0 +1,134 @@
+"""Data-parallel work under ``torchrun``: which process this is, which windows it owns, and the reductions.
+
+Launched as ``torchrun --nproc-per-node N bitnet-convert quantize …``, every process builds the whole model and
+owns the calibration windows (or batches) ``i`` with ``i % N == rank``; statistics and gradients are summed over
+the processes with ``torch.distributed`` (``gloo`` on the CPU, ``nccl`` on GPUs), so N processes compute what one
+process computes on all the windows, up to the order of float additions. Only rank 0 writes files.
+
+Why gradients are all-reduced here rather than by ``DistributedDataParallel``: what trains (latent weights, norm
+weights, QwT buffers) is not the module's registered parameter set, and the losses are ratios of global sums that
+each process scales itself (see :func:`sum_gradients`), which DDP's averaging would get wrong for uneven shards.
+
+Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from bitnet_convert.errors import RecipeError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank: the process group's, else the launcher's ``RANK`` (after the group is gone), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def is_writer() -> bool:
+    """Whether this process writes files and shows progress (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether ``torchrun`` (or another launcher setting ``WORLD_SIZE`` > 1) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> bool:
+    """Join the launcher's process group when there is one (``gloo`` for the CPU, ``nccl`` for CUDA); returns
+    whether this call created it (the caller then destroys it with :func:`shutdown`). Raises
+    :class:`~bitnet_convert.errors.RecipeError` when the launcher's variables are incomplete."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set: start "
+                          "several processes with torchrun --nproc-per-node N bitnet-convert …")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def owned(count: int) -> list[int]:
+    """The indices ``0 … count−1`` this process owns (``i % world_size == rank``)."""
+    return list(range(rank(), count, world_size()))
+
+
+def sum_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each tensor over the processes, in place (one flat all-reduce per dtype and device)."""
+    tensors = [t for t in tensors if t is not None]
+    if world_size() == 1 or not tensors:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for tensor in group:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def max_tensors(tensors: Iterable[torch.Tensor]) -> None:
+    """Element-wise maximum of each tensor over the processes, in place."""
+    if world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
+def sum_floats(*values: float) -> list[float]:
+    """Python numbers summed over the processes (in float64)."""
+    total = torch.tensor(values, dtype=torch.float64)
+    sum_tensors([total])
+    return total.tolist()
+
+
+def sum_gradients(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum the ``.grad`` of each trained tensor over the processes. Each process's loss is its share of the global
+    loss (its rows' part of a sum divided by the global normalizer), so the sum is the global gradient."""
+    if world_size() == 1:
+        return
+    tensors = list(tensors)
+    for tensor in tensors:  # a process whose rows did not reach a tensor still sends its (zero) share
+        if tensor.grad is None:
+            tensor.grad = torch.zeros_like(tensor)
+    sum_tensors([t.grad for t in tensors])
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every process's ``value``, in rank order (a list of one without ``torchrun``)."""
+    if world_size() == 1:
+        return [value]
+    result: list[object] = [None] * world_size()
+    dist.all_gather_object(result, value)
+    return result
+
+
+def check_batch(name: str, batch_size: int) -> None:
+    """Every process needs rows of each global batch: ``batch_size`` ≥ the number of processes."""
+    if batch_size < world_size():
+        raise RecipeError(f"{name}={batch_size} is smaller than the {world_size()} processes torchrun started; "
+                          f"raise it to at least {world_size()} (each process takes a share of every batch)")

@@ -1,0 +1,179 @@
+"""The recovery stages: one kind of step that fits on data, changes the converted model, and returns its report
+section. :func:`bitnet_convert.pipeline.run` runs the recipe's ``recovery`` stages in the order the recipe lists
+them; a new method is one more :class:`Stage` in :data:`STAGES`.
+
+Each stage that keeps state between runs (block-wise recovery's finished blocks, the fine-tune's training state)
+names it by a fingerprint of what decides its result (:func:`fingerprint`): the recipe up to and including this
+stage, without where things are written or how they are shown. A rerun of the same recipe resumes; a state of
+another recipe is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitnet_convert import distributed
+from bitnet_convert.blocks import on_device
+from bitnet_convert.calibrate import out_of_memory
+from bitnet_convert.checkpoint import Checkpoint
+from bitnet_convert.data import checked_token_stream, warn_builtin_data, warn_no_bos, warn_positions
+from bitnet_convert.errors import RecipeError
+from bitnet_convert.load import DTYPES, load_tokenizer
+from bitnet_convert.progress import SILENT, Progress
+from bitnet_convert.recipe import Recipe
+from bitnet_convert.recover import blockwise, qwt
+from bitnet_convert.recover import distill as kd
+
+#: What the warnings of the calibration and training windows say.
+OWN_TEXT = "give your own text (--calibration-data FILE, or --set {0}=FILE)"
+NO_BOS = "calibration and training windows start mid-text, unlike windows that start with BOS"
+
+
+@dataclass
+class Context:
+    """What every stage gets: the converted ``model`` (changed in place, on the CPU between stages), its input
+    ``checkpoint`` (the b1.58 reference), the ``recipe``, the calibration windows ``calibration``
+    (``[windows, seq]`` token ids, or ``None``), the ``device`` to work on, the progress sink, and ``data_used``
+    (each stage adds the text it read)."""
+
+    model: torch.nn.Module
+    checkpoint: Checkpoint
+    recipe: Recipe
+    calibration: torch.Tensor | None
+    device: torch.device
+    progress: Progress = SILENT
+    data_used: dict = field(default_factory=dict)
+
+    def memory_guard(self):
+        """An out-of-memory error as one line naming the calibration knobs."""
+        from bitnet_convert.calibrate import memory_guard
+
+        spec = self.recipe.calibration
+        return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A recovery method: ``key`` (its ``recovery.<key>`` recipe section and report section), ``run(context,
+    spec)`` (changes ``context.model``, returns the report section), and where it keeps state between runs."""
+
+    key: str
+    run: Callable[[Context, Any], dict]
+    state_dir: Callable[[Recipe], Path] | None = None
+    remove_state: Callable[[Path], None] | None = None
+
+    def cleanup(self, recipe: Recipe) -> None:
+        """After a successful conversion: drop the kept state unless the recipe asks to keep it."""
+        spec = getattr(recipe.recovery, self.key)
+        if self.state_dir is not None and not spec.keep_checkpoint and distributed.is_writer():
+            self.remove_state(self.state_dir(recipe))
+
+
+def fingerprint(recipe: Recipe, key: str) -> str:
+    """A hash of what decides stage ``key``'s result: the recipe with only the recovery stages up to and including
+    ``key`` (in the recipe's order), without output locations, how the result is written or evaluated, the report
+    switch, or where and how often state is kept."""
+    data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
+    data["calibration"].pop("report")
+    order = recipe.recovery.order()
+    upto = order[: order.index(key) + 1]
+    data["recovery"] = {k: {f: v for f, v in data["recovery"][k].items()
+                            if f not in ("checkpoint_dir", "keep_checkpoint", "save_every")} for k in upto}
+    data["recovery_order"] = list(upto)
+    return kd.fingerprint(data)
+
+
+def _state_dir(key: str) -> Callable[[Recipe], Path]:
+    def where(recipe: Recipe) -> Path:
+        spec = getattr(recipe.recovery, key)
+        return spec.checkpoint_dir or recipe.output.with_name(f"{recipe.output.name}.{key}")
+
+    return where
+
+
+# ------------------------------------------------------------------------------------------------ QwT
+
+
+def run_qwt(context: Context, spec: qwt.QwTSpec) -> dict:
+    """Closed-form QwT compensation, block by block on the calibration windows."""
+    layers = len(context.model.model.layers)
+    with context.memory_guard(), context.progress.stage("QwT compensation", layers) as advance:
+        try:
+            return qwt.fit_model(context.model, context.checkpoint, context.calibration,
+                                 context.recipe.calibration.batch_size, spec, on_layer=advance,
+                                 device=context.device)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------- block-wise
+
+
+def run_blockwise(context: Context, spec: blockwise.BlockwiseSpec) -> dict:
+    """Block-wise reconstruction on the calibration windows, one block at a time on the device."""
+    recipe = context.recipe
+    blocks = len(context.model.model.layers)
+    with context.memory_guard(), context.progress.stage("Block-wise recovery", blocks) as advance:
+        try:
+            return blockwise.recover_model(
+                context.model, context.checkpoint, context.calibration, spec, seed=recipe.seed,
+                state_dir=_state_dir("blockwise")(recipe), fingerprint=fingerprint(recipe, "blockwise"),
+                on_block=advance, device=context.device, batch_size=recipe.calibration.batch_size)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------ fine-tune
+
+
+def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
+    """Distill the b1.58 teacher into the converted model (the whole model on the device for the duration); the
+    trained float tensors are rounded to the export dtype, so the model in memory is the one written."""
+    from bitnet_convert.export import export_dtype_name
+
+    recipe, checkpoint, model = context.recipe, context.checkpoint, context.model
+    teacher = kd.teacher_checkpoint(checkpoint, spec)
+    tokenizer = load_tokenizer(checkpoint.path)
+    data, split, text_field, txt_documents = recipe.distill_data()
+    warn_builtin_data(checkpoint.path, data, "recovery.distill.data", OWN_TEXT.format("recovery.distill.data"))
+    stream = checked_token_stream(checkpoint, tokenizer, data, split, text_field, txt_documents)
+    context.data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
+    warn_no_bos(tokenizer, checkpoint.path, NO_BOS)
+    warn_positions(checkpoint.config, spec.seq_len, f"recovery.distill.seq_len={spec.seq_len}")
+    with context.progress.stage("Load the b1.58 teacher"):
+        teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
+    guard = out_of_memory(
+        f"the fine-tune ran out of memory with recovery.distill.batch_size={spec.batch_size}, "
+        f"recovery.distill.seq_len={spec.seq_len}, trainable={spec.trainable}; lower them "
+        f"(e.g. --set recovery.distill.batch_size={max(1, spec.batch_size // 2)})"
+    )
+    stage = context.progress.stage(f"Distillation ({spec.steps} steps)", spec.steps)
+    try:
+        with guard, stage as advance, on_device(model, context.device), on_device(teacher_model, context.device):
+            record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed,
+                                state_dir=_state_dir("distill")(recipe),
+                                recipe_fingerprint=fingerprint(recipe, "distill"), bos_id=tokenizer.bos_token_id,
+                                latent_init=kd.master_latents(checkpoint),
+                                on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    finally:
+        del teacher_model
+    export_dtype = DTYPES[export_dtype_name(checkpoint, recipe.export.dtype)]
+    with torch.no_grad():  # the float parameters (norms, embeddings); packed linears and compensations are buffers
+        for tensor in model.parameters():
+            tensor.copy_(tensor.to(export_dtype))
+    return record
+
+
+#: Every recovery method by its recipe key.
+STAGES: dict[str, Stage] = {
+    "qwt": Stage("qwt", run_qwt),
+    "blockwise": Stage("blockwise", run_blockwise, _state_dir("blockwise"), blockwise.remove_state),
+    "distill": Stage("distill", run_distill, _state_dir("distill"), kd.remove_state),
+}
