@@ -127,3 +127,25 @@ def test_launcher_variables_must_be_complete(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RecipeError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT is not set"):
         distributed.init(torch.device("cpu"))
+
+
+def test_layer_by_layer_calibration_under_two_processes(tmp_path, reference_dir):
+    """``bitnet-convert calibrate`` under torchrun: each process calibrates its batches layer by layer, and the
+    combined statistics are those of one process (sums; the same value samples, so the same percentiles)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_COMPILE_DISABLE": "1"}
+    common = ["-m", "bitnet_convert.cli", "calibrate", "--model", str(reference_dir), "--set", "calibration.samples=6",
+              "--set", "calibration.seq_len=64", "--set", "calibration.batch_size=2"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for name, launch in (("one", []), ("two", torchrun)):
+        proc = subprocess.run([sys.executable, *launch, *common, "--output", str(tmp_path / name)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.loads((tmp_path / "one" / "calibration.json").read_text())
+    two = json.loads((tmp_path / "two" / "calibration.json").read_text())
+    assert one["linears"].keys() == two["linears"].keys()
+    for name, stats in one["linears"].items():
+        other = two["linears"][name]
+        for key in ("values", "absmax", "percentiles_abs", "outlier_channels", "zero_share", "quantized_zero_share"):
+            assert stats[key] == other[key], (name, key)
+        for key in ("absmean", "kurtosis"):
+            assert stats[key] == pytest.approx(other[key], rel=1e-9)
