@@ -22,6 +22,7 @@ from torch import nn
 
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.memory import trim_heap
 from bitnet_convert.modeling import _scratch, _warn_zero_linears, architecture_config, load_linear
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec
@@ -116,6 +117,7 @@ class BlockRunner:
         finally:
             block.to("cpu")
             release_caches(block)
+            trim_heap()  # the block's temporaries, freed, back to the system: memory stays flat in depth
 
     def forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """``block`` on ``hidden`` ``[batch, seq, d]`` (moved to the device), output on the device, with autograd

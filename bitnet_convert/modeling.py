@@ -19,6 +19,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from bitnet_convert import checkpoint as _checkpoint
 from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.memory import trim_heap
 from bitnet_convert.notes import warn
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.compensation import Compensation, attach
@@ -64,6 +65,7 @@ def build_model(
         raise CheckpointError(f"{checkpoint.path}: no ternary linear named '{unknown[0]}' (per-linear override)")
     for name in checkpoint.linear_names():
         model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name), dtype))
+        trim_heap()  # the linear's temporaries, freed, back to the system (they fragment the heap otherwise)
         if on_linear is not None:
             on_linear(name)
     _warn_zero_linears(checkpoint, quant_linears(model))

@@ -33,6 +33,7 @@ from torch import nn
 from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.errors import Interrupted
+from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover.distill import finish, load_state, master_latents, save_state, trainable_tensors
@@ -150,6 +151,8 @@ def train_block(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(distributed.sum_floats(float(loss.detach()))[0])
+            del loss
+            trim_heap()  # the step's activations and gradients, freed, back to the system
     finally:
         finish(block, tensors)
     after = held_out_error()
