@@ -14,12 +14,13 @@ A block runs on its own as transformers runs it inside the model: rotary positio
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from bitnet_convert import distributed
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.memory import trim_heap
@@ -84,8 +85,8 @@ def release_caches(block: nn.Module) -> None:
 
 @contextmanager
 def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """The whole ``model`` on ``device`` for a whole-model pass (the fine-tune, the statistics pass), then back on
-    the CPU without its unpacked-weight caches; on the CPU nothing moves."""
+    """The whole ``model`` on ``device`` for a whole-model pass (the fine-tune), then back on the CPU without its
+    unpacked-weight caches; on the CPU nothing moves."""
     if device.type == "cpu":
         yield model
         return
@@ -130,3 +131,27 @@ class BlockRunner:
         step = self.batch_size or max(1, hidden.shape[0])
         outputs = [self.forward(block, hidden[s : s + step]).to("cpu") for s in range(0, hidden.shape[0], step)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+@torch.no_grad()
+def decoder_pass(model: nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device | str = "cpu",
+                 on_layer: Callable[[str], None] | None = None, batch: list[int] | None = None) -> None:
+    """The token ids ``ids [n, seq]`` through the decoder blocks of the in-memory causal LM ``model``, one block at
+    a time on ``device`` (every batch through block 0, then block 1, …), for the forward hooks attached to its
+    modules; the final norm and the output layer do not run. Each block's unpacked weights are made once and
+    dropped when it is done, so memory holds one block's, not the whole model's. Under ``torchrun`` a process runs
+    the batches it owns; ``batch[0]`` is set to the index of the batch running. ``on_layer(label)`` after each
+    block."""
+    starts = range(0, ids.shape[0], batch_size)
+    owned = distributed.owned(len(starts))
+    hidden = [model.model.embed_tokens(ids[starts[b] : starts[b] + batch_size]) for b in owned]
+    runner = BlockRunner(model.model.rotary_emb, device)
+    layers = model.model.layers
+    for index, layer in enumerate(layers):
+        with runner.onload(layer):
+            for position, number in enumerate(owned):
+                if batch is not None:
+                    batch[0] = number
+                hidden[position] = runner.run(layer, hidden[position])
+        if on_layer is not None:
+            on_layer(f"layer {index + 1}/{len(layers)}")

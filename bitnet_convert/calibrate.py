@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitnet_convert import distributed
-from bitnet_convert.blocks import BlockRunner, build_layer
+from bitnet_convert.blocks import BlockRunner, build_layer, decoder_pass
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import ResourceError
@@ -47,6 +47,7 @@ class _Sparsity:
         self.zeros: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # linear → [zero count, value count]
         self.linears = quant_linears(model)
         self.gates = {n: g for n in self.linears if n.endswith(".up_proj") and (g := _gate_of(model, n)) is not None}
+        self.reduced = False
 
     def attach(self) -> list:
         handles = [m.register_forward_pre_hook(self._count_input(n, m)) for n, m in self.linears.items()]
@@ -80,9 +81,10 @@ class _Sparsity:
         return record
 
     def reduce(self) -> None:
-        """Sum the tallies over the ``torchrun`` processes (each counted its own batches)."""
-        if distributed.world_size() == 1:
+        """Sum the tallies over the ``torchrun`` processes (each counted its own batches), once."""
+        if distributed.world_size() == 1 or self.reduced:
             return
+        self.reduced = True
         roles = sorted({role for tallies in distributed.gather_objects(sorted(self.roles)) for role in tallies})
         linears = sorted(self.linears)
         keys = ("zero", "numel", "err2", "x2")
@@ -131,16 +133,34 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: li
 
 
 def activation_stats(
-    model: torch.nn.Module, batches: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None
+    model: torch.nn.Module, batches: torch.Tensor, batch_size: int, on_batch: Callable[..., None] | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """Run ``batches`` (token ids ``[n, seq_len]``) through ``model`` and measure its quantized inputs.
+    """Run ``batches`` (token ids ``[n, seq_len]``) through ``model`` and measure its quantized inputs: as whole-model
+    forwards (``on_batch()`` after each batch), or with ``device`` through the decoder blocks one block at a time
+    on that device (:func:`bitnet_convert.blocks.decoder_pass`; ``on_batch(label)`` after each block).
 
     Returns ``{"tokens", "roles": {role: {"zero_share", "relative_error"}}, "sparsity": {kind: share},
     "active_parameter_share"}`` (see the module docstring for the definitions).
     """
     sparsity = _Sparsity(model, int(batches.numel()))
-    _run(model, batches, batch_size, sparsity.attach(), on_batch)
+    _forward(model, batches, batch_size, sparsity.attach(), on_batch, device)
     return sparsity.result()
+
+
+def _forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: list,
+             on_step: Callable[..., None] | None, device: torch.device | None, batch: list[int] | None = None,
+             **call: object) -> None:
+    """Whole-model forwards of ``ids`` (``device`` ``None``; keyword arguments ``call``) or one decoder block at a
+    time on ``device``, with the forward ``handles`` attached (removed at the end)."""
+    if device is None:
+        _run(model, ids, batch_size, handles, on_step, batch, **call)
+        return
+    try:
+        decoder_pass(model, ids, batch_size, device, on_step, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def table2(linears: dict[str, torch.nn.Module], zeros: dict[str, list[float]]) -> dict:
@@ -201,6 +221,7 @@ class LinearStats:
         self.quantized_zeros = 0
         self.sample: list[torch.Tensor] = []
         self.sample_batches: list[int] = []
+        self.reduced = False  # combined over the torchrun processes (once)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, weight: torch.Tensor, batch: int | None = None) -> None:
@@ -229,7 +250,7 @@ class LinearStats:
         flat = rows.flatten()
         index = len(self.sample) if batch is None else batch
         if flat.numel() <= self.samples_per_update:
-            self.sample.append(flat.cpu())
+            self.sample.append(flat.to("cpu", copy=True))
         else:  # uniformly at random, seeded by the batch number: a stride would favour some channels
             generator = torch.Generator().manual_seed(index)
             picks = torch.randperm(flat.numel(), generator=generator)[: self.samples_per_update].to(flat.device)
@@ -239,8 +260,9 @@ class LinearStats:
     def reduce(self) -> None:
         """Combine the statistics of the ``torchrun`` processes (each saw its own batches): sums and maxima over
         the processes, the value samples in batch order."""
-        if distributed.world_size() == 1:
+        if distributed.world_size() == 1 or self.reduced:
             return
+        self.reduced = True
         sums = torch.tensor([self.count, self.abs_sum, self.zeros, self.quantized_zeros], dtype=torch.float64)
         distributed.sum_tensors([sums, self.moments, *self.errors.values()])
         self.count, self.zeros, self.quantized_zeros = int(sums[0]), int(sums[2]), int(sums[3])
@@ -340,11 +362,12 @@ def hooked_calibration(
 
 
 def calibration_and_stats(
-    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, on_batch: Callable[[], None] | None = None,
-    sparsity: bool = True,
+    model: torch.nn.Module, ids: torch.Tensor, batch_size: int, on_batch: Callable[..., None] | None = None,
+    sparsity: bool = True, device: torch.device | None = None,
 ) -> tuple[Calibration, dict | None]:
     """:func:`hooked_calibration` and, with ``sparsity``, :func:`activation_stats` from the same forwards (one
-    pass over the calibration tokens instead of two, for a model that does not change in between)."""
+    pass over the calibration tokens instead of two, for a model that does not change in between); ``device`` as
+    :func:`activation_stats` takes it."""
     linears = quant_linears(model)
     samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
     stats = {n: LinearStats(m.spec, samples) for n, m in linears.items()}
@@ -353,7 +376,7 @@ def calibration_and_stats(
     counter = _Sparsity(model, int(ids.numel())) if sparsity else None
     if counter is not None:
         handles += counter.attach()
-    _run(model, ids, batch_size, handles, on_batch, batch, use_cache=False)
+    _forward(model, ids, batch_size, handles, on_batch, device, batch, use_cache=False)
     for linear_stats in stats.values():
         linear_stats.reduce()
     calibration = Calibration(int(ids.numel()), {n: s.result() for n, s in stats.items()},

@@ -36,7 +36,16 @@ class _WarningLines(logging.Handler):
     """bitnet-convert's warnings (:mod:`bitnet_convert.notes`) as ``warning: …`` lines on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _quiet():  # under torchrun, rank 0 speaks for every process
+            return
         console.print(f"[bold yellow]warning:[/] {_escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
+def _quiet() -> bool:
+    """Whether this process is one of several ``torchrun`` processes other than rank 0 (which prints)."""
+    from bitnet_convert.distributed import is_writer
+
+    return not is_writer()
 
 
 _WARNINGS = _WarningLines(logging.WARNING)
@@ -83,6 +92,7 @@ class RichProgress:
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            disable=_quiet(),
         )
 
     def __enter__(self) -> RichProgress:
@@ -108,7 +118,8 @@ class RichProgress:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
+    if not _quiet():
+        console.print(f"[bold red]error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -41,6 +41,9 @@ def resolve_device(name: str, where: str = "--device") -> torch.device:
         raise DeviceError(f"{where} '{name}': CUDA is not available on this machine ({built}); use --device cpu "
                           "or --device auto")
     count = torch.cuda.device_count()
+    if ":" in text and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DeviceError(f"{where} '{name}' under torchrun would put every process on one GPU; give {where} cuda "
+                          "(each process takes cuda:LOCAL_RANK)")
     index = int(text.split(":")[1]) if ":" in text else int(os.environ.get("LOCAL_RANK", "0"))
     if index >= count:
         raise DeviceError(f"{where} '{name}': this machine has {count} CUDA device(s) (cuda:0 … cuda:{count - 1})")

@@ -14,6 +14,7 @@ Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is the sing
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterable
 
@@ -28,15 +29,16 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    """This process's rank: the process group's, else the launcher's ``RANK`` (after the group is gone), else 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0")) if launched() else 0
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def is_writer() -> bool:
-    """Whether this process writes files and shows progress (rank 0, or the only process)."""
-    return rank() == 0
+    """Whether this process writes files and prints (rank 0 of the group; without a group, the launcher's
+    ``RANK`` 0, so a command whose group has ended still prints once)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0 if launched() else True
 
 
 def launched() -> bool:
@@ -52,10 +54,15 @@ def init(device: torch.device) -> bool:
         return False
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set: start "
-                          "several processes with torchrun --nproc-per-node N bitnet-convert …")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        raise RecipeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the launcher variable(s) {', '.join(missing)} "
+                          "are not set: start several processes with torchrun --nproc-per-node N bitnet-convert …")
+    if device.type == "cuda":  # CUDA tensors over NCCL; the CPU-side sums and objects over gloo
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    # rank 0 alone writes the output and the training states: the others may wait long at the next collective
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     return True
 
 
@@ -125,6 +132,21 @@ def gather_objects(value: object) -> list[object]:
     result: list[object] = [None] * world_size()
     dist.all_gather_object(result, value)
     return result
+
+
+def same_everywhere(value: object, what: str) -> None:
+    """Check that every process sees the same ``value`` (e.g. which saved states exist); a
+    :class:`~bitnet_convert.errors.RecipeError` naming ``what`` otherwise (a collective would deadlock later)."""
+    values = gather_objects(value)
+    if any(v != values[0] for v in values):
+        raise RecipeError(f"the {world_size()} processes do not see the same {what} (rank 0: {values[0]!r}, others: "
+                          f"{next(v for v in values[1:] if v != values[0])!r}); put it on a filesystem every process "
+                          "shares")
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` in every process."""
+    return gather_objects(value)[0]
 
 
 def check_batch(name: str, batch_size: int) -> None:

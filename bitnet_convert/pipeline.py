@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,6 @@ from typing import Any
 import torch
 
 from bitnet_convert import __version__, distributed
-from bitnet_convert.blocks import on_device
 from bitnet_convert.calibrate import (
     activation_stats,
     calibration_and_stats,
@@ -35,7 +36,7 @@ from bitnet_convert.data import (
     warn_positions,
 )
 from bitnet_convert.devices import device_name, resolve_device
-from bitnet_convert.errors import DataError, RecipeError
+from bitnet_convert.errors import BitNetConvertError, DataError, OutputError, RecipeError
 from bitnet_convert.export import (
     atomic_directory,
     check_output,
@@ -86,16 +87,34 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     device = resolve_device(recipe.device, "device")
     created = distributed.init(device)
     try:
-        if not distributed.is_writer():
-            with collect() as warnings:
-                return _run(recipe, SILENT, warnings, device)
-        check_output(recipe.output, recipe.overwrite, input_paths(recipe))
-        with output_lock(recipe.output), collect() as warnings:
-            check_output(recipe.output, recipe.overwrite)  # again: taking the lock may have restored a killed run's
-            return _run(recipe, progress, warnings, device)
+        with ExitStack() as stack:
+            def claim() -> None:
+                check_output(recipe.output, recipe.overwrite, input_paths(recipe))
+                stack.enter_context(output_lock(recipe.output))
+                check_output(recipe.output, recipe.overwrite)  # again: the lock may have restored a killed run's
+
+            on_writer(claim)
+            warnings = stack.enter_context(collect())
+            return _run(recipe, progress if distributed.is_writer() else SILENT, warnings, device)
     finally:
         if created:
             distributed.shutdown()
+
+
+def on_writer(check: Callable[[], None]) -> None:
+    """Run ``check`` in rank 0 alone (it reads and locks where the output goes) and raise its user error in every
+    process, so that no process waits at a collective for one that stopped (one process: just ``check()``)."""
+    failure = None
+    if distributed.is_writer():
+        try:
+            check()
+        except BitNetConvertError as exc:
+            failure = exc
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise OutputError(message)
 
 
 def input_paths(recipe: Recipe) -> list[str]:
@@ -111,8 +130,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     data_used: dict[str, dict] = {}
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        if distributed.is_writer():
-            check_output(recipe.output, recipe.overwrite, [checkpoint.path])
+        on_writer(lambda: check_output(recipe.output, recipe.overwrite, [checkpoint.path]))
         calibration = _calibration_windows(recipe, checkpoint, data_used)
         if recipe.recovery.distill is not None:  # a teacher that cannot teach fails before any work
             kd.teacher_checkpoint(checkpoint, recipe.recovery.distill)
@@ -135,11 +153,13 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
         return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
 
     # the statistics of the final model come from the report's own pass when nothing changes the model after it
-    changes = recipe.scheme.auto is not None or bool(recipe.recovery.order())
+    changes = recipe.scheme.auto is not None or bool(recipe.recovery.order_of_stages())
+    layers = len(model.model.layers)  # the statistics passes run one decoder block at a time on the device
     if calibration is not None and (spec.report or recipe.scheme.auto is not None):
-        stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), batches)
-        with guarded(), _timed(timings, "calibration_report"), stage as step, on_device(model, device):
-            details, stats = calibration_and_stats(model, calibration, spec.batch_size, step, sparsity=not changes)
+        stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), layers)
+        with guarded(), _timed(timings, "calibration_report"), stage as step:
+            details, stats = calibration_and_stats(model, calibration, spec.batch_size, step, sparsity=not changes,
+                                                   device=device)
     if recipe.scheme.auto is not None:
         auto = recipe.scheme.auto
         linears = quant_linears(model)
@@ -149,13 +169,13 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
             set_input_spec(linears[name], linear_spec)
         overrides.update(chosen)
     context = Context(model, checkpoint, recipe, calibration, device, progress, data_used)
-    for key in recipe.recovery.order():  # the recovery stages, in the recipe's order
+    for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
         with _timed(timings, key):
-            sections[key] = STAGES[key].run(context, getattr(recipe.recovery, key))
+            sections[key] = context.run(STAGES[key])
     if calibration is not None and stats is None:
-        stage = progress.stage("Calibration statistics", batches)
-        with guarded(), _timed(timings, "calibrate"), stage as advance, on_device(model, device):
-            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance)
+        stage = progress.stage("Calibration statistics", layers)
+        with guarded(), _timed(timings, "calibrate"), stage as advance:
+            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance, device=device)
 
     def write_calibration(directory: Path) -> None:
         if details is not None:
@@ -198,10 +218,10 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
                 inputs=input_paths(recipe),
                 layout=layout,
             )
-        for key in recipe.recovery.order():
+        for key in recipe.recovery.order_of_stages():
             STAGES[key].cleanup(recipe)
-    distributed.barrier()  # the other processes return the output rank 0 wrote
-    written = json_report(recipe.output)
+    # the other processes return the report rank 0 wrote
+    written = distributed.broadcast_object(json_report(recipe.output) if distributed.is_writer() else None)
     return Conversion(output=recipe.output, report=written, model=model)
 
 
@@ -220,13 +240,16 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
     device = resolve_device(recipe.device, "device")
     created = distributed.init(device)
     try:
-        if not distributed.is_writer():
-            with collect() as warnings:
-                return _calibrate(recipe, output, overwrite, SILENT, warnings, device)
-        check_output(output, overwrite, input_paths(recipe))
-        with output_lock(output), collect() as warnings:
-            check_output(output, overwrite)
-            return _calibrate(recipe, output, overwrite, progress, warnings, device)
+        with ExitStack() as stack:
+            def claim() -> None:
+                check_output(output, overwrite, input_paths(recipe))
+                stack.enter_context(output_lock(output))
+                check_output(output, overwrite)
+
+            on_writer(claim)
+            warnings = stack.enter_context(collect())
+            return _calibrate(recipe, output, overwrite, progress if distributed.is_writer() else SILENT, warnings,
+                              device)
     finally:
         if created:
             distributed.shutdown()
@@ -237,8 +260,7 @@ def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress
     data_used: dict[str, dict] = {}
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        if distributed.is_writer():
-            check_output(output, overwrite, [checkpoint.path])
+        on_writer(lambda: check_output(output, overwrite, [checkpoint.path]))
         ids = _calibration_windows(recipe, checkpoint, data_used)
     if ids is None:
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")

@@ -18,7 +18,6 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
-    model_serializer,
     model_validator,
 )
 
@@ -133,49 +132,46 @@ class EvalSpec(_Strict):
         return value
 
 
-#: The recovery stages a recipe may name under ``recovery``.
+#: The recovery stages a recipe may set under ``recovery``, in the order they run unless ``recovery.order`` says.
 RECOVERY_STAGES = ("qwt", "blockwise", "distill")
+Stage = Literal["qwt", "blockwise", "distill"]
 
 
 class RecoverySpec(_Strict):
-    """Accuracy recovery after conversion, stages run in the order the recipe lists them (usually ``qwt``,
-    ``blockwise``, ``distill``): ``qwt``, closed-form compensation per decoder block; ``blockwise``, each decoder
-    block trained on its own to reproduce the b1.58 block (block-wise reconstruction); ``distill``, a short
-    fine-tune of the converted model towards the b1.58 model (logit distillation)."""
+    """Accuracy recovery after conversion: ``qwt``, closed-form compensation per decoder block; ``blockwise``, each
+    decoder block trained on its own to reproduce the b1.58 block (block-wise reconstruction); ``distill``, a short
+    fine-tune of the converted model towards the b1.58 model (logit distillation). They run in that order, or in
+    the order ``order`` lists them (it must name every stage the recipe sets, once)."""
 
     qwt: QwTSpec | None = None
     blockwise: BlockwiseSpec | None = None
     distill: DistillSpec | None = None
-    #: the enabled stages in the order the recipe gave them
-    _order: tuple[str, ...] = PrivateAttr(())
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_order(cls, data: Any, handler):
-        spec = handler(data)
-        given = list(data) if isinstance(data, dict) else list(RECOVERY_STAGES)
-        spec._order = tuple(k for k in given if k in RECOVERY_STAGES and getattr(spec, k) is not None)
-        return spec
+    order: list[Stage] | None = Field(None, description="the stages in the order they run (default: qwt, "
+                                      "blockwise, distill)")
 
     @model_validator(mode="after")
-    def _qwt_before_training_it(self) -> RecoverySpec:
-        order = self.order()
+    def _order_names_the_stages(self) -> RecoverySpec:
+        enabled = [k for k in RECOVERY_STAGES if getattr(self, k) is not None]
+        if self.order is not None:
+            for key in self.order:
+                if getattr(self, key) is None:
+                    raise ValueError(f"recovery.order names '{key}' but recovery.{key} is not set")
+            if len(set(self.order)) != len(self.order):
+                raise ValueError(f"recovery.order names a stage twice: {self.order}")
+            missing = [k for k in enabled if k not in self.order]
+            if missing:
+                raise ValueError(f"recovery.order must list every stage the recipe sets; it leaves out '{missing[0]}'")
+        order = self.order_of_stages()
         if self.distill is not None and "qwt" in self.distill.trainable and "qwt" in order and (
                 order.index("qwt") > order.index("distill")):
-            raise ValueError("recovery.distill.trainable names 'qwt' but recovery.qwt comes after recovery.distill; "
-                             "list qwt first")
+            raise ValueError("recovery.distill.trainable names 'qwt' but recovery.order runs qwt after distill")
         return self
 
-    def order(self) -> tuple[str, ...]:
-        """The enabled stages, in the recipe's order."""
-        known = [k for k in self._order if getattr(self, k) is not None]
-        return (*known, *(k for k in RECOVERY_STAGES if getattr(self, k) is not None and k not in known))
-
-    @model_serializer(mode="wrap")
-    def _ordered(self, handler) -> dict:
-        data = handler(self)
-        first = [k for k in self.order() if k in data]
-        return {**{k: data[k] for k in first}, **{k: v for k, v in data.items() if k not in first}}
+    def order_of_stages(self) -> tuple[str, ...]:
+        """The stages the recipe sets, in the order they run."""
+        if self.order is not None:
+            return tuple(self.order)
+        return tuple(k for k in RECOVERY_STAGES if getattr(self, k) is not None)
 
 
 class Recipe(_Strict):
@@ -223,7 +219,8 @@ class Recipe(_Strict):
     def _fine_tune_in_float32(self) -> Recipe:
         for name in ("blockwise", "distill"):
             if getattr(self.recovery, name) is not None and self.dtype != "float32":
-                raise ValueError(f"recovery.{name} trains in float32; set dtype: float32 (got dtype: {self.dtype})")
+                raise ValueError(f"recovery.{name} trains in float32; set dtype: float32 (got dtype: {self.dtype}); "
+                                 f"recovery.{name}.dtype: bfloat16 trains under bfloat16 autocast")
         return self
 
     @model_validator(mode="after")

@@ -12,10 +12,11 @@ import bitnet_convert
 from bitnet_convert.blocks import BlockRunner, build_layer, run_layer
 from bitnet_convert.checkpoint import open_checkpoint
 from bitnet_convert.modeling import build_model
+from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import Recipe
-from bitnet_convert.recover.blockwise import BlockwiseSpec, block_state, train_block
-from bitnet_convert.recover.distill import latent_from_codes
+from bitnet_convert.recover.blockwise import BlockwiseSpec, block_state, saved_latents, train_block
+from bitnet_convert.recover.distill import latent_from_codes, master_latents
 
 SMALL = {"calibration": {"samples": 8, "seq_len": 64, "batch_size": 4},
          "recovery": {"blockwise": {"steps": 6, "batch_size": 2, "lr": 1e-3, "keep_checkpoint": True}}}
@@ -72,6 +73,18 @@ def test_resume_writes_the_bytes_of_an_uninterrupted_run(tmp_path, reference_dir
     assert full.report["blockwise"]["resumed_blocks"] == 0
     assert (full.output / "model.safetensors").read_bytes() == (resumed.output / "model.safetensors").read_bytes()
     assert resumed.report["blockwise"]["blocks"] == full.report["blockwise"]["blocks"]
+    # a later stage continues from the kept blocks' trained float weights: their absmean codes are the model's
+    kept = full.report["blockwise"]["kept_layers"]
+    assert kept
+    source, init = saved_latents(state), master_latents(open_checkpoint(reference_dir), [saved_latents(state)])
+    for index in range(4):
+        name = f"model.layers.{index}.mlp.down_proj"
+        module = full.model.get_submodule(name)
+        if index in kept:
+            assert torch.equal(ternary_absmean(source(name))[0], module.ternary())
+            assert torch.equal(init(name, module), source(name))
+        else:
+            assert source(name) is None
 
 
 def test_state_of_another_recipe_is_refused(tmp_path, reference_dir):

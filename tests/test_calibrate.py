@@ -198,10 +198,23 @@ def test_quantize_runs_one_calibration_pass_unless_the_model_changes_after_it(tm
     plain = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a"), **options)
     assert "calibrate" not in plain.report["time_s"] and "calibration_report" in plain.report["time_s"]
     assert (plain.output / "calibration" / "calibration.json").is_file()
-    assert plain.report["calibration"] == activation_stats(plain.model, ids, 2)
+    # the conversion's statistics pass runs one block at a time (on the recipe's device)
+    assert plain.report["calibration"] == activation_stats(plain.model, ids, 2, device=torch.device("cpu"))
     tuned = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "b"),
                                     recovery__qwt={"form": "channel"}, **options)
     assert {"calibration_report", "qwt", "calibrate"} <= set(tuned.report["time_s"])
     # the statistics describe the model as exported: after the compensation, not before it
-    assert tuned.report["calibration"] == activation_stats(tuned.model, ids, 2)
+    assert tuned.report["calibration"] == activation_stats(tuned.model, ids, 2, device=torch.device("cpu"))
     assert tuned.report["calibration"] != plain.report["calibration"]
+
+
+def test_block_by_block_statistics_equal_whole_model_forwards(reference_dir, calibration_ids):
+    """The conversion's statistics pass (one decoder block at a time) measures what whole-model forwards measure,
+    up to float rounding (a block run on its own sums in another order)."""
+    model = build_model(open_checkpoint(reference_dir), PRESETS["a48"])
+    whole = activation_stats(model, calibration_ids, 4)
+    blocks = activation_stats(model, calibration_ids, 4, device=torch.device("cpu"))
+    assert whole["tokens"] == blocks["tokens"]
+    assert whole["sparsity"] == pytest.approx(blocks["sparsity"], abs=1e-4)
+    for role, values in whole["roles"].items():
+        assert values == pytest.approx(blocks["roles"][role], rel=1e-4, abs=1e-6)

@@ -44,6 +44,9 @@ def test_device_names(no_cuda, monkeypatch):
     assert resolve_device("cuda") == torch.device("cuda", 1)
     with pytest.raises(DeviceError, match=r"'cuda:2': this machine has 2 CUDA device\(s\) \(cuda:0 … cuda:1\)$"):
         resolve_device("cuda:2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DeviceError, match=r"'cuda:1' under torchrun would put every process on one GPU"):
+        resolve_device("cuda:1")
 
 
 @pytest.mark.parametrize("command", [
@@ -69,8 +72,9 @@ def test_recipe_device_is_checked(tmp_path):
 
 
 def test_every_stage_works_on_the_given_device(tmp_path, reference_dir, monkeypatch):
-    """The resolved device reaches each stage: the statistics passes, QwT, block-wise recovery (each block
-    onloaded) and the fine-tune. ``cpu:0`` stands in for a GPU: a device of its own, that this machine has."""
+    """The resolved device reaches each stage: the statistics passes, QwT and block-wise recovery (each block
+    onloaded) and the fine-tune (the whole model). ``cpu:0`` stands in for a GPU: a device of its own, that this
+    machine has."""
     marker = torch.device("cpu", 0)
     monkeypatch.setattr(pipeline, "resolve_device", lambda name, where: marker)
     seen: list[tuple[str, torch.device]] = []
@@ -87,12 +91,12 @@ def test_every_stage_works_on_the_given_device(tmp_path, reference_dir, monkeypa
         return on
 
     monkeypatch.setattr(blocks.BlockRunner, "__init__", record_runner)
-    monkeypatch.setattr(pipeline, "on_device", record_whole("statistics"))
     monkeypatch.setattr(stages, "on_device", record_whole("fine-tune"))
     conversion = bitnet_convert.quantize(Recipe(model=str(reference_dir), output=tmp_path / "out", **ALL_STAGES))
-    assert {where for where, _ in seen} == {"blocks", "statistics", "fine-tune"}
+    assert {where for where, _ in seen} == {"blocks", "fine-tune"}
     assert all(device == marker for _, device in seen), seen
-    assert sum(where == "blocks" for where, _ in seen) == 2  # QwT's runner and block-wise recovery's
+    # block by block: the calibration report's pass, QwT, block-wise recovery, the final statistics pass
+    assert sum(where == "blocks" for where, _ in seen) == 4
     assert conversion.report["device"] == "cpu:0"
     assert set(conversion.report) >= {"qwt", "blockwise", "distill"}
 

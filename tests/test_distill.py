@@ -241,3 +241,25 @@ def test_out_of_memory_during_the_fine_tune_names_the_knobs(tmp_path, monkeypatc
     assert_user_error(result, "the fine-tune ran out of memory with recovery.distill.batch_size=8, "
                               "recovery.distill.seq_len=256", "--set recovery.distill.batch_size=4")
     assert leftovers(tmp_path) == []
+
+
+def test_a_later_stage_starts_from_the_weights_an_earlier_stage_trained(reference_dir):
+    """The fine-tune after block-wise recovery (or any order of stages) starts each latent from the master weight
+    only where the linear is still the master's ternarization; a linear an earlier stage changed starts from its
+    own codes and scale."""
+    from bitnet_convert.recover.distill import master_latents
+
+    checkpoint = open_checkpoint(reference_dir)
+    model = build_model(checkpoint, PRESETS["a48"])
+    init = master_latents(checkpoint)
+    name = "model.layers.1.mlp.down_proj"
+    untouched = model.get_submodule("model.layers.1.mlp.up_proj")
+    assert torch.equal(init("model.layers.1.mlp.up_proj", untouched),
+                       checkpoint.tensor("model.layers.1.mlp.up_proj.weight").float())
+    trained = model.get_submodule(name)
+    codes = trained.ternary().clone()
+    codes[0] = -codes[0]  # what a trained block looks like: other codes, another scale
+    trained.set_ternary(codes, trained.alpha() * 1.01)
+    latent = init(name, trained)
+    assert torch.equal(latent, kd.latent_from_codes(codes, trained.alpha()))
+    assert torch.equal(F.ternary_absmean(latent)[0], codes)

@@ -51,7 +51,7 @@ def test_two_processes_give_the_one_process_result(tmp_path, reference_dir):
     finally:
         torch.set_num_threads(threads)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(reference_dir), **RECIPE}, sort_keys=False))  # stage order
+    recipe.write_text(yaml.safe_dump({"model": str(reference_dir), **RECIPE}, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TORCH_COMPILE_DISABLE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -115,7 +115,9 @@ def test_each_process_owns_its_share(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     assert distributed.owned(8) == [1, 4, 7]
-    assert not distributed.is_writer()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.is_writer()  # no process group (yet, or any more): the launcher's rank decides
     with pytest.raises(RecipeError, match=r"^recovery.distill.batch_size=2 is smaller than the 3 processes torchrun "
                                           r"started; raise it to at least 3"):
         distributed.check_batch("recovery.distill.batch_size", 2)
@@ -125,7 +127,8 @@ def test_launcher_variables_must_be_complete(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(RecipeError, match="WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT is not set"):
+    with pytest.raises(RecipeError, match=r"WORLD_SIZE=2 but the launcher variable\(s\) RANK, MASTER_ADDR, "
+                                          r"MASTER_PORT are not set"):
         distributed.init(torch.device("cpu"))
 
 

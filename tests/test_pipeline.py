@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ def test_no_import_cycle_between_modules():
 
 
 def test_recovery_stages_run_in_the_recipe_order(tmp_path, reference_dir, monkeypatch):
-    """``recovery`` stages run in the order the recipe lists them, and the stored recipe keeps that order."""
+    """``recovery`` stages run in the order ``recovery.order`` gives (default: qwt, blockwise, distill), and the
+    stored recipe keeps it; an order that does not name the stages set, once each, is refused."""
     from bitnet_convert import pipeline
     from bitnet_convert.recover import stages
 
@@ -207,12 +209,20 @@ def test_recovery_stages_run_in_the_recipe_order(tmp_path, reference_dir, monkey
                                                                 ran.append(key) or section))
     recipe = pipeline.load_recipe(None, {"model": str(reference_dir), "output": str(tmp_path / "out"),
                                          "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
-                                         "recovery": {"distill": {"steps": 1}, "blockwise": {"steps": 1},
-                                                      "qwt": {}}})
+                                         "recovery": {"qwt": {}, "blockwise": {"steps": 1}, "distill": {"steps": 1},
+                                                      "order": ["distill", "blockwise", "qwt"]}})
     conversion = pipeline.run(recipe)
     assert ran == ["distill", "blockwise", "qwt"]
     assert [conversion.report[k]["stage"] for k in ("distill", "blockwise", "qwt")] == ["distill", "blockwise", "qwt"]
     stored = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
-    assert [k for k, v in stored["recovery"].items() if v is not None] == ["distill", "blockwise", "qwt"]
-    with pytest.raises(pipeline.RecipeError, match=r"trainable names .qwt. but recovery\.qwt comes after"):
-        pipeline.load_recipe(None, {"recovery": {"distill": {"trainable": ["qwt"]}, "qwt": {}}})
+    assert stored["recovery"]["order"] == ["distill", "blockwise", "qwt"]
+    assert pipeline.load_recipe(None, {"recovery": {"distill": {}, "qwt": {}}}).recovery.order_of_stages() == (
+        "qwt", "distill")
+    bad = {"recovery.order names 'blockwise' but recovery.blockwise is not set": ["distill", "blockwise", "qwt"],
+           "recovery.order must list every stage the recipe sets; it leaves out 'qwt'": ["distill"],
+           "recovery.order names a stage twice": ["qwt", "distill", "qwt"],
+           "recovery.distill.trainable names 'qwt' but recovery.order runs qwt after distill": ["distill", "qwt"]}
+    for message, order in bad.items():
+        with pytest.raises(pipeline.RecipeError, match=re.escape(message)):
+            pipeline.load_recipe(None, {"recovery": {"qwt": {}, "distill": {"trainable": ["norms", "qwt"]},
+                                                     "order": order}})

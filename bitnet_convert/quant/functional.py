@@ -45,7 +45,8 @@ def ternary_absmean(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tup
     """
     n = w.numel()
     if scratch is None:
-        wf, work = w.float(), torch.empty(w.shape, dtype=torch.float32)
+        wf = w.float()
+        work = torch.empty_like(wf)
     else:
         wf, work = scratch[:n].view(w.shape).copy_(w), scratch[n : 2 * n].view(w.shape)
     alpha = torch.abs(wf, out=work).mean().clamp(min=EPS)

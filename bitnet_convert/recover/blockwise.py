@@ -36,10 +36,21 @@ from bitnet_convert.errors import Interrupted
 from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
-from bitnet_convert.recover.distill import finish, load_state, master_latents, save_state, trainable_tensors
+from bitnet_convert.recover.distill import (
+    LatentSource,
+    finish,
+    load_state,
+    master_latents,
+    save_state,
+    trainable_tensors,
+)
 
 BlockGroup = Literal["norms", "linears"]
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the kept blocks' trained latents, for a later stage
+#: A block of at least this many ternary weights gives its freed memory back to the system after every training
+#: step (2B-4T block: 69 M; the 30-layer peak 4.61 → 4.38 GB). A smaller block does not: re-faulting the step's
+#: memory would cost more than it saves (+50% time on the 0.4 M-weight blocks of the reference model).
+TRIM_MIN_WEIGHTS = 16_000_000
 
 
 class BlockwiseSpec(BaseModel):
@@ -89,6 +100,7 @@ def train_block(
     latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None,
     windows: list[int] | None = None,
     total: int | None = None,
+    trained_latents: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Train one converted ``block`` (in place, on ``runner``'s device) so that it maps ``inputs`` to ``targets``
     (``[windows, seq, hidden]`` fp32 on the CPU; the last ``holdout`` share held out); revert it when the
@@ -99,7 +111,8 @@ def train_block(
     ``total`` windows (default: all of them, in order). Every step draws the same global batch in each process;
     a process computes its rows' share of the loss (``Σ‖o − t‖²`` of its rows over the global ``Σ‖t‖²``) and the
     gradients are summed (:func:`bitnet_convert.distributed.sum_gradients`), so the step is the one-process
-    step up to the order of float additions."""
+    step up to the order of float additions. ``trained_latents`` receives the trained float weights by linear name
+    (on the CPU) when the block is kept, for a later stage to continue from."""
     windows = list(range(inputs.shape[0])) if windows is None else windows
     total = inputs.shape[0] if total is None else total
     held = max(1, round(spec.holdout * total))
@@ -128,6 +141,8 @@ def train_block(
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    large = sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
+        TRIM_MIN_WEIGHTS)
     block.train()
     try:
         for step in range(spec.steps):
@@ -151,8 +166,11 @@ def train_block(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(distributed.sum_floats(float(loss.detach()))[0])
-            del loss
-            trim_heap()  # the step's activations and gradients, freed, back to the system
+            if large:  # freed activations and gradients back to the system (the heap fragments otherwise)
+                loss = output = target = None
+                trim_heap()
+        latents = {name: m.latent.detach().to("cpu", copy=True) for name, m in block.named_modules()
+                   if isinstance(m, QuantLinear) and m.latent is not None}
     finally:
         finish(block, tensors)
     after = held_out_error()
@@ -163,6 +181,8 @@ def train_block(
             if isinstance(module, QuantLinear):
                 module.scale_divides = divides[name]
         after = before
+    elif trained_latents is not None:
+        trained_latents.update(latents)
     return {"heldout_error_before": before, "heldout_error_after": after, "kept": kept,
             "loss_first": losses[0], "loss_last": losses[-1]}
 
@@ -173,6 +193,24 @@ def train_block(
 def _block_file(index: int) -> str:
     """The state file of finished block ``index`` inside the state directory."""
     return f"block-{index:04d}.pt"
+
+
+def saved_latents(state_dir: Path) -> LatentSource:
+    """The trained float weights of the kept blocks in ``state_dir``, by full linear name (one block file read at a
+    time)."""
+    def source(name: str) -> torch.Tensor | None:
+        parts = name.split(".")
+        if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            return None
+        index = int(parts[2])
+        if cache.get("index") != index:
+            file = state_dir / _block_file(index)
+            state = torch.load(file, weights_only=True, map_location="cpu") if file.is_file() else {}
+            cache.update(index=index, latents=state.get("latents", {}))
+        return cache["latents"].get(".".join(parts[3:]))
+
+    cache: dict = {}
+    return source
 
 
 def remove_state(directory: Path) -> None:
@@ -192,16 +230,20 @@ def recover_model(
     on_block: Callable[[str], None] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
+    latent_sources: list[LatentSource] | tuple = (),
 ) -> dict:
     """Block-wise recovery of a converted in-memory ``model`` (in place) on the calibration windows ``ids``
     ``[windows, seq]``: the b1.58 blocks are read from ``checkpoint`` one at a time, and each block trains on
     ``device`` (its inputs and targets stay on the CPU; ``batch_size`` windows at a time go through a block
     outside training). Finished blocks are saved in ``state_dir`` (a resumed run loads them instead of
-    training; under ``torchrun`` rank 0 writes them). Returns the conversion report's record."""
+    training; under ``torchrun`` rank 0 writes them), with the trained float weights of the kept blocks, which
+    :func:`saved_latents` reads for a later stage. Each latent starts from ``latent_sources`` (an earlier stage's
+    trained weights) or the master weights, as :func:`~bitnet_convert.recover.distill.master_latents` decides.
+    Returns the conversion report's record."""
     start = time.perf_counter()
     layers = model.model.layers
     runner = BlockRunner(model.model.rotary_emb, device, batch_size)
-    masters = master_latents(checkpoint)
+    masters = master_latents(checkpoint, latent_sources)
     windows = distributed.owned(ids.shape[0])
     distributed.check_batch("recovery.blockwise.batch_size", spec.batch_size)
     with torch.no_grad():
@@ -211,6 +253,7 @@ def recover_model(
         for index, block in enumerate(layers):
             prefix = f"model.layers.{index}."
             saved = load_state(state_dir, fingerprint, _block_file(index), STATE_VERSION, "block-wise", "blockwise")
+            distributed.same_everywhere(saved is not None, f"block-wise state '{state_dir / _block_file(index)}'")
             if saved is not None:
                 block.load_state_dict(saved["tensors"])
                 for name, module in block.named_modules():
@@ -227,16 +270,18 @@ def recover_model(
                 def from_masters(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
                     return masters(prefix + name, module)
 
+                latents: dict[str, torch.Tensor] = {}
                 with runner.onload(block):
                     record = train_block(block, runner, hidden, targets, spec, seed=seed * 100_003 + index,
                                          latent_init=from_masters if masters is not None else None,
-                                         windows=windows, total=ids.shape[0])
+                                         windows=windows, total=ids.shape[0], trained_latents=latents)
                 del targets
                 divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
                 if distributed.is_writer():
                     save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                           "tensors": block_state(block), "divides": divides, "record": record},
-                               _block_file(index))
+                                           "tensors": block_state(block), "divides": divides, "record": record,
+                                           "latents": latents}, _block_file(index))
+                del latents
             records.append({"layer": index, **record})
             with runner.onload(block):
                 hidden = runner.run(block, hidden)

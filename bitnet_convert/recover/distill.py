@@ -233,7 +233,7 @@ def load_state(directory: Path, expected: str, name: str = STATE_FILE, version: 
     if not file.is_file():
         return None
     try:
-        state = torch.load(file, weights_only=True)
+        state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as exc:  # torch raises several types for a damaged file
         reason = type(exc).__name__
         raise ValueError(f"{file}: unreadable {what} state ({reason}); delete it to start over") from None
@@ -241,6 +241,17 @@ def load_state(directory: Path, expected: str, name: str = STATE_FILE, version: 
         raise ValueError(f"{file}: {what} state from a different recipe; delete '{directory}' to start over, "
                          f"or set recovery.{section}.checkpoint_dir")
     return state
+
+
+def _to_cpu(value):
+    """An optimizer state dict with its tensors on the CPU (a state file loads on any machine)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def remove_state(directory: Path) -> None:
@@ -285,6 +296,7 @@ def distill(
     start = saved = 0
     try:
         state = load_state(state_dir, recipe_fingerprint)
+        distributed.same_everywhere(None if state is None else state["step"], f"fine-tune state in '{state_dir}'")
         if state is not None:
             with torch.no_grad():
                 for name, tensor in tensors.items():
@@ -328,8 +340,8 @@ def distill(
                     "version": STATE_VERSION,
                     "fingerprint": recipe_fingerprint,
                     "step": done,
-                    "tensors": {n: t.detach() for n, t in tensors.items()},  # serialized now: no copy needed
-                    "optimizer": optimizer.state_dict(),
+                    "tensors": {n: t.detach().cpu() for n, t in tensors.items()},
+                    "optimizer": _to_cpu(optimizer.state_dict()),
                     "losses": losses,
                 })
                 saved = done
@@ -405,10 +417,47 @@ def _conversion_of(checkpoint) -> str | None:
     return None if plain else scheme
 
 
-def master_latents(checkpoint) -> Callable[[str, QuantLinear], torch.Tensor] | None:
-    """Latent initialisation from the master weights of a master-layout checkpoint (``None`` otherwise)."""
+LatentSource = Callable[[str], "torch.Tensor | None"]
+
+
+def master_latents(checkpoint, sources: list[LatentSource] | tuple = ()) -> Callable[[str, QuantLinear],
+                                                                                     torch.Tensor] | None:
+    """Where each trained latent weight starts: the float weight an earlier stage trained for this linear
+    (``sources``: ``name → latent or None``, most recent first; e.g. :func:`saved_latents`), else the master weight
+    of a master-layout checkpoint, whichever the linear's current codes and scale are the absmean ternarization of;
+    else its own codes (:func:`latent_from_codes`). So a stage continues from the previous one's weights, and a
+    linear no stage changed starts from its master. ``None`` (start from the codes) with neither sources nor
+    masters."""
     from bitnet_convert.checkpoint import Layout
 
-    if checkpoint.layout is not Layout.MASTER:
+    candidates = list(sources)
+    if checkpoint.layout is Layout.MASTER:
+        candidates.append(lambda name: checkpoint.tensor(f"{name}.weight"))
+    if not candidates:
         return None
-    return lambda name, module: checkpoint.tensor(f"{name}.weight").float()
+
+    def init(name: str, module: QuantLinear) -> torch.Tensor:
+        current, alpha = module.ternary().cpu(), module.alpha().cpu()
+        for source in candidates:
+            latent = source(name)
+            if latent is None:
+                continue
+            latent = latent.float()
+            codes, scale = ternary_absmean(latent)
+            if torch.equal(codes, current) and torch.equal(scale, alpha):
+                return latent
+        return latent_from_codes(current, alpha)
+
+    return init
+
+
+def saved_latents(state_dir: Path) -> LatentSource:
+    """The latent weights the fine-tune's final state (``state_dir``) holds, by linear name."""
+    def source(name: str) -> torch.Tensor | None:
+        if "state" not in cache:
+            file = state_dir / STATE_FILE
+            cache["state"] = torch.load(file, weights_only=True, map_location="cpu") if file.is_file() else {}
+        return cache["state"].get("tensors", {}).get(f"{name}.latent")
+
+    cache: dict = {}
+    return source

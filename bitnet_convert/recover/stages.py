@@ -48,6 +48,15 @@ class Context:
     device: torch.device
     progress: Progress = SILENT
     data_used: dict = field(default_factory=dict)
+    #: the trained float weights of the stages run so far, most recent first (each ``name → latent or None``)
+    latent_sources: list[kd.LatentSource] = field(default_factory=list)
+
+    def run(self, stage: Stage) -> dict:
+        """Run ``stage`` as the recipe sets it; its trained weights become a source for the stages after it."""
+        section = stage.run(self, getattr(self.recipe.recovery, stage.key))
+        if stage.latents is not None:
+            self.latent_sources.insert(0, stage.latents(stage.state_dir(self.recipe)))
+        return section
 
     def memory_guard(self):
         """An out-of-memory error as one line naming the calibration knobs."""
@@ -60,12 +69,15 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     """A recovery method: ``key`` (its ``recovery.<key>`` recipe section and report section), ``run(context,
-    spec)`` (changes ``context.model``, returns the report section), and where it keeps state between runs."""
+    spec)`` (changes ``context.model``, returns the report section), where it keeps state between runs, and where
+    a later stage finds the float weights it trained."""
 
     key: str
     run: Callable[[Context, Any], dict]
     state_dir: Callable[[Recipe], Path] | None = None
     remove_state: Callable[[Path], None] | None = None
+    #: the trained float weights it left in its state directory, for a later stage to continue from
+    latents: Callable[[Path], kd.LatentSource] | None = None
 
     def cleanup(self, recipe: Recipe) -> None:
         """After a successful conversion: drop the kept state unless the recipe asks to keep it."""
@@ -80,7 +92,7 @@ def fingerprint(recipe: Recipe, key: str) -> str:
     switch, or where and how often state is kept."""
     data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
     data["calibration"].pop("report")
-    order = recipe.recovery.order()
+    order = recipe.recovery.order_of_stages()
     upto = order[: order.index(key) + 1]
     data["recovery"] = {k: {f: v for f, v in data["recovery"][k].items()
                             if f not in ("checkpoint_dir", "keep_checkpoint", "save_every")} for k in upto}
@@ -118,12 +130,17 @@ def run_blockwise(context: Context, spec: blockwise.BlockwiseSpec) -> dict:
     """Block-wise reconstruction on the calibration windows, one block at a time on the device."""
     recipe = context.recipe
     blocks = len(context.model.model.layers)
-    with context.memory_guard(), context.progress.stage("Block-wise recovery", blocks) as advance:
+    guard = out_of_memory(
+        f"block-wise recovery ran out of memory with recovery.blockwise.batch_size={spec.batch_size}, "
+        f"calibration.batch_size={recipe.calibration.batch_size}, calibration.seq_len={recipe.calibration.seq_len}; "
+        f"lower them (e.g. --set recovery.blockwise.batch_size={max(1, spec.batch_size // 2)})")
+    with guard, context.progress.stage("Block-wise recovery", blocks) as advance:
         try:
             return blockwise.recover_model(
                 context.model, context.checkpoint, context.calibration, spec, seed=recipe.seed,
                 state_dir=_state_dir("blockwise")(recipe), fingerprint=fingerprint(recipe, "blockwise"),
-                on_block=advance, device=context.device, batch_size=recipe.calibration.batch_size)
+                on_block=advance, device=context.device, batch_size=recipe.calibration.batch_size,
+                latent_sources=context.latent_sources)
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
 
@@ -154,11 +171,12 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
     )
     stage = context.progress.stage(f"Distillation ({spec.steps} steps)", spec.steps)
     try:
-        with guard, stage as advance, on_device(model, context.device), on_device(teacher_model, context.device):
+        with guard, stage as advance, on_device(model, context.device):
+            teacher_model.to(context.device)  # not back afterwards: it is dropped
             record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed,
                                 state_dir=_state_dir("distill")(recipe),
                                 recipe_fingerprint=fingerprint(recipe, "distill"), bos_id=tokenizer.bos_token_id,
-                                latent_init=kd.master_latents(checkpoint),
+                                latent_init=kd.master_latents(checkpoint, context.latent_sources),
                                 on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
@@ -174,6 +192,7 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
 #: Every recovery method by its recipe key.
 STAGES: dict[str, Stage] = {
     "qwt": Stage("qwt", run_qwt),
-    "blockwise": Stage("blockwise", run_blockwise, _state_dir("blockwise"), blockwise.remove_state),
-    "distill": Stage("distill", run_distill, _state_dir("distill"), kd.remove_state),
+    "blockwise": Stage("blockwise", run_blockwise, _state_dir("blockwise"), blockwise.remove_state,
+                       blockwise.saved_latents),
+    "distill": Stage("distill", run_distill, _state_dir("distill"), kd.remove_state, kd.saved_latents),
 }
