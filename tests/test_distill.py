@@ -263,3 +263,15 @@ def test_a_later_stage_starts_from_the_weights_an_earlier_stage_trained(referenc
     latent = init(name, trained)
     assert torch.equal(latent, kd.latent_from_codes(codes, trained.alpha()))
     assert torch.equal(F.ternary_absmean(latent)[0], codes)
+
+
+def test_bfloat16_autocast_fine_tune(tmp_path):
+    """``recovery.distill.dtype: bfloat16`` runs the forwards under autocast: it trains (another computation than
+    float32, the same from the first loss to within bf16's precision), and the export is the packed model."""
+    options = {"calibration__samples": 0, "recovery__distill": {**SMALL, "save_every": 4}}
+    fp32 = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a"), **options)
+    options["recovery__distill"] = {**options["recovery__distill"], "dtype": "bfloat16"}
+    bf16 = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "b"), **options)
+    one, other = fp32.report["distill"]["losses"], bf16.report["distill"]["losses"]
+    assert one != other and other[0] == pytest.approx(one[0], rel=0.1)
+    assert bf16.report["packed_linears"]["bits_per_weight"] == fp32.report["packed_linears"]["bits_per_weight"]
