@@ -41,6 +41,7 @@ from bitnet_convert.recover.distill import (
     finish,
     load_state,
     master_latents,
+    optimizer_step,
     save_state,
     trainable_tensors,
 )
@@ -160,12 +161,7 @@ def train_block(
                 loss.backward()
             else:
                 loss = torch.zeros((), device=device)
-            distributed.sum_gradients(tensors.values())
-            if spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(distributed.sum_floats(float(loss.detach()))[0])
+            losses.append(optimizer_step(optimizer, tensors, spec.max_grad_norm, loss))
             if large:  # freed activations and gradients back to the system (the heap fragments otherwise)
                 loss = output = target = None
                 trim_heap()

@@ -154,6 +154,19 @@ def trainable_tensors(
     return tensors
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], max_grad_norm: float | None,
+                   loss: torch.Tensor) -> float:
+    """One step on the gradients ``backward`` left on ``tensors``: summed over the ``torchrun`` processes (each
+    loss is its process's share of the global loss), clipped to ``max_grad_norm``, applied, cleared. Returns the
+    global loss (the sum of the shares)."""
+    distributed.sum_gradients(tensors.values())
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return distributed.sum_floats(float(loss.detach()))[0]
+
+
 def latent_from_codes(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """A float weight whose absmean ternarization gives ``codes`` and (up to rounding) ``alpha`` back:
     ``codes · α / p`` with ``p`` the share of non-zero codes (so ``mean|W| = α`` and ``|W|/α = 1/p ≥ 1``)."""
@@ -328,12 +341,7 @@ def distill(
                 distributed.sum_tensors([norms])
                 loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states, norms)
             loss.backward()
-            distributed.sum_gradients(tensors.values())
-            if spec.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(tensors.values()), spec.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(distributed.sum_floats(float(loss.detach()))[0])
+            losses.append(optimizer_step(optimizer, tensors, spec.max_grad_norm, loss))
             done = step + 1
             if (done % spec.save_every == 0 or done == spec.steps) and distributed.is_writer():
                 save_state(state_dir, {
