@@ -142,9 +142,8 @@ def decoder_pass(model: nn.Module, ids: torch.Tensor, batch_size: int, device: t
     dropped when it is done, so memory holds one block's, not the whole model's. Under ``torchrun`` a process runs
     the batches it owns; ``batch[0]`` is set to the index of the batch running. ``on_layer(label)`` after each
     block."""
-    starts = range(0, ids.shape[0], batch_size)
-    owned = distributed.owned(len(starts))
-    hidden = [model.model.embed_tokens(ids[starts[b] : starts[b] + batch_size]) for b in owned]
+    owned = distributed.owned_batches(ids.shape[0], batch_size)
+    hidden = [model.model.embed_tokens(ids[rows]) for rows in owned.values()]
     runner = BlockRunner(model.model.rotary_emb, device)
     layers = model.model.layers
     for index, layer in enumerate(layers):

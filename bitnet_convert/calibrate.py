@@ -120,11 +120,10 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: li
     set to the index of the batch running (the seed of the value samples)."""
     device = module_device(model)
     try:
-        starts = range(0, ids.shape[0], batch_size)
-        for index in distributed.owned(len(starts)):
+        for index, rows in distributed.owned_batches(ids.shape[0], batch_size).items():
             if batch is not None:
                 batch[0] = index
-            model(ids[starts[index] : starts[index] + batch_size].to(device), **call)
+            model(ids[rows].to(device), **call)
             if on_batch is not None:
                 on_batch()
     finally:
@@ -402,12 +401,11 @@ def sequential_calibration(
     process runs the batches it owns and the statistics are combined (:meth:`LinearStats.reduce`)."""
     config = architecture_config(checkpoint)
     embedding = checkpoint.tensor("model.embed_tokens.weight")
-    starts = range(0, ids.shape[0], batch_size)
-    owned = distributed.owned(len(starts))
-    hidden = [embedding[ids[starts[b] : starts[b] + batch_size]].float() for b in owned]
+    owned = distributed.owned_batches(ids.shape[0], batch_size)
+    hidden = [embedding[ids[rows]].float() for rows in owned.values()]
     del embedding
     runner = BlockRunner(rotary_embedding(checkpoint, config), device)
-    samples = max(1, SAMPLE_SIZE // len(starts))
+    samples = max(1, SAMPLE_SIZE // -(-ids.shape[0] // batch_size))
     result = Calibration(int(ids.numel()), {}, {})
     batch = [0]
     for index in range(config.num_hidden_layers):

@@ -81,6 +81,12 @@ def owned(count: int) -> list[int]:
     return list(range(rank(), count, world_size()))
 
 
+def owned_batches(rows: int, batch_size: int) -> dict[int, slice]:
+    """The batches of ``batch_size`` of ``rows`` rows that this process owns (:func:`owned`), by batch index, as
+    row slices."""
+    return {b: slice(b * batch_size, (b + 1) * batch_size) for b in owned(-(-rows // batch_size))}
+
+
 def sum_tensors(tensors: Iterable[torch.Tensor]) -> None:
     """Sum each tensor over the processes, in place (one flat all-reduce per dtype and device)."""
     tensors = [t for t in tensors if t is not None]

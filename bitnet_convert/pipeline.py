@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,18 +84,25 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
     warnings about silent degradations are shown as they happen and listed in the report (``warnings``). Under
     ``torchrun`` every process converts and recovers (data-parallel, :mod:`bitnet_convert.distributed`) and rank 0
     alone checks, locks and writes the output; the others show no progress and return once it is written."""
+    with _session(recipe, recipe.output, recipe.overwrite) as (device, warnings):
+        return _run(recipe, progress if distributed.is_writer() else SILENT, warnings, device)
+
+
+@contextmanager
+def _session(recipe: Recipe, output: Path, overwrite: bool) -> Iterator[tuple[torch.device, list[str]]]:
+    """The recipe's device, the ``torchrun`` process group when launched under it, the output checked and locked
+    (by rank 0, its errors raised everywhere), and the warnings collected: ``(device, warnings)``."""
     device = resolve_device(recipe.device, "device")
     created = distributed.init(device)
     try:
         with ExitStack() as stack:
             def claim() -> None:
-                check_output(recipe.output, recipe.overwrite, input_paths(recipe))
-                stack.enter_context(output_lock(recipe.output))
-                check_output(recipe.output, recipe.overwrite)  # again: the lock may have restored a killed run's
+                check_output(output, overwrite, input_paths(recipe))
+                stack.enter_context(output_lock(output))
+                check_output(output, overwrite)  # again: taking the lock may have restored a killed run's
 
             on_writer(claim)
-            warnings = stack.enter_context(collect())
-            return _run(recipe, progress if distributed.is_writer() else SILENT, warnings, device)
+            yield device, stack.enter_context(collect())
     finally:
         if created:
             distributed.shutdown()
@@ -237,22 +244,9 @@ def calibrate(recipe: Recipe, output: Path, overwrite: bool = False, progress: P
     """Calibrate ``recipe``'s model layer by layer (peak memory: one layer + the calibration activations) and
     write ``calibration.json``, ``calibration.md`` and the plots into ``output`` (atomically). The report records
     the data used (``data``) and the run's warnings (``warnings``)."""
-    device = resolve_device(recipe.device, "device")
-    created = distributed.init(device)
-    try:
-        with ExitStack() as stack:
-            def claim() -> None:
-                check_output(output, overwrite, input_paths(recipe))
-                stack.enter_context(output_lock(output))
-                check_output(output, overwrite)
-
-            on_writer(claim)
-            warnings = stack.enter_context(collect())
-            return _calibrate(recipe, output, overwrite, progress if distributed.is_writer() else SILENT, warnings,
-                              device)
-    finally:
-        if created:
-            distributed.shutdown()
+    with _session(recipe, output, overwrite) as (device, warnings):
+        return _calibrate(recipe, output, overwrite, progress if distributed.is_writer() else SILENT, warnings,
+                          device)
 
 
 def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress, warnings: list[str],

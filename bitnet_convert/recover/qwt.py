@@ -188,22 +188,22 @@ def fit_model(
     converted blocks; the b1.58 reference blocks are read from ``checkpoint`` one at a time), one block at a time
     on ``device``. Returns the record the conversion report and the export keep."""
     layers = model.model.layers
-    starts = range(0, ids.shape[0], batch_size)
-    if len(starts) < 2:
+    total = -(-ids.shape[0] // batch_size)
+    if total < 2:
         raise ValueError(
             f"recovery.qwt needs at least 2 calibration batches; calibration.samples={ids.shape[0]} with "
-            f"calibration.batch_size={batch_size} gives {len(starts)}: raise calibration.samples or lower "
+            f"calibration.batch_size={batch_size} gives {total}: raise calibration.samples or lower "
             "calibration.batch_size"
         )
-    owned = distributed.owned(len(starts))
-    hidden = [model.model.embed_tokens(ids[starts[b] : starts[b] + batch_size]).float() for b in owned]
+    owned = distributed.owned_batches(ids.shape[0], batch_size)
+    hidden = [model.model.embed_tokens(ids[rows]).float() for rows in owned.values()]
 
     def build_block(index: int, which: str) -> nn.Module:
         return layers[index] if which == "converted" else build_layer(checkpoint, index, PRESETS["b158"])
 
     runner = BlockRunner(model.model.rotary_emb, device)
-    kept, records = fit_qwt(build_block, len(layers), hidden, runner, spec, on_layer, batches=owned,
-                            total=len(starts))
+    kept, records = fit_qwt(build_block, len(layers), hidden, runner, spec, on_layer, batches=list(owned),
+                            total=total)
     for index, comp in kept.items():
         attach(layers[index], comp)
     return {
