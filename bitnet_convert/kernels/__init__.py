@@ -3,8 +3,10 @@
 The C++ source (``a48_kernels.cpp``) is compiled with ``torch.utils.cpp_extension`` the first time a native op is
 needed and cached in ``$XDG_CACHE_HOME/bitnet-convert/kernels/<key>`` (default ``~/.cache``), where the key hashes
 the source, torch's version, the Python version and the machine; a changed source or a different machine builds
-anew, concurrent first uses wait for one build (cpp_extension's own lock). The ops register under
-``torch.ops.bitnet_convert``.
+anew. Concurrent first uses wait for one build, under a ``filelock`` lock the OS releases when its holder dies (a
+build killed half-way is started again, never waited on), for at most ``BITNET_CONVERT_BUILD_WAIT`` seconds; a
+finished build records its library's SHA-256, and a library that does not match it (a killed build's) is rebuilt.
+The ops register under ``torch.ops.bitnet_convert``.
 
 Each op takes an ``isa``: ``ISA_SCALAR`` (portable C++) or ``ISA_AVX2``; :func:`isa` picks AVX2 when the CPU has
 AVX2 and FMA, unless ``BITNET_CONVERT_ISA=scalar``. Both paths give bit-identical results (tested).
@@ -21,11 +23,14 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bitnet_convert.errors import BackendError
+from bitnet_convert.notes import warn
 from bitnet_convert.quant.packing import unpack_ternary
 
 SOURCE = Path(__file__).with_name("a48_kernels.cpp")
@@ -33,6 +38,10 @@ SOURCE = Path(__file__).with_name("a48_kernels.cpp")
 BLOCK = 128
 ISA_SCALAR, ISA_AVX2 = 0, 1
 ISA_ENV = "BITNET_CONVERT_ISA"
+#: How long a process waits for another one that is building the kernels (seconds; a cold build takes ~11 s on
+#: two cores, so ten minutes means the other build is stuck, not slow); ``BITNET_CONVERT_BUILD_WAIT`` overrides.
+BUILD_WAIT_S = 600.0
+BUILD_WAIT_ENV = "BITNET_CONVERT_BUILD_WAIT"
 # at::parallel_for is an inline template: without -fopenmp it compiles to a serial loop. The loader reuses the
 # libgomp.so.1 torch already loaded (same soname), so there is one OpenMP runtime. Apple's clang has no -fopenmp.
 OPENMP = [] if platform.system() == "Darwin" else ["-fopenmp"]
@@ -89,23 +98,80 @@ def _build_and_load() -> None:
     name = f"bitnet_convert_kernels_{build_key()}"
     directory = cache_root() / name
     library = directory / f"{name}.so"
-    building = (directory / "lock").exists()  # cpp_extension's lock: another process is building; wait for it below
-    if library.is_file() and not building:  # a cached build needs neither compiler nor ninja
-        try:
-            torch.ops.load_library(str(library))
-            return
-        except (OSError, RuntimeError):
-            pass  # a truncated library from a killed build: build again
+    if _verified(library):  # a finished build needs neither compiler, ninja nor the lock
+        _load(library)
+        return
     if _compiler() is None:
         raise NativeUnavailable(f"native backend unavailable: no C++ compiler ({os.environ.get('CXX', 'c++')} not "
                                 "found on PATH; install g++ or clang++, or set CXX)")
     _add_ninja_to_path()
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise NativeUnavailable(f"native backend unavailable: cannot create {directory} ({exc.strerror})") from None
+        raise NativeUnavailable(f"native backend unavailable: cannot create {directory.parent} ({exc.strerror})")\
+            from None
+    with _build_lock(directory):
+        if not _verified(library):  # another process may have finished the build while this one waited
+            _build(name, directory, library)
+    _load(library)
+
+
+def build_wait_s() -> float:
+    """How long a process waits for another one building the kernels (``BITNET_CONVERT_BUILD_WAIT``, seconds)."""
+    raw = os.environ.get(BUILD_WAIT_ENV, str(BUILD_WAIT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise NativeUnavailable(f"{BUILD_WAIT_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold the build lock of ``directory`` (one build at a time per machine and key).
+
+    ``filelock`` takes an OS lock (``flock``/``LockFileEx``) that the kernel releases when its holder dies, so a
+    build killed half-way (Ctrl-C, an OOM kill, a CI timeout) never leaves a lock to wait on — unlike
+    cpp_extension's own ``lock`` file, which stays behind and makes every later ``load`` wait forever (it is
+    removed before each build, under this lock). A live builder is waited for at most :func:`build_wait_s`
+    seconds, with a line saying so."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(directory.with_name(directory.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        wait = build_wait_s()
+        warn(f"another process is building the native kernels in {directory}; waiting for it (at most {wait:g} s, "
+             f"{BUILD_WAIT_ENV})")
+        try:
+            lock.acquire(timeout=wait)
+        except Timeout:
+            raise NativeUnavailable(f"native backend unavailable: another process has been building the kernels in "
+                                    f"{directory} for more than {wait:g} s ({BUILD_WAIT_ENV})") from None
+    except OSError as exc:
+        raise NativeUnavailable(f"native backend unavailable: cannot take the build lock in {directory.parent} "
+                                f"({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(name: str, directory: Path, library: Path) -> None:
+    """Compile the kernels into ``directory`` from scratch (call with the build lock held) and record the
+    library's SHA-256 beside it; whatever an earlier build left there (cpp_extension's stale ``lock`` file, a
+    half-written object or library) is removed first."""
     from torch.utils import cpp_extension
 
+    try:
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    except OSError as exc:
+        raise NativeUnavailable(f"native backend unavailable: cannot create {directory} ({exc.strerror})") from None
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
                            build_directory=str(directory), is_python_module=False, verbose=False)
@@ -114,6 +180,42 @@ def _build_and_load() -> None:
         log.write_text(str(exc))
         raise NativeUnavailable(f"native backend unavailable: building the kernels failed (compiler output in {log})")\
             from None
+    _checksum_file(library).write_text(_sha256(library) + "\n")  # last: its presence means a complete build
+    _state["loaded_path"] = str(library)  # cpp_extension.load has loaded it
+
+
+def _checksum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(library: Path) -> bool:
+    """Whether ``library`` is a complete build: its SHA-256 equals the one recorded when its build finished (a
+    library truncated or damaged by a killed build, or without the record, is built again)."""
+    try:
+        return library.is_file() and _checksum_file(library).read_text().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+def _load(library: Path) -> None:
+    """Load the ops of a verified ``library`` (once per process); a library the loader still refuses (another
+    machine's, a changed system library) is one line."""
+    if _state.get("loaded_path") == str(library):
+        return
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError) as exc:
+        raise NativeUnavailable(f"native backend unavailable: cannot load {library} ({str(exc).splitlines()[0]}); "
+                                f"delete {library.parent} to build it again") from None
+    _state["loaded_path"] = str(library)
 
 
 def _add_ninja_to_path() -> None:
