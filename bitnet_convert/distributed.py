@@ -10,18 +10,62 @@ weights, QwT buffers) is not the module's registered parameter set, and the loss
 each process scales itself (see :func:`sum_gradients`), which DDP's averaging would get wrong for uneven shards.
 
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is the single-process identity.
+
+Every wait is bounded: joining the group and each collective wait at most :func:`timeout_s` seconds
+(``BITNET_CONVERT_DIST_TIMEOUT``, default 30 minutes: rank 0 writes a large export while the others wait). A process
+that stopped (torchrun then ends the others) or never came is one line (:class:`DistributedError`) naming what
+was waited for, not a hang or a gloo/NCCL traceback.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from bitnet_convert.errors import RecipeError
+from bitnet_convert.errors import BitNetConvertError, RecipeError
+
+TIMEOUT_ENV = "BITNET_CONVERT_DIST_TIMEOUT"
+#: Seconds a process waits for the others: to join the group, and at each collective (rank 0 may write a large
+#: export or training state meanwhile).
+TIMEOUT_S = 1800.0
+
+
+class DistributedError(BitNetConvertError):
+    """Another ``torchrun`` process stopped or did not answer in time; the message says what was waited for."""
+
+
+def timeout_s() -> float:
+    """How long a process waits for the others (``BITNET_CONVERT_DIST_TIMEOUT`` seconds, default
+    :data:`TIMEOUT_S`); :class:`~bitnet_convert.errors.RecipeError` for a value that is not a positive number."""
+    raw = os.environ.get(TIMEOUT_ENV, str(TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise RecipeError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+@contextmanager
+def _waiting_for(what: str) -> Iterator[None]:
+    """A failed or timed-out wait on the other processes as one :class:`DistributedError` line (gloo and NCCL
+    raise ``RuntimeError`` with a C++ location for a peer that died or a timeout)."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as exc:
+        if isinstance(exc, BitNetConvertError):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # drop gloo's source location
+        raise DistributedError(f"process {rank()} of {os.environ.get('WORLD_SIZE', '?')} (torchrun) waited for the "
+                               f"others to {what} and gave up ({reason}); a process that stopped says why in its "
+                               f"own output (waits are bounded by {TIMEOUT_ENV}={timeout_s():g} s)") from None
 
 
 def world_size() -> int:
@@ -62,7 +106,9 @@ def init(device: torch.device) -> bool:
     else:
         backend = "gloo"
     # rank 0 alone writes the output and the training states: the others may wait long at the next collective
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    with _waiting_for(f"join the process group at {address}"):
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
     return True
 
 
@@ -73,7 +119,8 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if world_size() > 1:
-        dist.barrier()
+        with _waiting_for("reach the same step (barrier)"):
+            dist.barrier()
 
 
 def owned(count: int) -> list[int]:
@@ -97,7 +144,8 @@ def sum_tensors(tensors: Iterable[torch.Tensor]) -> None:
         groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
     for group in groups.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
+        with _waiting_for("sum their tensors (all-reduce)"):
+            dist.all_reduce(flat)
         offset = 0
         for tensor in group:
             tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
@@ -109,7 +157,8 @@ def max_tensors(tensors: Iterable[torch.Tensor]) -> None:
     if world_size() == 1:
         return
     for tensor in tensors:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        with _waiting_for("take the maximum of their tensors (all-reduce)"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
 def sum_floats(*values: float) -> list[float]:
@@ -136,7 +185,8 @@ def gather_objects(value: object) -> list[object]:
     if world_size() == 1:
         return [value]
     result: list[object] = [None] * world_size()
-    dist.all_gather_object(result, value)
+    with _waiting_for("exchange their results (all-gather)"):
+        dist.all_gather_object(result, value)
     return result
 
 

@@ -114,6 +114,22 @@ class JobResult:
         return self.error is None
 
 
+#: The longest a benchmark subprocess may run (seconds, ``BENCH_JOB_TIMEOUT``): a job that hangs fails its row
+#: instead of the whole benchmark.
+JOB_TIMEOUT_S = float(os.environ.get("BENCH_JOB_TIMEOUT", "3600"))
+
+
+def run_bounded(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``command`` in a subprocess, killed after :data:`JOB_TIMEOUT_S` (then exit code 124 and a last stderr line
+    saying so)."""
+    try:
+        return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False,
+                              timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 124, "", f"timed out after {JOB_TIMEOUT_S:g} s "
+                                                            "(BENCH_JOB_TIMEOUT)")
+
+
 def run_job(kind: str, spec: dict[str, Any], label: str) -> JobResult:
     """Run ``JOBS[kind](spec)`` in a fresh Python process; return its result line and total wall time.
 
@@ -123,7 +139,7 @@ def run_job(kind: str, spec: dict[str, Any], label: str) -> JobResult:
     command = [sys.executable, str(Path(__file__).resolve()), "--job", kind, "--spec", json.dumps(spec)]
     loadavg = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    proc = run_bounded(command)
     total = time.perf_counter() - start
     results = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARKER)]
     data = json.loads(results[-1][len(RESULT_MARKER) :]) if results else {}
@@ -931,7 +947,7 @@ def _ddp_rows(args: argparse.Namespace) -> list[Row]:
             subject = f"reference model, {processes} process(es) × {2 // processes} thread(s)"
             print(f"[bench] {subject}: quantize with block-wise recovery and fine-tune ...", file=sys.stderr,
                   flush=True)
-            proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
+            proc = run_bounded(command, env)
             if proc.returncode != 0:
                 error = ([line for line in proc.stderr.splitlines() if line.strip()] or ["no output"])[-1]
                 rows.append(Row("recovery", subject, "data-parallel", f"failed: {error}", passed=False))

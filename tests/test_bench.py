@@ -189,3 +189,9 @@ def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -
     assert data["rss_after_load_bytes"] > 0 and data["dtype"] == "bfloat16"  # the embedding kept as exported
     zeros = data["decode_8_zero_share"]
     assert zeros["o"] == pytest.approx(0.5, abs=0.02) and 0 < zeros["down"] < 1  # top-50% o_proj; relu² down_proj
+
+
+def test_a_hanging_job_is_killed_and_fails_its_row(monkeypatch):
+    monkeypatch.setattr(bench, "JOB_TIMEOUT_S", 1.0)
+    proc = bench.run_bounded([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert proc.returncode == 124 and proc.stderr == "timed out after 1 s (BENCH_JOB_TIMEOUT)"

@@ -152,3 +152,65 @@ def test_layer_by_layer_calibration_under_two_processes(tmp_path, reference_dir)
             assert stats[key] == other[key], (name, key)
         for key in ("absmean", "kurtosis"):
             assert stats[key] == pytest.approx(other[key], rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ bounded waits
+
+PEER = """
+import os, sys
+from bitnet_convert import distributed
+from bitnet_convert.errors import BitNetConvertError
+import torch
+distributed.init(torch.device("cpu"))
+if distributed.rank() == 1:
+    os._exit(1)  # killed: no error, no goodbye
+try:
+    distributed.sum_floats(1.0)
+except BitNetConvertError as exc:
+    print(f"error: {exc}")
+    sys.exit(2)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_env(rank: int, port: int, **extra: str) -> dict[str, str]:
+    return {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "BITNET_CONVERT_DIST_TIMEOUT": "3", **extra}
+
+
+def test_a_process_group_that_never_forms_is_one_line_within_the_timeout(tmp_path, reference_dir):
+    """WORLD_SIZE=2 but the second process never starts: rank 0 gives up after BITNET_CONVERT_DIST_TIMEOUT."""
+    port = _free_port()
+    proc = subprocess.run([sys.executable, "-m", "bitnet_convert.cli", "quantize", "--model", str(reference_dir),
+                           "--output", str(tmp_path / "out"), "--set", "calibration.samples=2"],
+                          env=_launch_env(0, port), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: process 0 of 2 (torchrun) waited for the others to join the process group at 127.0.0.1:{port} "
+        "and gave up (")
+    assert "BITNET_CONVERT_DIST_TIMEOUT=3 s" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_peer_that_dies_is_one_line_at_the_next_collective():
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", PEER], env=_launch_env(rank, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert procs[0].returncode == 2, outputs[0]
+    assert outputs[0][0].startswith("error: process 0 of 2 (torchrun) waited for the others to sum their tensors "
+                                    "(all-reduce) and gave up (")
+    assert "Traceback" not in outputs[0][1]
+
+
+def test_a_bad_timeout_is_one_line(monkeypatch):
+    monkeypatch.setenv("BITNET_CONVERT_DIST_TIMEOUT", "0")
+    with pytest.raises(RecipeError, match=r"^BITNET_CONVERT_DIST_TIMEOUT='0': expected a positive number"):
+        distributed.timeout_s()
