@@ -17,9 +17,10 @@ What runs where:
   kernels with codes in [−12, 12];
 * embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
   exact, and the lm_head runs on the bf16-weight GEMM kernel because torch's bf16 matmul on a CPU without bf16
-  arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel); fp32 stays fp32 (torch's
-  BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch, fp32, as in the
-  reference backend;
+  arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel; a tied lm_head shares that
+  fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
+  stays fp32 (torch's BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch,
+  fp32, as in the reference backend;
 * a linear with a full-precision input (``method: none``) stays on the reference code path.
 
 The native model is for inference: it has no gradients and no training forward.
@@ -143,8 +144,16 @@ class Bf16Linear(nn.Module):
 
     def __init__(self, weight: nn.Parameter | torch.Tensor) -> None:
         super().__init__()
+        if weight.dtype != torch.bfloat16 or not self.accepts(weight.shape[1]):
+            raise ValueError(f"the bf16 GEMM kernel takes a bf16 weight with in_features a multiple of "
+                             f"{kernels.BF16_GEMM_K_MULTIPLE}; got {weight.dtype} {list(weight.shape)}")
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
         self.isa = kernels.isa()
+
+    @staticmethod
+    def accepts(in_features: int) -> bool:
+        """Whether the kernel takes this input width (else the lm_head runs in fp32 on torch's matmul)."""
+        return in_features % kernels.BF16_GEMM_K_MULTIPLE == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -216,10 +225,12 @@ def _convert_embeddings(model: nn.Module) -> None:
     if head is None:
         return
     head_weight = weight if tied else head.weight
-    if head_weight.dtype == torch.bfloat16:
+    if head_weight.dtype == torch.bfloat16 and Bf16Linear.accepts(head_weight.shape[1]):
         model.set_output_embeddings(Bf16Linear(head_weight))
-    elif head_weight.dtype != torch.float32:
-        head.weight = nn.Parameter(head_weight.detach().float(), requires_grad=False)
+    else:  # fp16 (no fp16 kernel; a tied head shares the fp32 table made above) or a shape the bf16 kernel does
+        # not take: torch's fp32 matmul, as the reference backend computes it
+        fp32 = head_weight if head_weight.dtype == torch.float32 else head_weight.detach().float()
+        head.weight = fp32 if isinstance(fp32, nn.Parameter) else nn.Parameter(fp32, requires_grad=False)
 
 
 def linear_zero_shares(model: nn.Module) -> dict[str, float]:

@@ -25,6 +25,7 @@ from bitnet_convert.quant.packing import pack_ternary
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 
 OPS = None
+REPO_RECIPE = str(REFERENCE.parents[2] / "recipes" / "a48.yaml")
 SPECS = {
     "int8 absmax": ActivationSpec(method="absmax", bits=8),
     "int4 absmax": ActivationSpec(method="absmax", bits=4),
@@ -217,6 +218,40 @@ def test_native_backend_honours_the_input_rms_norm(tmp_path):
         a = bitnet_convert.load(source)(ids).logits
         b = bitnet_convert.load(source, backend="native")(ids).logits
     assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())
+
+
+@pytest.mark.parametrize("case", ["fp16 export, tied embeddings", "fp16 export, untied", "hidden_size 100",
+                                  "hidden_size 100, fp16 export"])
+def test_every_export_dtype_and_shape_runs_on_the_default_backend(tmp_path, case):
+    """Field reports: an fp16 export of a tied model stopped in the lm_head (fp32 input, fp16 weight), and a hidden
+    size the bf16 lm_head kernel does not take (not a multiple of 8) stopped with 'K must be a multiple of 8'.
+    Both now run on the native backend and give the reference backend's logits."""
+    from conftest import write_tiny_checkpoint
+
+    shape = {"hidden_size": 100, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 52} \
+        if "100" in case else {}
+    source = write_tiny_checkpoint(tmp_path / "in", tie_word_embeddings="untied" not in case, **shape)
+    if "untied" in case:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(source / "model.safetensors")
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].flip(0).contiguous()
+        save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    dtype = "float16" if "fp16" in case else "auto"
+    out = bitnet_convert.quantize(REPO_RECIPE, model=str(source), output=str(tmp_path / "out"),
+                                  calibration__samples=0, export__dtype=dtype).output
+    ids = torch.randint(4, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = bitnet_convert.load(out, backend="auto")
+    assert any(isinstance(m, native.NativeLinear) for m in model.modules())
+    with torch.no_grad():
+        a = bitnet_convert.load(out)(ids).logits
+        b = model(ids).logits
+    assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())
+
+
+def test_the_bf16_kernel_refuses_a_width_it_does_not_take():
+    with pytest.raises(ValueError, match=r"in_features a multiple of 8; got torch.bfloat16 \[4, 100\]"):
+        native.Bf16Linear(torch.zeros(4, 100, dtype=torch.bfloat16))
 
 
 # ------------------------------------------------------------------------------- selection and fallback
