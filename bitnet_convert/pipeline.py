@@ -52,7 +52,7 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
-from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context
+from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs
 
 
 @dataclass
@@ -138,6 +138,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
         on_writer(lambda: check_output(recipe.output, recipe.overwrite, [checkpoint.path]))
+        on_writer(lambda: check_state_dirs(recipe))
         calibration = _calibration_windows(recipe, checkpoint, data_used)
         if recipe.recovery.distill is not None:  # a teacher that cannot teach fails before any work
             kd.teacher_checkpoint(checkpoint, recipe.recovery.distill)

@@ -92,7 +92,7 @@ def test_state_of_another_recipe_is_refused(tmp_path, reference_dir):
     bitnet_convert.quantize(Recipe(model=str(reference_dir), output=tmp_path / "a", **spec))
     other = {**SMALL, "recovery": {"blockwise": {**SMALL["recovery"]["blockwise"], "steps": 4,
                                                  "checkpoint_dir": str(tmp_path / "a.blockwise")}}}
-    with pytest.raises(bitnet_convert.BitNetConvertError, match="block-wise state from a different recipe"):
+    with pytest.raises(bitnet_convert.BitNetConvertError, match="block-wise state of a different recipe"):
         bitnet_convert.quantize(Recipe(model=str(reference_dir), output=tmp_path / "b", **other))
 
 
@@ -128,3 +128,87 @@ def test_bfloat16_autocast_trains_too(first_block):
     assert record["kept"] and record["heldout_error_after"] < record["heldout_error_before"]
     assert record["loss_first"] != reference["loss_first"]
     assert any(not torch.equal(after[k], after32[k]) for k in after)
+
+
+# ------------------------------------------------------------------ resume only from the state of these inputs
+
+
+def _quantize_cli(tmp_path, *extra):
+    from test_cli import invoke
+
+    from bitnet_convert.checkpoint import REPO_ROOT
+
+    return invoke("quantize", "--recipe", REPO_ROOT / "recipes" / "a48-blockwise.yaml", "--output", tmp_path / "out",
+                  "--overwrite", "--set", "calibration.samples=4", "--set", "calibration.seq_len=64",
+                  "--set", "calibration.batch_size=2", "--set", "recovery.blockwise.steps=1",
+                  "--set", "recovery.blockwise.batch_size=2", "--set", "recovery.blockwise.keep_checkpoint=true",
+                  *extra)
+
+
+def _calibration_text(tmp_path, start: int) -> str:
+    from bitnet_convert.data import load_texts
+
+    file = tmp_path / "calib.txt"
+    file.write_text("\n\n".join(load_texts("builtin:reference", "calib")[start : start + 60]), encoding="utf-8")
+    return str(file)
+
+
+@pytest.mark.parametrize("change", ["calibration text edited", "model weights edited", "state file damaged",
+                                    "state file truncated"])
+def test_a_state_of_other_inputs_or_a_damaged_one_is_refused(tmp_path, reference_dir, change):
+    """Field report: killed after block 0, the calibration file edited, the same command resumed block 0 (trained
+    on the old text) with exit 0. The fingerprint covers the content of the model and the calibration windows,
+    and each state file carries a checksum: a mismatch is one line and exit 2, never a resume."""
+    from test_cli import assert_user_error
+
+    model = tmp_path / "model"
+    shutil.copytree(reference_dir, model)
+    data = _calibration_text(tmp_path, 0)
+    first = _quantize_cli(tmp_path, "--model", model, "--calibration-data", data)
+    assert first.exit_code == 0, first.output
+    state = tmp_path / "out.blockwise"
+    for index in (1, 2, 3):  # as if killed after block 0
+        (state / f"block-{index:04d}.pt").unlink()
+    block0 = state / "block-0000.pt"
+    if change == "calibration text edited":
+        _calibration_text(tmp_path, 60)
+    elif change == "model weights edited":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model / "model.safetensors")
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    elif change == "state file damaged":
+        raw = bytearray(block0.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # inside the tensor data: torch.load still reads it
+        block0.write_bytes(bytes(raw))
+    else:
+        block0.write_bytes(block0.read_bytes()[: block0.stat().st_size // 2])
+    again = _quantize_cli(tmp_path, "--model", model, "--calibration-data", data)
+    expected = {"calibration text edited": "block-wise state of a different recipe, model or data",
+                "model weights edited": "block-wise state of a different recipe, model or data",
+                "state file damaged": "damaged block-wise state (its checksum does not match its content)",
+                "state file truncated": "unreadable block-wise state"}[change]
+    assert_user_error(again, str(block0), expected)
+
+
+def test_an_unwritable_state_directory_is_one_line_before_any_work(tmp_path, reference_dir):
+    """Field report: block 0 trained, then a torch serialization traceback. The state directory is checked with
+    the output, before any work; a write that fails later is one line too."""
+    from test_cli import assert_user_error
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = _quantize_cli(tmp_path, "--set", f"recovery.blockwise.checkpoint_dir={blocker / 'state'}")
+    assert_user_error(result, f"recovery.blockwise.checkpoint_dir '{blocker / 'state'}' cannot be created",
+                      "is a file, not a directory")
+    assert "Block-wise recovery" not in result.output and not (tmp_path / "out").exists()
+    result = _quantize_cli(tmp_path, "--set", f"recovery.blockwise.checkpoint_dir={blocker}")
+    assert_user_error(result, f"recovery.blockwise.checkpoint_dir '{blocker}' exists and is not a directory")
+
+    state = tmp_path / "out.blockwise"
+    (state / "block-0001.pt").mkdir(parents=True)  # block 1's file cannot be written: a directory is in the way
+    result = _quantize_cli(tmp_path)
+    assert_user_error(result, f"cannot write the training state '{state / 'block-0001.pt'}'",
+                      "recovery.blockwise.checkpoint_dir")
+    assert not [p for p in state.iterdir() if p.name.startswith(".")] and not (tmp_path / "out").exists()

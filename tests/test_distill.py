@@ -120,7 +120,7 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(reference_dir, tmp_path
     assert any(not torch.equal(after[k], v) for k, v in _state(_models(reference_dir)[1]).items())
     # the state of another recipe is never resumed
     assert teacher.model.embed_tokens.weight is not student.model.embed_tokens.weight  # trained: never shared
-    with pytest.raises(ValueError, match="fine-tune state from a different recipe"):
+    with pytest.raises(ValueError, match="fine-tune state of a different recipe, model or data"):
         kd.distill(student, teacher, stream, spec, state_dir=tmp_path / "cut", **{**common, "recipe_fingerprint": "x"})
 
 
@@ -275,3 +275,19 @@ def test_bfloat16_autocast_fine_tune(tmp_path):
     one, other = fp32.report["distill"]["losses"], bf16.report["distill"]["losses"]
     assert one != other and other[0] == pytest.approx(one[0], rel=0.1)
     assert bf16.report["packed_linears"]["bits_per_weight"] == fp32.report["packed_linears"]["bits_per_weight"]
+
+
+def test_a_fine_tune_state_trained_on_other_text_is_refused(tmp_path):
+    """The fine-tune's state is tied to the content of its text (recovery.distill.data), not only its name."""
+    from bitnet_convert.data import load_texts
+
+    text = tmp_path / "text.txt"
+    paragraphs = load_texts("builtin:reference", "calib")
+    text.write_text("\n\n".join(paragraphs[:80]), encoding="utf-8")
+    options = {"recovery__distill": {**SMALL, "data": str(text), "keep_checkpoint": True},
+               "calibration__samples": 0, "overwrite": True}
+    bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a"), **options)
+    text.write_text("\n\n".join(paragraphs[80:160]), encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"a\.distill/state\.pt: fine-tune state of a different recipe, model or "
+                                          "data"):
+        bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a"), **options)

@@ -39,15 +39,16 @@ from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover.distill import (
     LatentSource,
     finish,
-    load_state,
     master_latents,
     optimizer_step,
-    save_state,
     trainable_tensors,
 )
+from bitnet_convert.recover.state import load_state, read_state, save_state
 
 BlockGroup = Literal["norms", "linears"]
-STATE_VERSION = 2  # 2: the kept blocks' trained latents, for a later stage
+#: 2: the kept blocks' trained latents, for a later stage; 3: a checksum, and a fingerprint of the model's and the
+#: calibration windows' content
+STATE_VERSION = 3
 #: A block of at least this many ternary weights gives its freed memory back to the system after every training
 #: step (2B-4T block: 69 M; the 30-layer peak 4.61 → 4.38 GB). A smaller block does not: re-faulting the step's
 #: memory would cost more than it saves (+50% time on the 0.4 M-weight blocks of the reference model).
@@ -201,7 +202,7 @@ def saved_latents(state_dir: Path) -> LatentSource:
         index = int(parts[2])
         if cache.get("index") != index:
             file = state_dir / _block_file(index)
-            state = torch.load(file, weights_only=True, map_location="cpu") if file.is_file() else {}
+            state = read_state(file, "block-wise") if file.is_file() else {}
             cache.update(index=index, latents=state.get("latents", {}))
         return cache["latents"].get(".".join(parts[3:]))
 
@@ -276,7 +277,7 @@ def recover_model(
                 if distributed.is_writer():
                     save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
                                            "tensors": block_state(block), "divides": divides, "record": record,
-                                           "latents": latents}, _block_file(index))
+                                           "latents": latents}, _block_file(index), "blockwise")
                 del latents
             records.append({"layer": index, **record})
             with runner.onload(block):

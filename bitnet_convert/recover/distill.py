@@ -18,10 +18,7 @@ ends with. Batches are random windows of the training text drawn by a private ge
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,10 +35,11 @@ from bitnet_convert.devices import module_device
 from bitnet_convert.errors import Interrupted
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.recover.state import load_state, read_state, save_state
 
 Group = Literal["norms", "linears", "qwt", "embeddings"]
 STATE_FILE = "state.pt"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a checksum, and a fingerprint of the model's and the data's content
 
 
 class DistillSpec(BaseModel):
@@ -224,38 +222,6 @@ def batch(stream: torch.Tensor, offsets: torch.Tensor, body: int, bos_id: int | 
 # ---------------------------------------------------------------------------------------- the state
 
 
-def fingerprint(data: dict) -> str:
-    """A short hash of what decides the training (the recipe without output locations)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def save_state(directory: Path, state: dict, name: str = STATE_FILE) -> None:
-    """Write a training state atomically (a temporary file renamed into place) as ``directory/name``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / name)
-
-
-def load_state(directory: Path, expected: str, name: str = STATE_FILE, version: int = STATE_VERSION,
-               what: str = "fine-tune", section: str = "distill") -> dict | None:
-    """The saved state ``directory/name`` (``None`` when there is none); a state written by another recipe
-    (``fingerprint`` ≠ ``expected``) or another ``version`` is an error, never silently resumed. ``what`` and
-    ``section`` (``recovery.<section>``) name the stage in the messages."""
-    file = directory / name
-    if not file.is_file():
-        return None
-    try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
-    except Exception as exc:  # torch raises several types for a damaged file
-        reason = type(exc).__name__
-        raise ValueError(f"{file}: unreadable {what} state ({reason}); delete it to start over") from None
-    if state.get("version") != version or state.get("fingerprint") != expected:
-        raise ValueError(f"{file}: {what} state from a different recipe; delete '{directory}' to start over, "
-                         f"or set recovery.{section}.checkpoint_dir")
-    return state
-
-
 def _to_cpu(value):
     """An optimizer state dict with its tensors on the CPU (a state file loads on any machine)."""
     if isinstance(value, torch.Tensor):
@@ -308,7 +274,7 @@ def distill(
     losses: list[float] = []
     start = saved = 0
     try:
-        state = load_state(state_dir, recipe_fingerprint)
+        state = load_state(state_dir, recipe_fingerprint, STATE_FILE, STATE_VERSION, "fine-tune", "distill")
         distributed.same_everywhere(None if state is None else state["step"], f"fine-tune state in '{state_dir}'")
         if state is not None:
             with torch.no_grad():
@@ -351,7 +317,7 @@ def distill(
                     "tensors": {n: t.detach().cpu() for n, t in tensors.items()},
                     "optimizer": _to_cpu(optimizer.state_dict()),
                     "losses": losses,
-                })
+                }, STATE_FILE, "distill")
                 saved = done
             if on_step is not None:
                 on_step(done, losses[-1])
@@ -464,7 +430,7 @@ def saved_latents(state_dir: Path) -> LatentSource:
     def source(name: str) -> torch.Tensor | None:
         if "state" not in cache:
             file = state_dir / STATE_FILE
-            cache["state"] = torch.load(file, weights_only=True, map_location="cpu") if file.is_file() else {}
+            cache["state"] = read_state(file, "fine-tune") if file.is_file() else {}
         return cache["state"].get("tensors", {}).get(f"{name}.latent")
 
     cache: dict = {}

@@ -4,8 +4,9 @@ them; a new method is one more :class:`Stage` in :data:`STAGES`.
 
 Each stage that keeps state between runs (block-wise recovery's finished blocks, the fine-tune's training state)
 names it by a fingerprint of what decides its result (:func:`fingerprint`): the recipe up to and including this
-stage, without where things are written or how they are shown. A rerun of the same recipe resumes; a state of
-another recipe is refused.
+stage, without where things are written or how they are shown, and the content of what it trained on (the model's
+files, the calibration windows, the fine-tune's text and teacher). A rerun of the same recipe on the same inputs
+resumes; a state of another recipe or of other inputs is refused with one line (:mod:`bitnet_convert.recover.state`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover import blockwise, qwt
 from bitnet_convert.recover import distill as kd
+from bitnet_convert.recover.state import files_digest, tensor_digest
+from bitnet_convert.recover.state import fingerprint as state_fingerprint
 
 #: What the warnings of the calibration and training windows say.
 OWN_TEXT = "give your own text (--calibration-data FILE, or --set {0}=FILE)"
@@ -50,6 +53,7 @@ class Context:
     data_used: dict = field(default_factory=dict)
     #: the trained float weights of the stages run so far, most recent first (each ``name → latent or None``)
     latent_sources: list[kd.LatentSource] = field(default_factory=list)
+    _model_digest: str | None = field(default=None, repr=False)
 
     def run(self, stage: Stage) -> dict:
         """Run ``stage`` as the recipe sets it; its trained weights become a source for the stages after it."""
@@ -57,6 +61,14 @@ class Context:
         if stage.latents is not None:
             self.latent_sources.insert(0, stage.latents(stage.state_dir(self.recipe)))
         return section
+
+    def input_digests(self, **more: str) -> dict[str, str]:
+        """Digests of what the stages train on: the input model's files (config and weights) and the calibration
+        windows (token ids: the text's content, its tokenization and the sampling), plus ``more``."""
+        if self._model_digest is None:
+            self._model_digest = files_digest([self.checkpoint.path / "config.json", *self.checkpoint.files])
+        windows = "none" if self.calibration is None else tensor_digest(self.calibration)
+        return {"model": self._model_digest, "calibration_windows": windows, **more}
 
     def memory_guard(self):
         """An out-of-memory error as one line naming the calibration knobs."""
@@ -86,10 +98,11 @@ class Stage:
             self.remove_state(self.state_dir(recipe))
 
 
-def fingerprint(recipe: Recipe, key: str) -> str:
+def fingerprint(recipe: Recipe, key: str, inputs: dict[str, str]) -> str:
     """A hash of what decides stage ``key``'s result: the recipe with only the recovery stages up to and including
     ``key`` (in the recipe's order), without output locations, how the result is written or evaluated, the report
-    switch, or where and how often state is kept."""
+    switch, or where and how often state is kept; and ``inputs``, the digests of the content it trained on
+    (:meth:`Context.input_digests`)."""
     data = recipe.model_dump(mode="json", exclude={"output", "overwrite", "eval", "export"})
     data["calibration"].pop("report")
     order = recipe.recovery.order_of_stages()
@@ -97,7 +110,24 @@ def fingerprint(recipe: Recipe, key: str) -> str:
     data["recovery"] = {k: {f: v for f, v in data["recovery"][k].items()
                             if f not in ("checkpoint_dir", "keep_checkpoint", "save_every")} for k in upto}
     data["recovery_order"] = list(upto)
-    return kd.fingerprint(data)
+    data["inputs"] = inputs
+    return state_fingerprint(data)
+
+
+def check_state_dirs(recipe: Recipe) -> None:
+    """Before any work: each recovery stage's state directory is a directory or can be created
+    (:class:`~bitnet_convert.errors.OutputError` naming ``recovery.<key>.checkpoint_dir`` otherwise)."""
+    from bitnet_convert.errors import OutputError
+    from bitnet_convert.export import check_creatable
+
+    for key in recipe.recovery.order_of_stages():
+        stage = STAGES[key]
+        if stage.state_dir is None:
+            continue
+        path, label = stage.state_dir(recipe), f"recovery.{key}.checkpoint_dir"
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{label} '{path}' exists and is not a directory")
+        check_creatable(path, label)
 
 
 def _state_dir(key: str) -> Callable[[Recipe], Path]:
@@ -138,7 +168,8 @@ def run_blockwise(context: Context, spec: blockwise.BlockwiseSpec) -> dict:
         try:
             return blockwise.recover_model(
                 context.model, context.checkpoint, context.calibration, spec, seed=recipe.seed,
-                state_dir=_state_dir("blockwise")(recipe), fingerprint=fingerprint(recipe, "blockwise"),
+                state_dir=_state_dir("blockwise")(recipe),
+                fingerprint=fingerprint(recipe, "blockwise", context.input_digests()),
                 on_block=advance, device=context.device, batch_size=recipe.calibration.batch_size,
                 latent_sources=context.latent_sources)
         except ValueError as exc:
@@ -162,6 +193,9 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
     context.data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
     warn_no_bos(tokenizer, checkpoint.path, NO_BOS)
     warn_positions(checkpoint.config, spec.seq_len, f"recovery.distill.seq_len={spec.seq_len}")
+    inputs = context.input_digests(distill_text=tensor_digest(stream), teacher=(
+        context.input_digests()["model"] if teacher is checkpoint
+        else files_digest([teacher.path / "config.json", *teacher.files])))
     with context.progress.stage("Load the b1.58 teacher"):
         teacher_model = kd.build_teacher(teacher, DTYPES[recipe.dtype])
     guard = out_of_memory(
@@ -175,7 +209,8 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
             teacher_model.to(context.device)  # not back afterwards: it is dropped
             record = kd.distill(model, teacher_model, stream, spec, seed=recipe.seed,
                                 state_dir=_state_dir("distill")(recipe),
-                                recipe_fingerprint=fingerprint(recipe, "distill"), bos_id=tokenizer.bos_token_id,
+                                recipe_fingerprint=fingerprint(recipe, "distill", inputs),
+                                bos_id=tokenizer.bos_token_id,
                                 latent_init=kd.master_latents(checkpoint, context.latent_sources),
                                 on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
     except ValueError as exc:
