@@ -355,6 +355,7 @@ def perplexity(
         build_for_backend,
         linear_overrides,
         load_tokenizer,
+        require_b158,
         scheme_of,
     )
     from bitnet_convert.modeling import architecture_config
@@ -367,6 +368,7 @@ def perplexity(
         if scheme is not None and scheme not in PRESETS:
             _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
         if scheme:  # the preset as a conversion would resolve it for this model (SwiGLU down_proj)
+            require_b158(checkpoint, f"--scheme {scheme}: the model")
             name, roles = scheme, preset_roles(scheme, architecture_config(checkpoint).hidden_act)
         else:
             name, roles = scheme_of(checkpoint)

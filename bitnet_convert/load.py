@@ -57,6 +57,54 @@ def linear_overrides(checkpoint: Checkpoint) -> dict[str, ActivationSpec]:
         raise CheckpointError(f"{where} ({str(exc).splitlines()[0]})") from None
 
 
+def conversion_of(checkpoint: Checkpoint, *, scheme: bool = True) -> str | None:
+    """What a bitnet-convert output computes beyond the b1.58 semantics of its ternary weights (``"scheme a48, QwT
+    compensation"``), ``None`` for b1.58 semantics: an input model, or a plain ``b158`` export. ``scheme=False``
+    leaves the activation scheme out (a conversion re-decides it)."""
+    spec = checkpoint.a48_spec
+    if spec is None:
+        return None
+    name, _ = scheme_of(checkpoint)
+    attention = attention_of(checkpoint)
+    parts = [f"scheme {name}" if scheme and name != "b158" else "",
+             "QwT compensation" if spec.get("qwt") else "",
+             "per-linear activation specs" if linear_overrides(checkpoint) else "",
+             f"attention {attention.describe()}" if attention is not None and attention.enabled else ""]
+    return ", ".join(p for p in parts if p) or None
+
+
+def require_b158(checkpoint: Checkpoint, what: str, recipe_scheme: str | None = None) -> None:
+    """Refuse an a4.8 export where a b1.58 model is needed (a teacher, ``perplexity --scheme``) or where what it
+    computes beyond b1.58 would be lost (the input of a conversion or a calibration): its QwT compensation,
+    per-linear specs and low-bit attention belong to its own quantizers and cannot be carried into another
+    conversion, and its original b1.58 model cannot be recovered from it. Raises
+    :class:`~bitnet_convert.errors.CheckpointError` naming ``what`` (the option or recipe key) and the model it was
+    converted from, when its report says.
+
+    ``recipe_scheme``: the scheme a conversion gives the model. Then the export's own activation scheme alone is
+    not refused, since the recipe decides it anyway: its ternary weights (e.g. fine-tuned ones) are converted
+    again, with a warning line saying that the scheme it declared is replaced."""
+    described = conversion_of(checkpoint, scheme=recipe_scheme is None)
+    if described is None:
+        own = conversion_of(checkpoint)
+        if own is not None:
+            warn(f"{what} '{checkpoint.path}' is a bitnet-convert output ({own}); its ternary weights are converted "
+                 f"again with the recipe's scheme {recipe_scheme}, which replaces the scheme it declared")
+        return
+    origin = ""
+    report = checkpoint.path / "conversion_report.json"
+    if report.is_file():
+        import json
+
+        try:
+            source = json.loads(report.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        origin = f" ('{source}', as its conversion_report.json records)" if isinstance(source, str) else ""
+    raise CheckpointError(f"{what} '{checkpoint.path}' is a bitnet-convert a4.8 output ({described}), not a b1.58 "
+                          f"model: give the b1.58 checkpoint it was converted from{origin}")
+
+
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
          sparse_roles: tuple[str, ...] | None = None) -> PreTrainedModel:
     """The model stored in ``path`` with the activation quantizers its config declares.

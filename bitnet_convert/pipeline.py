@@ -45,14 +45,14 @@ from bitnet_convert.export import (
     output_lock,
     scale_convention,
 )
-from bitnet_convert.load import DTYPES, load_tokenizer
+from bitnet_convert.load import DTYPES, load_tokenizer, require_b158
 from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
-from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs
+from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs, round_to_export
 
 
 @dataclass
@@ -137,6 +137,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     data_used: dict[str, dict] = {}
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
+        require_b158(checkpoint, "model", recipe.scheme.preset)
         on_writer(lambda: check_output(recipe.output, recipe.overwrite, [checkpoint.path]))
         on_writer(lambda: check_state_dirs(recipe))
         calibration = _calibration_windows(recipe, checkpoint, data_used)
@@ -180,6 +181,8 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
         with _timed(timings, key):
             sections[key] = context.run(STAGES[key])
+    if sections:
+        round_to_export(context)
     if calibration is not None and stats is None:
         stage = progress.stage("Calibration statistics", layers)
         with guarded(), _timed(timings, "calibrate"), stage as advance:
@@ -255,6 +258,7 @@ def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress
     data_used: dict[str, dict] = {}
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
+        require_b158(checkpoint, "model", recipe.scheme.preset)
         on_writer(lambda: check_output(output, overwrite, [checkpoint.path]))
         ids = _calibration_windows(recipe, checkpoint, data_used)
     if ids is None:

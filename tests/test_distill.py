@@ -168,9 +168,11 @@ def test_kd_without_a_teacher_is_a_clear_error(tmp_path):
     recipe = REPO / "recipes/a48.yaml"
     converted = bitnet_convert.quantize(recipe, output=str(tmp_path / "a48"), calibration__samples=0).output
     with pytest.raises(RecipeError, match=r"no b1\.58 teacher for the fine-tune: the input model '.*a48' is a "
-                                          r"bitnet-convert a48 conversion; set recovery\.distill\.teacher"):
+                                          r"bitnet-convert a4\.8 output \(scheme a48\), not a b1\.58 model: give the "
+                                          r"b1\.58 checkpoint it was converted from \('builtin:reference', as its "
+                                          r"conversion_report\.json records\) as recovery\.distill\.teacher"):
         bitnet_convert.quantize(recipe, model=str(converted), output=str(tmp_path / "x"), recovery__distill=SMALL)
-    with pytest.raises(RecipeError, match=r"recovery\.distill\.teacher '.*a48' is a bitnet-convert a48"):
+    with pytest.raises(RecipeError, match=r"recovery\.distill\.teacher '.*a48' is a bitnet-convert a4\.8 output"):
         bitnet_convert.quantize(recipe, output=str(tmp_path / "x"),
                                 recovery__distill={**SMALL, "teacher": str(converted)})
     with pytest.raises(RecipeError, match=r"recovery\.distill\.teacher: .*nowhere"):

@@ -350,6 +350,7 @@ def teacher_checkpoint(checkpoint, spec: DistillSpec):
     (compensations, trained weights). Cheap: reads configs only."""
     from bitnet_convert.checkpoint import open_checkpoint
     from bitnet_convert.errors import CheckpointError, RecipeError
+    from bitnet_convert.load import require_b158
 
     source = checkpoint
     if spec.teacher is not None:
@@ -357,12 +358,11 @@ def teacher_checkpoint(checkpoint, spec: DistillSpec):
             source = open_checkpoint(spec.teacher)
         except CheckpointError as exc:
             raise RecipeError(f"recovery.distill.teacher: {exc}") from None
-    converted = _conversion_of(source)
-    if converted is not None:
-        where = (f"recovery.distill.teacher '{spec.teacher}'" if spec.teacher is not None
-                 else f"the input model '{checkpoint.path}'")
-        raise RecipeError(f"no b1.58 teacher for the fine-tune: {where} is a bitnet-convert {converted} conversion; "
-                          "set recovery.distill.teacher to the b1.58 checkpoint it came from")
+    where = "recovery.distill.teacher" if spec.teacher is not None else "the input model"
+    try:
+        require_b158(source, where)
+    except CheckpointError as exc:
+        raise RecipeError(f"no b1.58 teacher for the fine-tune: {exc} as recovery.distill.teacher") from None
     for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
         if source.config.get(key) != checkpoint.config.get(key):
             raise RecipeError(f"recovery.distill.teacher '{spec.teacher}': {key} {source.config.get(key)} differs "
@@ -376,19 +376,6 @@ def build_teacher(checkpoint, dtype: torch.dtype) -> nn.Module:
     from bitnet_convert.quant.schemes import PRESETS
 
     return build_model(checkpoint, PRESETS["b158"], dtype)
-
-
-def _conversion_of(checkpoint) -> str | None:
-    """The scheme of a bitnet-convert output other than plain b1.58, ``None`` for a b1.58 model."""
-    from bitnet_convert.load import attention_of, linear_overrides, scheme_of
-
-    if checkpoint.a48_spec is None:
-        return None
-    scheme, _ = scheme_of(checkpoint)
-    attention = attention_of(checkpoint)
-    plain = (scheme == "b158" and not checkpoint.a48_spec.get("qwt") and not linear_overrides(checkpoint)
-             and (attention is None or not attention.enabled))
-    return None if plain else scheme
 
 
 LatentSource = Callable[[str], "torch.Tensor | None"]

@@ -180,10 +180,7 @@ def run_blockwise(context: Context, spec: blockwise.BlockwiseSpec) -> dict:
 
 
 def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
-    """Distill the b1.58 teacher into the converted model (the whole model on the device for the duration); the
-    trained float tensors are rounded to the export dtype, so the model in memory is the one written."""
-    from bitnet_convert.export import export_dtype_name
-
+    """Distill the b1.58 teacher into the converted model (the whole model on the device for the duration)."""
     recipe, checkpoint, model = context.recipe, context.checkpoint, context.model
     teacher = kd.teacher_checkpoint(checkpoint, spec)
     tokenizer = load_tokenizer(checkpoint.path)
@@ -217,11 +214,19 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
         raise RecipeError(str(exc)) from None
     finally:
         del teacher_model
-    export_dtype = DTYPES[export_dtype_name(checkpoint, recipe.export.dtype)]
-    with torch.no_grad():  # the float parameters (norms, embeddings); packed linears and compensations are buffers
-        for tensor in model.parameters():
-            tensor.copy_(tensor.to(export_dtype))
     return record
+
+
+def round_to_export(context: Context) -> None:
+    """After the recovery stages: the trained float parameters (norms, embeddings) rounded to the export dtype, so
+    the model in memory (its report statistics, :attr:`~bitnet_convert.pipeline.Conversion.model`) is the one
+    written. Packed linears and compensations are buffers, exported as they are."""
+    from bitnet_convert.export import export_dtype_name
+
+    export_dtype = DTYPES[export_dtype_name(context.checkpoint, context.recipe.export.dtype)]
+    with torch.no_grad():
+        for tensor in context.model.parameters():
+            tensor.copy_(tensor.to(export_dtype))
 
 
 #: Every recovery method by its recipe key.
