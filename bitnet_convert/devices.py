@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -62,3 +64,19 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run the block with one intra-op CPU thread (the caller's setting restored after it). For the few small
+    LAPACK calls whose result decides stored bytes (QwT's ridge solve and eigendecomposition): MKL's LU and
+    eigensolvers split their work among the threads, so their last bits follow the thread count (measured: a
+    193×193 solve differs at 1 and 2 threads), while "same recipe and seed → the same bytes" must hold on any
+    machine setting. Cost: the solve of a ``d``×``d`` system on one core (2B-4T, d = 2560: about a second per
+    block)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

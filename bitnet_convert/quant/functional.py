@@ -35,11 +35,39 @@ def ste(x: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- weights
 
 
+def ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of all elements of ``x`` as a 0-d float64 tensor (no gradient), added in an order that does not
+    depend on the thread count: pairwise halving in float64 (``acc[:k] += acc[k:2k]``), each step an element-wise
+    add. ``torch.sum`` of a whole tensor splits the reduction among the threads, so its last bit follows the thread
+    count; wherever a full sum decides stored bytes (a weight scale, a loss normalizer, a gradient-clipping norm,
+    keep-or-revert) this one is used. Pairwise in float64, it is also more accurate than an fp32 sum."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    m = (n + 1) // 2
+    acc = flat[:m].to(torch.float64)
+    acc[: n - m] += flat[m:]
+    while m > 1:
+        half = (m + 1) // 2
+        acc[: m - half] += acc[half:m]
+        m = half
+    return acc[0]
+
+
+def weight_absmean(w: torch.Tensor) -> torch.Tensor:
+    """``mean(|W|)`` of a whole weight as a 1-element fp32 tensor (no gradient), the same bits for any thread count
+    (:func:`ordered_sum`; field report: ``torch.mean`` gave 8 stored scales one ulp apart at 1 and 2 threads)."""
+    n = max(w.numel(), 1)
+    return (ordered_sum(w.detach().abs()) / n).to(torch.float32).reshape(1)
+
+
 def ternary_absmean(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary codes and scale of a weight, per tensor (b1.58 Eq. 1–3).
 
-    ``α = mean(|W|)``, codes ``= RoundClip(W / α, −1, 1)`` as int8, so ``Q_w(W) = α · codes``.
-    Computed in fp32 whatever the input dtype. Returns ``(codes, alpha)`` with ``alpha`` a 1-element fp32 tensor.
+    ``α = mean(|W|)`` (:func:`weight_absmean`: the same bits for any thread count), codes
+    ``= RoundClip(W / α, −1, 1)`` as int8, so ``Q_w(W) = α · codes``. Computed in fp32 whatever the input dtype.
+    Returns ``(codes, alpha)`` with ``alpha`` a 1-element fp32 tensor.
     ``scratch``: an optional flat fp32 buffer of at least ``2 · w.numel()`` elements, reused across calls when
     converting many large weights (fresh full-size temporaries cost a page fault per 4 KiB); same result.
     """
@@ -49,15 +77,15 @@ def ternary_absmean(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tup
         work = torch.empty_like(wf)
     else:
         wf, work = scratch[:n].view(w.shape).copy_(w), scratch[n : 2 * n].view(w.shape)
-    alpha = torch.abs(wf, out=work).mean().clamp(min=EPS)
+    alpha = weight_absmean(wf).clamp(min=EPS)
     torch.mul(wf, 1.0 / alpha, out=work).round_().clamp_(-1, 1)
-    return work.to(torch.int8), alpha.reshape(1)
+    return work.to(torch.int8), alpha
 
 
 def ternary_absmean_fake(w: torch.Tensor) -> torch.Tensor:
     """``Q_w(W) = α · RoundClip(W / α, −1, 1)`` in the dtype of ``w``."""
     wf = w.float()
-    inv_alpha = 1.0 / wf.abs().mean().clamp(min=EPS)
+    inv_alpha = 1.0 / weight_absmean(wf).clamp(min=EPS)
     return (round_clip(wf * inv_alpha, -1, 1) / inv_alpha).to(w.dtype)
 
 

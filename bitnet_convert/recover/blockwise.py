@@ -34,6 +34,7 @@ from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.errors import Interrupted
 from bitnet_convert.memory import trim_heap
+from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover.distill import (
@@ -129,9 +130,9 @@ def train_block(
     def held_out_error() -> float:
         with torch.no_grad():
             if len(tested):
-                out = runner.run(block, inputs[tested]).double()
-                num, den = float((out - targets[tested].double()).pow(2).sum()), float(targets[tested].double()
-                                                                                       .pow(2).sum())
+                out = runner.run(block, inputs[tested]).double()  # sums in a thread-independent order
+                num = float(ordered_sum((out - targets[tested].double()).pow(2)))
+                den = float(ordered_sum(targets[tested].double().pow(2)))
             else:
                 num = den = 0.0
             num, den = distributed.sum_floats(num, den)
@@ -153,7 +154,7 @@ def train_block(
             pick = torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
             rows = torch.tensor([position[w] for w in pick if w in position], dtype=torch.long)
             target = targets[rows].to(device)
-            norm = target.pow(2).sum().reshape(1)
+            norm = ordered_sum(target.pow(2)).float().reshape(1)  # the same bits for any thread count
             distributed.sum_tensors([norm])
             if len(rows):
                 with autocast(spec, device):

@@ -33,7 +33,7 @@ from torch import nn
 from bitnet_convert import distributed
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import Interrupted
-from bitnet_convert.quant.functional import ternary_absmean
+from bitnet_convert.quant.functional import ordered_sum, ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.recover.state import load_state, read_state, save_state
 
@@ -108,12 +108,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return tF.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def hidden_norms(teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``‖h_t‖²`` of each decoder layer's output (fp32 ``[layers]``, summed in a thread-independent order)."""
+    return torch.stack([ordered_sum(t.float().pow(2)) for t in teacher[1:]]).float()
+
+
 def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                 norms: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the decoder layers' outputs of ``‖h_s − h_t‖² / ‖h_t‖²``; ``norms`` (``[layers]``) replaces the
     denominators (the global ``‖h_t‖²`` of a batch split over processes)."""
     if norms is None:
-        norms = torch.stack([t.float().pow(2).sum() for t in teacher[1:]])
+        norms = hidden_norms(teacher)
     terms = [(s.float() - t.float()).pow(2).sum() / n.clamp(min=1e-12)
              for s, t, n in zip(student[1:], teacher[1:], norms, strict=True)]
     return torch.stack(terms).mean()
@@ -159,16 +164,32 @@ def optimizer_step(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
     global loss (the sum of the shares)."""
     distributed.sum_gradients(tensors.values())
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(tensors.values()), max_grad_norm)
+        clip_grad_norm(list(tensors.values()), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return distributed.sum_floats(float(loss.detach()))[0]
 
 
+def clip_grad_norm(tensors: list[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients of ``tensors`` so that their global L2 norm is at most ``max_norm``; returns the norm
+    before. What ``torch.nn.utils.clip_grad_norm_`` does (coefficient ``max_norm / (norm + 1e-6)``, at most 1), with
+    the squares summed by :func:`~bitnet_convert.quant.functional.ordered_sum`: torch's norm is a full reduction
+    split among the threads, and the coefficient would carry its thread-dependent last bit into the weights."""
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if not grads:
+        return 0.0
+    total = math.sqrt(sum(float(ordered_sum(g.float().pow(2))) for g in grads))
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total
+
+
 def latent_from_codes(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """A float weight whose absmean ternarization gives ``codes`` and (up to rounding) ``alpha`` back:
     ``codes · α / p`` with ``p`` the share of non-zero codes (so ``mean|W| = α`` and ``|W|/α = 1/p ≥ 1``)."""
-    share = codes.ne(0).float().mean().clamp(min=1e-12)
+    share = (ordered_sum(codes.ne(0)) / max(codes.numel(), 1)).float().clamp(min=1e-12)  # exact count
     return codes.float() * (alpha.float().reshape(()) / share)
 
 
@@ -303,7 +324,7 @@ def distill(
             share = len(mine) / spec.batch_size
             loss = kd_loss(output.logits, target.logits, spec.temperature) * share
             if hidden:
-                norms = torch.stack([t.float().pow(2).sum() for t in target.hidden_states[1:]])
+                norms = hidden_norms(target.hidden_states)
                 distributed.sum_tensors([norms])
                 loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states, norms)
             loss.backward()

@@ -20,6 +20,7 @@ from torch import nn
 
 from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
+from bitnet_convert.devices import one_cpu_thread
 from bitnet_convert.quant.compensation import Compensation, Form, attach
 from bitnet_convert.quant.schemes import PRESETS
 
@@ -80,13 +81,15 @@ class Accumulator:
         xtx, xty = self.xtx.cpu(), self.xty.cpu()
         penalty = torch.zeros(d + 1, dtype=torch.float64)
         penalty[:d] = ridge * xtx.diagonal()[:d].mean()
-        solution = torch.linalg.solve(xtx + torch.diag(penalty), xty)  # [d + 1, d]
+        with one_cpu_thread():  # the same bits for any thread count
+            solution = torch.linalg.solve(xtx + torch.diag(penalty), xty)  # [d + 1, d]
         if self.form == "full":
             comp.weight, comp.bias = solution[:d].float(), solution[d].float()
             return comp
         # reduced-rank regression: keep the top-r directions of the fitted values' covariance Wᵀ XᵀX W
-        fitted = solution.T @ xtx @ solution
-        _, vectors = torch.linalg.eigh(fitted)
+        with one_cpu_thread():
+            fitted = solution.T @ xtx @ solution
+            _, vectors = torch.linalg.eigh(fitted)
         top = vectors[:, -rank:]  # [d, r], eigenvalues ascending
         comp.down, comp.up = (solution[:d] @ top).float(), top.T.float()
         comp.bias = (solution[d] @ top @ top.T).float()
