@@ -55,11 +55,21 @@ def ordered_sum(x: torch.Tensor) -> torch.Tensor:
     return acc[0]
 
 
+#: torch reduces a tensor of fewer elements on one thread, in one fixed order (``at::internal::GRAIN_SIZE``).
+SERIAL_REDUCTION = 32768
+
+
 def weight_absmean(w: torch.Tensor) -> torch.Tensor:
-    """``mean(|W|)`` of a whole weight as a 1-element fp32 tensor (no gradient), the same bits for any thread count
-    (:func:`ordered_sum`; field report: ``torch.mean`` gave 8 stored scales one ulp apart at 1 and 2 threads)."""
-    n = max(w.numel(), 1)
-    return (ordered_sum(w.detach().abs()) / n).to(torch.float32).reshape(1)
+    """``mean(|W|)`` of a whole weight as a 1-element fp32 tensor (no gradient), the same bits for any thread count.
+
+    Below :data:`SERIAL_REDUCTION` elements torch's own fp32 ``mean`` runs on one thread in a fixed order, so it
+    is used, and the result is stock transformers' ``WeightQuant`` bit for bit; a larger weight's ``torch.mean``
+    splits the sum among the threads (field report: 8 stored scales one ulp apart at 1 and 2 threads), so it is
+    summed by :func:`ordered_sum` instead (within an ulp of torch's)."""
+    w = w.detach()
+    if w.numel() < SERIAL_REDUCTION:
+        return w.float().abs().mean().reshape(1)
+    return (ordered_sum(w.abs()) / w.numel()).to(torch.float32).reshape(1)
 
 
 def ternary_absmean(w: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
