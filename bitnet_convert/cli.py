@@ -166,13 +166,19 @@ SetOption = Annotated[
 ]
 
 
-def _recipe_from_options(recipe: Path | None, set_: list[str] | None, **fields: object):
-    """The recipe file with ``--set`` assignments and the named options (dotted keys, ``None`` = not given)."""
+def _recipe_from_options(recipe: Path | None, set_: list[str] | None, **fields: tuple[str, object]):
+    """The recipe file with ``--set`` assignments and the named options (``dotted.key=(flag, value)``, value
+    ``None`` = not given); an invalid value is reported against the flag or ``--set`` that gave it."""
     from bitnet_convert.recipe import load_recipe, parse_assignment
 
-    overrides = dict(parse_assignment(item) for item in set_ or [])
-    overrides.update({key: value for key, value in fields.items() if value is not None})
-    return load_recipe(recipe, overrides)
+    overrides, origins = {}, {}
+    for item in set_ or []:
+        key, value = parse_assignment(item)
+        overrides[key], origins[key] = value, f"--set {item}"
+    for key, (flag, value) in fields.items():
+        if value is not None:
+            overrides[key], origins[key] = value, flag
+    return load_recipe(recipe, overrides, origins)
 
 
 @app.command()
@@ -192,8 +198,9 @@ def quantize(
     from bitnet_convert.pipeline import run
 
     with _user_errors():
-        fields = {"model": model, "output": output and str(output), "calibration.data": calibration_data,
-                  "overwrite": True if overwrite else None, "device": device}
+        fields = {"model": ("--model", model), "output": ("--output", output and str(output)),
+                  "calibration.data": ("--calibration-data", calibration_data),
+                  "overwrite": ("--overwrite", True if overwrite else None), "device": ("--device", device)}
         resolved = _recipe_from_options(recipe, set_, **fields)
         with RichProgress() as progress:
             result = run(resolved, progress)
@@ -251,8 +258,8 @@ def calibrate(
     from bitnet_convert.pipeline import calibrate as run_calibration
 
     with _user_errors():
-        resolved = _recipe_from_options(recipe, set_, model=model, device=device,
-                                        **{"calibration.data": calibration_data})
+        resolved = _recipe_from_options(recipe, set_, model=("--model", model), device=("--device", device),
+                                        **{"calibration.data": ("--calibration-data", calibration_data)})
         target = output or resolved.output.with_name(resolved.output.name + "-calibration")
         with RichProgress() as progress:
             written = run_calibration(resolved, target, overwrite, progress)

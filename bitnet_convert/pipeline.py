@@ -68,12 +68,13 @@ def quantize(recipe: str | Path | Recipe | None = None, *, progress: Progress = 
     """Convert a model as ``recipe`` says. Keyword overrides name recipe fields, ``__`` for nesting:
     ``quantize("recipes/a48.yaml", model="path/to/ckpt", output="out", calibration__samples=4)``."""
     dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    origins = {key.replace("__", "."): f"keyword {key}" for key in overrides}
     if isinstance(recipe, Recipe):
         source = recipe.source
-        recipe = load_recipe(None, {**recipe.model_dump(mode="json"), **dotted})
+        recipe = load_recipe(None, {**recipe.model_dump(mode="json"), **dotted}, origins)
         recipe._source = source
     else:
-        recipe = load_recipe(recipe, dotted)
+        recipe = load_recipe(recipe, dotted, origins)
     return run(recipe, progress)
 
 
@@ -92,7 +93,7 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
 def _session(recipe: Recipe, output: Path, overwrite: bool) -> Iterator[tuple[torch.device, list[str]]]:
     """The recipe's device, the ``torchrun`` process group when launched under it, the output checked and locked
     (by rank 0, its errors raised everywhere), and the warnings collected: ``(device, warnings)``."""
-    device = resolve_device(recipe.device, "device")
+    device = resolve_device(recipe.device, recipe.origin("device"))
     created = distributed.init(device)
     try:
         with ExitStack() as stack:

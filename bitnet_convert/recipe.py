@@ -191,10 +191,20 @@ class Recipe(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     #: the file this recipe was read from (an input the output must not overwrite); not part of the recipe
     _source: Path | None = PrivateAttr(None)
+    #: where each overridden key came from (a flag, ``--set key``, or ``FILE: key``), for messages
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
     def source(self) -> Path | None:
         return self._source
+
+    def origin(self, key: str) -> str:
+        """How to name ``key`` in a message about its value: the flag that set it (``--device``), ``--set key``,
+        or ``FILE: key`` (``key`` alone for a default)."""
+        origin = self._origins.get(key)
+        if origin is None:
+            return f"{self._source}: {key}" if self._source is not None else key
+        return f"--set {key}" if origin.startswith("--set ") else origin
 
     def __eq__(self, other: object) -> bool:  # the same recipe, wherever it was read from
         return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
@@ -254,13 +264,17 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                origins: dict[str, str] | None = None) -> Recipe:
     """Read a recipe file (or start from the defaults), apply dotted-key overrides, validate.
 
-    ``overrides`` maps dotted paths (``scheme.preset``, ``calibration.samples``) to values.
-    """
+    ``overrides`` maps dotted paths (``scheme.preset``, ``calibration.samples``) to values. ``origins`` says where
+    an override came from, by the same dotted path: a flag (``--device``) or the text of a ``--set`` (``--set
+    calibration.samples=2``); an invalid value is then reported against it, not against the recipe file (which
+    did not hold it). Raises :class:`~bitnet_convert.errors.RecipeError` (one line)."""
     data: dict[str, Any] = {}
     source = "recipe"
+    origins = origins or {}
     if path is not None:
         source = str(path)
         file = Path(path)
@@ -273,15 +287,25 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise RecipeError(f"{path}: expected a mapping of recipe keys at the top level")
         data = loaded or {}
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value, source)
+        _set_dotted(data, key, value, _origin_text(origins, key, value) or source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {_describe(exc)}") from None
+        raise RecipeError(_describe(exc, source, overrides or {}, origins)) from None
     recipe._source = Path(path) if path is not None else None
+    recipe._origins = {key: origin for key, origin in origins.items() if key in (overrides or {})}
     return recipe
 
 
+def _origin_text(origins: dict[str, str], key: str, value: Any, flag_only: bool = False) -> str | None:
+    """How the user wrote override ``key``: ``--device 'mps'`` (or just ``--device``), ``--set k=v`` as given;
+    ``None`` when it has no origin (the recipe file's own value)."""
+    origin = origins.get(key)
+    if origin is None:
+        return None
+    if origin.startswith("--set ") or flag_only:
+        return origin
+    return f"{origin} {value!r}"
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, and no
     maintained YAML library here offers the check without a new dependency)."""
@@ -340,16 +364,27 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError) -> str:
-    """First validation error as ``key.path: problem (got value)``, one line."""
+def _describe(exc: ValidationError, source: str, overrides: dict[str, Any], origins: dict[str, str]) -> str:
+    """First validation error as one line: ``where: key.path: problem (got value)``, where ``where`` is the flag
+    or ``--set`` that gave the value (then a flag's own value is not repeated), else the recipe file."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "recipe"
-    if err["type"] == "extra_forbidden":
-        return f"unknown key '{where}'"
-    message = err["msg"].removeprefix("Value error, ")
-    if not err["loc"]:  # a check across keys: its message names them
-        return message
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "recipe"
     more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
-    return f"{where}: {message}{shown}{more}"
+    message = err["msg"].removeprefix("Value error, ")
+    given = [k for k in overrides if k in origins and loc[: len(k.split("."))] == k.split(".")] if loc else []
+    if not loc:  # a check across keys: its message names them, and any of the sources may hold them
+        named = [_origin_text(origins, k, v) for k, v in overrides.items() if k in origins]
+        return f"{source}{' with ' + ', '.join(named) if named else ''}: {message}{more}"
+    if err["type"] == "extra_forbidden":
+        problem = f"unknown key '{key}'"
+    else:
+        got = err.get("input")
+        problem = f"{key}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
+    if given:
+        origin = max(given, key=len)
+        text = _origin_text(origins, origin, overrides[origin])
+        if not text.startswith("--set ") and origin == key and err["type"] != "extra_forbidden":
+            return f"{text}: {message}{more}"  # --device 'mps': expected cpu, cuda, cuda:N or auto
+        return f"{text}: {problem}{more}"
+    return f"{source}: {problem}{more}"

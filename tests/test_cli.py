@@ -194,3 +194,41 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     ids = windows(token_stream(tokenizer, load_texts(str(texts))), 128, tokenizer.bos_token_id)
     assert shown == pytest.approx(perplexity(model, ids)["perplexity"], abs=1e-4)
     assert_user_error(invoke("perplexity", reference_dir, "--scheme", "a47"), "--scheme 'a47' is unknown")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["quantize", "--device", "mps"], "--device 'mps': expected cpu, cuda, cuda:N or auto"),
+    (["calibrate", "--device", "tpu"], "--device 'tpu': expected cpu, cuda, cuda:N or auto"),
+    (["quantize", "--set", "calibration.sample=2"], "--set calibration.sample=2: unknown key 'calibration.sample'"),
+    (["quantize", "--set", "calibration.samples=abc"], "--set calibration.samples=abc: calibration.samples: Input "
+                                                        "should be a valid integer"),
+    (["quantize", "--set", "seed.x=3"], "--set seed.x=3: cannot set 'seed.x': 'seed' is not a section"),
+    (["quantize", "--model", " "], "--model ' ': must name a checkpoint directory"),
+    (["quantize", "--set", "recovery.qwt.form=full", "--set", "calibration.samples=1"],
+     "with --set recovery.qwt.form=full, --set calibration.samples=1: recovery.qwt: fits on some calibration"),
+])
+def test_a_bad_value_from_the_command_line_names_the_flag_not_the_recipe_file(args, message):
+    """Field report: `quantize -r recipes/a48.yaml --device mps` blamed recipes/a48.yaml for a value it did not
+    hold. A flag's or --set's value is reported against the flag; a check across keys names every source."""
+    result = invoke(*args[:1], "-r", REPO / "recipes" / "a48.yaml", *args[1:])
+    assert_user_error(result, message)
+    if "with --set" not in message:
+        assert "a48.yaml" not in result.output
+
+
+def test_a_bad_value_in_the_recipe_file_still_names_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("device: mps\n")
+    assert_user_error(invoke("quantize", "-r", recipe), f"{recipe}: device: expected cpu, cuda, cuda:N or auto "
+                                                        "(got 'mps')")
+    recipe.write_text("device: cuda\n")
+    assert_user_error(invoke("quantize", "-r", recipe), f"{recipe}: device 'cuda': CUDA is not available")
+    assert_user_error(invoke("quantize", "-r", recipe, "--device", "cuda"), "--device 'cuda': CUDA is not available")
+
+
+def test_a_bad_keyword_of_the_python_api_names_the_keyword():
+    import bitnet_convert
+    from bitnet_convert.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"^keyword device 'mps': expected cpu, cuda"):
+        bitnet_convert.quantize(REPO / "recipes" / "a48.yaml", device="mps")
