@@ -29,6 +29,7 @@ from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import ResourceError
 from bitnet_convert.modeling import architecture_config, quant_linears, rotary_embedding
+from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
@@ -65,8 +66,8 @@ class _Sparsity:
             entry = self.roles[role]
             entry["zero"] += zero
             entry["numel"] += q.numel()
-            entry["err2"] += (q - x).pow(2).sum().item()
-            entry["x2"] += x.pow(2).sum().item()
+            entry["err2"] += float(ordered_sum((q - x).pow(2)))  # thread-independent sums: the same report bytes
+            entry["x2"] += float(ordered_sum(x.pow(2)))
             if name not in self.gates:  # up's sparsity is that of its outputs, counted below
                 self.zeros[name][0] += zero
                 self.zeros[name][1] += q.numel()
@@ -230,21 +231,22 @@ class LinearStats:
         rows = x.reshape(-1, x.shape[-1]).float()
         xd = rows.double()
         self.count += rows.numel()
-        self.moments += torch.stack([xd.sum(), xd.pow(2).sum(), xd.pow(3).sum(), xd.pow(4).sum()]).cpu()
+        # every float sum in a thread-independent order (ordered_sum): the report's bytes do not follow the threads
+        self.moments += torch.stack([ordered_sum(xd.pow(p)) for p in (1, 2, 3, 4)]).cpu()
         magnitude = rows.abs()
-        self.abs_sum += float(magnitude.double().sum())
+        self.abs_sum += float(ordered_sum(magnitude))
         self.absmax = max(self.absmax, float(magnitude.max()))
         self.zeros += int((rows == 0).sum())
         channel = magnitude.amax(0)
         self.channel_absmax = channel if self.channel_absmax is None else torch.maximum(self.channel_absmax, channel)
         y = rows @ weight.t()
-        x2, y2 = float(xd.pow(2).sum()), float(y.double().pow(2).sum())
+        x2, y2 = float(ordered_sum(xd.pow(2))), float(ordered_sum(y.double().pow(2)))
         for name, quantize in self.quantizers.items():
             q = quantize(rows)
             if name == "configured":
                 self.quantized_zeros += int((q == 0).sum())
-            err = float((q - rows).double().pow(2).sum())
-            out_err = float((q @ weight.t() - y).double().pow(2).sum())
+            err = float(ordered_sum((q - rows).double().pow(2)))
+            out_err = float(ordered_sum((q @ weight.t() - y).double().pow(2)))
             self.errors[name] += torch.tensor([err, x2, out_err, y2], dtype=torch.float64)
         flat = rows.flatten()
         index = len(self.sample) if batch is None else batch
