@@ -109,6 +109,14 @@ def check_creatable(path: Path, label: str) -> None:
             return
 
 
+def _free_space(directory: Path) -> str:
+    """The free space of ``directory``'s filesystem, for messages about failed writes."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
 def is_checkpoint_file(path: Path) -> bool:
     """Whether ``path`` is one of the files a checkpoint or a conversion consists of (never to be overwritten by
     a report)."""
@@ -290,7 +298,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    save_file(tensors, file, metadata={"format": "pt"})
+    """Write one safetensors file; a failed write (disk full, a file-size limit) is an ``OSError`` naming the file
+    (safetensors raises its own ``SafetensorError`` with the OS error in its text)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, file, metadata={"format": "pt"})
+    except SafetensorError as exc:
+        reason = str(exc).split("I/O error: ")[-1].split(" (os error")[0]
+        raise OSError(None, f"{reason}; {_free_space(file.parent)} free there", str(file)) from None
     file.chmod(0o644)  # safetensors writes through a private temp file (mode 0600)
 
 

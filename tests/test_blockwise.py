@@ -212,3 +212,25 @@ def test_an_unwritable_state_directory_is_one_line_before_any_work(tmp_path, ref
     assert_user_error(result, f"cannot write the training state '{state / 'block-0001.pt'}'",
                       "recovery.blockwise.checkpoint_dir")
     assert not [p for p in state.iterdir() if p.name.startswith(".")] and not (tmp_path / "out").exists()
+
+
+def test_a_state_that_cannot_be_written_is_one_line(tmp_path):
+    """A full disk while block 0's state is saved (here: a file-size limit): one line naming the file and the
+    recipe key, no traceback, no temporary left."""
+    from test_export import run_with_a_file_size_limit
+
+    from bitnet_convert.checkpoint import REPO_ROOT
+
+    result = run_with_a_file_size_limit(
+        "quantize", "-r", REPO_ROOT / "recipes" / "a48-blockwise.yaml", "-o", tmp_path / "out",
+        "--set", "calibration.samples=4", "--set", "calibration.seq_len=64", "--set", "calibration.batch_size=2",
+        "--set", "calibration.report=false", "--set", "recovery.blockwise.steps=1",
+        "--set", "recovery.blockwise.batch_size=2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    state = tmp_path / "out.blockwise"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write the training state '{state / 'block-0000.pt'}' (the write failed; "
+        + result.stderr.split("(the write failed; ")[1].split(")")[0]
+        + "); free space or choose another directory with recovery.blockwise.checkpoint_dir")
+    assert "MB free there" in result.stderr and "Traceback" not in result.stderr
+    assert not [p for p in state.iterdir() if p.name.startswith(".")] and not (tmp_path / "out").exists()

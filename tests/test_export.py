@@ -6,6 +6,9 @@ compensation)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,3 +73,30 @@ def test_every_recipe_output_loads_back_and_converts_or_is_refused(outputs, name
     for module_name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         # the ternary weights are carried as they are
         assert torch.equal(source.get_submodule(module_name).ternary(), reloaded.get_submodule(module_name).ternary())
+
+
+LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+sys.argv = ["bitnet-convert", *sys.argv[1:]]
+from bitnet_convert.cli import main
+main()
+"""
+
+
+def run_with_a_file_size_limit(*args) -> subprocess.CompletedProcess:
+    """The CLI in a process whose files cannot grow past 200 kB: every larger write fails as on a full disk."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_COMPILE_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-c", LIMITED, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    result = run_with_a_file_size_limit("quantize", "-r", REPO_ROOT / "recipes" / "a48.yaml", "-o", tmp_path / "out",
+                                        "--set", "calibration.samples=0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: output '{tmp_path / 'out'}' could not be written (File too large; ") and \
+        "MB free there" in last and "model.safetensors" in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,12 @@ def save_state(directory: Path, state: dict, name: str, section: str) -> None:
         os.replace(tmp, file)
     except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise OutputError(f"cannot write the training state '{file}' ({reason}); free space there or choose "
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
+        try:
+            free = f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free there"
+        except OSError:
+            free = "the directory cannot be read"
+        raise OutputError(f"cannot write the training state '{file}' ({reason}; {free}); free space or choose "
                           f"another directory with recovery.{section}.checkpoint_dir") from None
 
 
