@@ -117,8 +117,8 @@ class RichProgress:
         self.bar.update(task, completed=total or 1, label="")
 
 
-def _fail(message: str) -> None:
-    if not _quiet():
+def _fail(message: str, every_process: bool = False) -> None:
+    if every_process or not _quiet():
         console.print(f"[bold red]error:[/] {_escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
@@ -128,7 +128,10 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except BitNetConvertError as exc:
-        _fail(str(exc))
+        from bitnet_convert.distributed import DistributedError
+
+        # a failed wait on the others is this process's own news: the group that lets rank 0 speak is gone
+        _fail(str(exc), every_process=isinstance(exc, DistributedError))
     except KeyboardInterrupt as exc:
         console.print(f"interrupted: {_escape(str(exc))}" if str(exc) else "interrupted", highlight=False,
                       soft_wrap=True)

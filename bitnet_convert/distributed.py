@@ -52,10 +52,16 @@ def timeout_s() -> float:
     return value
 
 
+#: Words of gloo's and the TCP store's messages for a peer that is gone or a wait that ran out.
+_GONE = ("timed out", "timeout", "connection", "closed", "reset", "refused", "broken pipe", "clients joined")
+
+
 @contextmanager
 def _waiting_for(what: str) -> Iterator[None]:
-    """A failed or timed-out wait on the other processes as one :class:`DistributedError` line (gloo and NCCL
-    raise ``RuntimeError`` with a C++ location for a peer that died or a timeout)."""
+    """A failed wait on the other processes as one :class:`DistributedError` line (gloo and the TCP store raise
+    ``RuntimeError`` with a C++ location for a peer that died or a timeout); another failure of the same call
+    (a backend not built in, an address in use) is one line too, saying that instead. NCCL reports a stuck
+    collective itself: its watchdog ends the process after the same timeout."""
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
@@ -63,9 +69,13 @@ def _waiting_for(what: str) -> Iterator[None]:
             raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # drop gloo's source location
-        raise DistributedError(f"process {rank()} of {os.environ.get('WORLD_SIZE', '?')} (torchrun) waited for the "
-                               f"others to {what} and gave up ({reason}); a process that stopped says why in its "
-                               f"own output (waits are bounded by {TIMEOUT_ENV}={timeout_s():g} s)") from None
+        me = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")  # no group yet: the launcher's
+        who = f"process {me} of {os.environ.get('WORLD_SIZE', '?')} (torchrun)"
+        if any(word in reason.lower() for word in _GONE):
+            raise DistributedError(f"{who} waited for the others to {what} and gave up ({reason}); a process that "
+                                   f"stopped says why in its own output (waits are bounded by {TIMEOUT_ENV}="
+                                   f"{timeout_s():g} s)") from None
+        raise DistributedError(f"{who} could not {what} ({reason})") from None
 
 
 def world_size() -> int:

@@ -64,9 +64,10 @@ def conversion_of(checkpoint: Checkpoint, *, scheme: bool = True) -> str | None:
     spec = checkpoint.a48_spec
     if spec is None:
         return None
-    name, _ = scheme_of(checkpoint)
+    name, roles = scheme_of(checkpoint)
     attention = attention_of(checkpoint)
-    parts = [f"scheme {name}" if scheme and name != "b158" else "",
+    own = name != "b158" or roles != PRESETS["b158"]  # a "b158" whose roles were changed is not b1.58
+    parts = [f"scheme {name}" + ("" if name != "b158" else " with other activation specs") if scheme and own else "",
              "QwT compensation" if spec.get("qwt") else "",
              "per-linear activation specs" if linear_overrides(checkpoint) else "",
              f"attention {attention.describe()}" if attention is not None and attention.enabled else ""]

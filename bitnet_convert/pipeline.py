@@ -52,7 +52,7 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
-from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs, round_to_export
+from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     data_used: dict[str, dict] = {}
     with _timed(timings, "open"), progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        require_b158(checkpoint, "model", recipe.scheme.preset)
+        require_b158(checkpoint, recipe.origin("model"), recipe.scheme.preset)
         on_writer(lambda: check_output(recipe.output, recipe.overwrite, [checkpoint.path]))
         on_writer(lambda: check_state_dirs(recipe))
         calibration = _calibration_windows(recipe, checkpoint, data_used)
@@ -182,8 +182,6 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
         with _timed(timings, key):
             sections[key] = context.run(STAGES[key])
-    if sections:
-        round_to_export(context)
     if calibration is not None and stats is None:
         stage = progress.stage("Calibration statistics", layers)
         with guarded(), _timed(timings, "calibrate"), stage as advance:
@@ -259,7 +257,7 @@ def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress
     data_used: dict[str, dict] = {}
     with progress.stage("Open checkpoint"):
         checkpoint = open_checkpoint(recipe.model)
-        require_b158(checkpoint, "model", recipe.scheme.preset)
+        require_b158(checkpoint, recipe.origin("model"), recipe.scheme.preset)
         on_writer(lambda: check_output(output, overwrite, [checkpoint.path]))
         ids = _calibration_windows(recipe, checkpoint, data_used)
     if ids is None:

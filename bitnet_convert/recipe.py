@@ -381,10 +381,12 @@ def _describe(exc: ValidationError, source: str, overrides: dict[str, Any], orig
     else:
         got = err.get("input")
         problem = f"{key}: {message}" + ("" if isinstance(got, dict) else f" (got {got!r})")
-    if given:
+    if given:  # the value at loc came wholly from a flag or --set (at or above loc)
         origin = max(given, key=len)
         text = _origin_text(origins, origin, overrides[origin])
         if not text.startswith("--set ") and origin == key and err["type"] != "extra_forbidden":
             return f"{text}: {message}{more}"  # --device 'mps': expected cpu, cuda, cuda:N or auto
         return f"{text}: {problem}{more}"
-    return f"{source}: {problem}{more}"
+    inside = [_origin_text(origins, k, v) for k, v in overrides.items()
+              if k in origins and k.split(".")[: len(loc)] == loc]  # a section the file and flags both filled
+    return f"{source}{' with ' + ', '.join(inside) if inside else ''}: {problem}{more}"

@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,18 +117,41 @@ class JobResult:
 
 #: The longest a benchmark subprocess may run (seconds, ``BENCH_JOB_TIMEOUT``): a job that hangs fails its row
 #: instead of the whole benchmark.
-JOB_TIMEOUT_S = float(os.environ.get("BENCH_JOB_TIMEOUT", "3600"))
+JOB_TIMEOUT_ENV = "BENCH_JOB_TIMEOUT"
+JOB_TIMEOUT_S = 3600.0
+
+
+def job_timeout_s() -> float:
+    raw = os.environ.get(JOB_TIMEOUT_ENV)
+    if raw is None:
+        return JOB_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        sys.exit(f"error: {JOB_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
 
 
 def run_bounded(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``command`` in a subprocess, killed after :data:`JOB_TIMEOUT_S` (then exit code 124 and a last stderr line
-    saying so)."""
+    """``command`` in a subprocess of its own process group, killed with the whole group (torchrun's workers, a
+    compiler) after :func:`job_timeout_s`; then exit code 124, the output it had written, and a last stderr line
+    saying so."""
+    limit = job_timeout_s()
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False,
-                              timeout=JOB_TIMEOUT_S)
+        stdout, stderr = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 124, "", f"timed out after {JOB_TIMEOUT_S:g} s "
-                                                            "(BENCH_JOB_TIMEOUT)")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        stdout, stderr = proc.communicate()
+        return subprocess.CompletedProcess(command, 124, stdout, f"{stderr}timed out after {limit:g} s "
+                                                                 f"({JOB_TIMEOUT_ENV})")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def run_job(kind: str, spec: dict[str, Any], label: str) -> JobResult:

@@ -206,6 +206,8 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     (["quantize", "--model", " "], "--model ' ': must name a checkpoint directory"),
     (["quantize", "--set", "recovery.qwt.form=full", "--set", "calibration.samples=1"],
      "with --set recovery.qwt.form=full, --set calibration.samples=1: recovery.qwt: fits on some calibration"),
+    (["quantize", "--set", "recovery.order=[qwt]"],
+     "a48.yaml with --set recovery.order=[qwt]: recovery: recovery.order names 'qwt' but recovery.qwt is not set"),
 ])
 def test_a_bad_value_from_the_command_line_names_the_flag_not_the_recipe_file(args, message):
     """Field report: `quantize -r recipes/a48.yaml --device mps` blamed recipes/a48.yaml for a value it did not

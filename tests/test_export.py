@@ -57,14 +57,14 @@ def test_every_recipe_output_loads_back_and_converts_or_is_refused(outputs, name
     again = invoke("quantize", "-r", REPO_ROOT / "recipes" / "a48.yaml", "--model", conversion.output,
                    "--output", tmp_path / "again", "--set", "calibration.samples=0")
     if name in REFUSED:
-        assert_user_error(again, f"model '{conversion.output}' is a bitnet-convert a4.8 output (", REFUSED[name],
+        assert_user_error(again, f"--model '{conversion.output}' is a bitnet-convert a4.8 output (", REFUSED[name],
                           "not a b1.58 model: give the b1.58 checkpoint it was converted from ('builtin:reference', "
                           "as its conversion_report.json records)")
         assert not (tmp_path / "again").exists()
         return
     assert again.exit_code == 0, again.output
     if name != "b158":  # its own scheme is replaced, and the user is told
-        assert "warning: model" in again.output and "which replaces the scheme it declared" in again.output
+        assert "warning: --model" in again.output and "which replaces the scheme it declared" in again.output
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["bitnet_convert"]["scheme"] == "a48"
     assert not config["bitnet_convert"].get("qwt")

@@ -101,6 +101,7 @@ def _build_and_load() -> None:
     name = f"bitnet_convert_kernels_{build_key()}"
     directory = cache_root() / name
     library = directory / f"{name}.so"
+    build_wait_s()  # a bad value is an error now, not when another build happens to run
     if _verified(library):  # a finished build needs neither compiler, ninja nor the lock
         _load(library)
         return
@@ -154,9 +155,10 @@ def _build_lock(directory: Path) -> Iterator[None]:
         except Timeout:
             raise NativeUnavailable(f"native backend unavailable: another process has been building the kernels in "
                                     f"{directory} for more than {wait:g} s ({BUILD_WAIT_ENV})") from None
-    except OSError as exc:
+    except (OSError, NotImplementedError) as exc:  # filelock 3.x on a file system without flock: NotImplementedError
+        reason = getattr(exc, "strerror", None) or str(exc) or "the file system does not support file locks"
         raise NativeUnavailable(f"native backend unavailable: cannot take the build lock in {directory.parent} "
-                                f"({exc.strerror or exc})") from None
+                                f"({reason}; set XDG_CACHE_HOME to a local directory)") from None
     try:
         yield
     finally:

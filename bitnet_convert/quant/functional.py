@@ -13,6 +13,7 @@ References: BitNet b1.58 (arXiv 2402.17764), BitNet a4.8 (arXiv 2411.04965), LLM
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -35,24 +36,47 @@ def ste(x: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- weights
 
 
-def ordered_sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of all elements of ``x`` as a 0-d float64 tensor (no gradient), added in an order that does not
-    depend on the thread count: pairwise halving in float64 (``acc[:k] += acc[k:2k]``), each step an element-wise
-    add. ``torch.sum`` of a whole tensor splits the reduction among the threads, so its last bit follows the thread
-    count; wherever a full sum decides stored bytes (a weight scale, a loss normalizer, a gradient-clipping norm,
-    keep-or-revert) this one is used. Pairwise in float64, it is also more accurate than an fp32 sum."""
+#: Elements per chunk of :func:`ordered_sum` (fixed, so the order of additions is too): bounds its float64 work
+#: buffer at 16 MiB whatever the tensor's size.
+ORDERED_CHUNK = 1 << 22
+
+
+def ordered_sum(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The sum of all elements of ``x`` (or of ``fn`` applied element-wise, e.g. ``lambda c: c.float().pow(2)``,
+    chunk by chunk, so no full-size temporary is made) as a 0-d float64 tensor without gradient, added in an order
+    that does not depend on the thread count: pairwise halving in float64 (``acc[:k] += acc[k:2k]``, each step an
+    element-wise add) within fixed chunks of :data:`ORDERED_CHUNK` elements, then over the chunks' sums.
+
+    ``torch.sum`` of a whole tensor splits the reduction among the threads, so its last bit follows the thread
+    count; wherever a full sum decides stored bytes or reported numbers (a weight scale, a loss normaliser or
+    value, a gradient-clipping norm, keep-or-revert, calibration statistics) this one is used. Pairwise in
+    float64, it is also more accurate than an fp32 sum. ``x`` is never written."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
     if n == 0:
         return torch.zeros((), dtype=torch.float64, device=x.device)
+    partials = [_pairwise_sum(fn(flat[i : i + ORDERED_CHUNK]) if fn is not None else flat[i : i + ORDERED_CHUNK])
+                for i in range(0, n, ORDERED_CHUNK)]
+    return partials[0] if len(partials) == 1 else _pairwise_sum(torch.stack(partials))
+
+
+def _pairwise_sum(flat: torch.Tensor) -> torch.Tensor:
+    n = flat.numel()
     m = (n + 1) // 2
-    acc = flat[:m].to(torch.float64)
+    acc = flat[:m].to(torch.float64, copy=True)  # never a view of the input: the adds below write into it
     acc[: n - m] += flat[m:]
     while m > 1:
         half = (m + 1) // 2
         acc[: m - half] += acc[half:m]
         m = half
     return acc[0]
+
+
+def ordered_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum()`` for training: the gradient of ``x.sum()``, the value of :func:`ordered_sum` (in ``x``'s dtype),
+    so a loss recorded in a report has the same bits at any thread count (``s − s.detach()`` is exactly 0)."""
+    s = x.sum()
+    return s - s.detach() + ordered_sum(x).to(s.dtype)
 
 
 #: torch reduces a tensor of fewer elements on one thread, in one fixed order (``at::internal::GRAIN_SIZE``).

@@ -34,7 +34,7 @@ from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.errors import Interrupted
 from bitnet_convert.memory import trim_heap
-from bitnet_convert.quant.functional import ordered_sum
+from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover.distill import (
@@ -159,7 +159,7 @@ def train_block(
             if len(rows):
                 with autocast(spec, device):
                     output = runner.forward(block, inputs[rows])
-                loss = (output.float() - target).pow(2).sum() / norm.clamp(min=1e-12)[0]
+                loss = ordered_sum_with_grad((output.float() - target).pow(2)) / norm.clamp(min=1e-12)[0]
                 loss.backward()
             else:
                 loss = torch.zeros((), device=device)

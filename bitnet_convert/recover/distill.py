@@ -33,7 +33,7 @@ from torch import nn
 from bitnet_convert import distributed
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import Interrupted
-from bitnet_convert.quant.functional import ordered_sum, ternary_absmean
+from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad, ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.recover.state import load_state, read_state, save_state
 
@@ -105,7 +105,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     vocab = student_logits.shape[-1]
     log_s = tF.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
     log_t = tF.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
-    return tF.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+    pointwise = tF.kl_div(log_s, log_t, log_target=True, reduction="none")  # "batchmean": the sum over the rows
+    return ordered_sum_with_grad(pointwise) / log_s.shape[0] * temperature**2
 
 
 def hidden_norms(teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -119,7 +120,7 @@ def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     denominators (the global ``‖h_t‖²`` of a batch split over processes)."""
     if norms is None:
         norms = hidden_norms(teacher)
-    terms = [(s.float() - t.float()).pow(2).sum() / n.clamp(min=1e-12)
+    terms = [ordered_sum_with_grad((s.float() - t.float()).pow(2)) / n.clamp(min=1e-12)
              for s, t, n in zip(student[1:], teacher[1:], norms, strict=True)]
     return torch.stack(terms).mean()
 
@@ -178,7 +179,7 @@ def clip_grad_norm(tensors: list[torch.Tensor], max_norm: float) -> float:
     grads = [t.grad for t in tensors if t.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float(ordered_sum(g.float().pow(2))) for g in grads))
+    total = math.sqrt(sum(float(ordered_sum(g, lambda chunk: chunk.float().pow(2))) for g in grads))
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1.0:
         for grad in grads:

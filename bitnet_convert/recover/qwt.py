@@ -22,6 +22,7 @@ from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.devices import one_cpu_thread
 from bitnet_convert.quant.compensation import Compensation, Form, attach
+from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.schemes import PRESETS
 
 
@@ -130,8 +131,9 @@ def fit_block(
     accumulator.reduce()
     comp = accumulator.solve(ridge, rank)
     tested = [r for r in rows if r[0] >= fit]
-    before = sum(float(t.double().pow(2).sum()) for _, _, _, t in tested)
-    after = sum(float((comp(x, out) - out - t).double().pow(2).sum()) for _, x, out, t in tested)
+    # keep-or-drop decides stored bytes: sums in a thread-independent order
+    before = sum(float(ordered_sum(t.double().pow(2))) for _, _, _, t in tested)
+    after = sum(float(ordered_sum((comp(x, out) - out - t).double().pow(2))) for _, x, out, t in tested)
     before, after = distributed.sum_floats(before, after)
     record = {"heldout_error_before": before, "heldout_error_after": after, "kept": after < before}
     return (comp if after < before else None), record

@@ -58,6 +58,7 @@ class Context:
     def run(self, stage: Stage) -> dict:
         """Run ``stage`` as the recipe sets it; its trained weights become a source for the stages after it."""
         section = stage.run(self, getattr(self.recipe.recovery, stage.key))
+        round_to_export(self)  # the next stage (and the export) sees the model that is written
         if stage.latents is not None:
             self.latent_sources.insert(0, stage.latents(stage.state_dir(self.recipe)))
         return section
@@ -218,9 +219,10 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
 
 
 def round_to_export(context: Context) -> None:
-    """After the recovery stages: the trained float parameters (norms, embeddings) rounded to the export dtype, so
-    the model in memory (its report statistics, :attr:`~bitnet_convert.pipeline.Conversion.model`) is the one
-    written. Packed linears and compensations are buffers, exported as they are."""
+    """After each recovery stage: the float parameters (norms, embeddings) rounded to the export dtype, so the
+    next stage fits or trains on the model that is written, and the model in memory (its report statistics,
+    :attr:`~bitnet_convert.pipeline.Conversion.model`) is the one written. Packed linears and compensations are
+    buffers, exported as they are."""
     from bitnet_convert.export import export_dtype_name
 
     export_dtype = DTYPES[export_dtype_name(context.checkpoint, context.recipe.export.dtype)]

@@ -32,7 +32,7 @@ def content_digest(value: Any, digest: Any | None = None) -> str:
         tensor = value.detach().cpu().contiguous()
         digest.update(f"tensor {tensor.dtype} {list(tensor.shape)};".encode())
         if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
     elif isinstance(value, dict):
         digest.update(f"dict {len(value)};".encode())
         for key in sorted(value, key=str):
