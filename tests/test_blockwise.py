@@ -234,3 +234,17 @@ def test_a_state_that_cannot_be_written_is_one_line(tmp_path):
         + "); free space or choose another directory with recovery.blockwise.checkpoint_dir")
     assert "MB free there" in result.stderr and "Traceback" not in result.stderr
     assert not [p for p in state.iterdir() if p.name.startswith(".")] and not (tmp_path / "out").exists()
+
+
+def test_a_killed_save_leaves_no_temporary_behind_on_the_next_run(tmp_path):
+    from bitnet_convert.recover.state import load_state, save_state
+
+    save_state(tmp_path, {"version": 1, "fingerprint": "f"}, "block-0000.pt", "blockwise")
+    orphan = tmp_path / ".block-0001.pt.tmp-999999999"  # no such process
+    orphan.write_bytes(b"half")
+    live = tmp_path / f".block-0001.pt.tmp-{__import__('os').getpid()}"  # this process: still writing
+    live.write_bytes(b"half")
+    assert load_state(tmp_path, "f", "block-0001.pt", 1, "block-wise", "blockwise") is None
+    assert not orphan.exists() and live.exists()
+    assert load_state(tmp_path, "f", "block-0000.pt", 1, "block-wise", "blockwise") == {"version": 1,
+                                                                                         "fingerprint": "f"}

@@ -114,12 +114,27 @@ def read_state(file: Path, what: str) -> dict:
     return state
 
 
+def _remove_orphaned_temporaries(directory: Path, name: str) -> None:
+    """Delete ``.NAME.tmp-PID`` files that a killed :func:`save_state` left (their process is gone)."""
+    for tmp in directory.glob(f".{name}.tmp-*") if directory.is_dir() else ():
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def load_state(directory: Path, expected: str, name: str, version: int, what: str, section: str) -> dict | None:
     """The saved state ``directory/name`` (``None`` when there is none), verified (:func:`read_state`). A state
     trained on another recipe or other inputs (``fingerprint`` ≠ ``expected``) or of another ``version`` is a
     ``ValueError``, never silently resumed. ``what`` and ``section`` (``recovery.<section>``) name the stage in the
     messages."""
     file = directory / name
+    _remove_orphaned_temporaries(directory, name)
     if not file.is_file():
         return None
     state = read_state(file, what)
