@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from bitnet_convert import __version__
 from bitnet_convert.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from bitnet_convert.errors import OutputError
-from bitnet_convert.modeling import quant_linears
+from bitnet_convert.modeling import DTYPES, quant_linears
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec, Role
 
@@ -51,7 +51,6 @@ COPIED_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 #: File inside every temporary directory of ours; a directory named like one without it is never touched.
@@ -347,7 +346,7 @@ def export_dtype_name(source: Checkpoint, requested: str) -> str:
     if requested != "auto":
         return requested
     declared = source.config.get("dtype") or source.config.get("torch_dtype") or "bfloat16"
-    return declared if declared in _DTYPES else "bfloat16"
+    return declared if declared in DTYPES else "bfloat16"
 
 
 def export(
@@ -374,7 +373,7 @@ def export(
     paths the output must not overlap (see :func:`check_output`); the source checkpoint is always one."""
     dtype_name = export_dtype_name(source, dtype)
     with atomic_directory(output, overwrite, [source.path, *inputs]) as tmp:
-        files = write_safetensors(export_tensors(model, _DTYPES[dtype_name], layout), tmp, max_shard_size)
+        files = write_safetensors(export_tensors(model, DTYPES[dtype_name], layout), tmp, max_shard_size)
         config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt, layout)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:

@@ -11,14 +11,13 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
 from bitnet_convert.errors import BackendError, CheckpointError
-from bitnet_convert.modeling import build_model
+from bitnet_convert.modeling import DTYPES, build_model
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
 
 Backend = Literal["native", "reference", "auto"]
 BACKENDS: tuple[str, ...] = ("native", "reference", "auto")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Files one of which a checkpoint needs for transformers to build its tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

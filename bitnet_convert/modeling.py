@@ -28,6 +28,9 @@ from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
 
+#: The float dtypes a model computes in or is exported in, by the names recipes and options use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def architecture_config(checkpoint: Checkpoint) -> PretrainedConfig:
     """The checkpoint's transformers config (``BitNetConfig``, ``LlamaConfig``) without its storage description."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from bitnet_convert import kernels
+from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ROLES, SPARSE_GLU, ActivationSpec, role_of
@@ -194,23 +195,8 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
         model.set_submodule(name, NativeLinear(module, role_of(name) in sparse_roles))
     _convert_embeddings(model)
     model.requires_grad_(False)
-    _release_freed_memory()
+    trim_heap()  # the heap pages freed while repacking go back to the OS (else the resident size keeps the copies)
     return model.eval()
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap pages freed while repacking back to the OS (glibc keeps large freed chunks otherwise, so the
-    resident size after load would include the transient copies). No-op where glibc's ``malloc_trim`` is absent."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _convert_embeddings(model: nn.Module) -> None:

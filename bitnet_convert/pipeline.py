@@ -45,8 +45,8 @@ from bitnet_convert.export import (
     output_lock,
     scale_convention,
 )
-from bitnet_convert.load import DTYPES, load_tokenizer, require_b158
-from bitnet_convert.modeling import architecture_config, build_model, quant_linears, set_input_spec
+from bitnet_convert.load import load_tokenizer, require_b158
+from bitnet_convert.modeling import DTYPES, architecture_config, build_model, quant_linears, set_input_spec
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note

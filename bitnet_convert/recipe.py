@@ -29,8 +29,6 @@ from bitnet_convert.recover.blockwise import BlockwiseSpec
 from bitnet_convert.recover.distill import DistillSpec
 from bitnet_convert.recover.qwt import QwTSpec
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

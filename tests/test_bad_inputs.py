@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REFERENCE, write_tiny_checkpoint
+from conftest import REFERENCE, REPO, write_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 from test_cli import assert_user_error, invoke
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp: Path, **changes) -> Path:

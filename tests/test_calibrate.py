@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
 import bitnet_convert
@@ -27,8 +27,6 @@ from bitnet_convert.errors import CheckpointError, RecipeError
 from bitnet_convert.modeling import build_model, quant_linears
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 from bitnet_convert.recipe import load_recipe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

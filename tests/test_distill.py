@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 import bitnet_convert
 from bitnet_convert.checkpoint import open_checkpoint
@@ -20,7 +21,6 @@ from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover import distill as kd
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = {"steps": 4, "batch_size": 2, "seq_len": 32, "save_every": 2}
 
 

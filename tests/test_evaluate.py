@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from typer.testing import CliRunner
 
 import bitnet_convert
 from bitnet_convert.cli import app
 from bitnet_convert.errors import DataError
 from bitnet_convert.evaluate import TASKS_DIR, lm_eval_results, task_spec
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_builtin_task_specs_point_at_committed_data():

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_predictions
+from conftest import REPO, assert_same_predictions
 from safetensors.torch import load_file, save_file
 from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
-from bitnet_convert.checkpoint import BUILTIN_MODELS, REPO_ROOT, architecture_signature, open_checkpoint
+from bitnet_convert.checkpoint import BUILTIN_MODELS, architecture_signature, open_checkpoint
 from bitnet_convert.data import load_texts, token_stream, windows
 from bitnet_convert.evaluate import perplexity
 from bitnet_convert.load import build_for_backend, load_tokenizer
@@ -31,7 +31,6 @@ from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.schemes import PRESETS, SWIGLU_DEFAULT, SWIGLU_DOWN, preset_roles
 from bitnet_convert.recipe import Recipe
 
-REPO = REPO_ROOT
 LLAMA = BUILTIN_MODELS["builtin:reference-llama"]
 ONEBITLLM = BUILTIN_MODELS["builtin:reference-1bitllm"]
 FAMILIES = {"llama": LLAMA, "1bitllm": ONEBITLLM}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REFERENCE, assert_linears_match, assert_same_predictions
+from conftest import REFERENCE, REPO, assert_linears_match, assert_same_predictions
 from test_bad_inputs import edit_tensors, quantization_config, tiny
 from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
@@ -27,8 +27,6 @@ from bitnet_convert.errors import OutputError
 from bitnet_convert.export import MARKER, _lock_file, atomic_directory
 from bitnet_convert.modeling import build_model
 from bitnet_convert.quant.schemes import PRESETS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
@@ -16,7 +16,6 @@ from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache, fake_quantize, fake_quantize_kv, quantize
 from bitnet_convert.quant.packing import PackingError, pack_bits, unpack_bits
 
-REPO = Path(__file__).resolve().parents[1]
 PAPER = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_linears_match, assert_same_predictions
+from conftest import REPO, assert_linears_match, assert_same_predictions
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
@@ -20,8 +20,6 @@ from bitnet_convert.optimum_api import BitNetA48Quantizer
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import load_recipe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

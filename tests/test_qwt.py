@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 import bitnet_convert
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.recipe import load_recipe
 from bitnet_convert.recover.qwt import fit_block
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _batches(n: int, d: int, seed: int) -> list[torch.Tensor]:

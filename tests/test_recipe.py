@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import load_recipe, parse_assignment
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", ["a48", "a48-fp4", "b158"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -18,7 +19,6 @@ from bitnet_convert.quant.schemes import ActivationSpec
 from bitnet_convert.recipe import load_recipe
 from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown, parse_threshold
 
-REPO = Path(__file__).resolve().parents[1]
 BASELINES = REPO / "eval" / "baselines"
 
 

@@ -24,7 +24,8 @@ from bitnet_convert.calibrate import out_of_memory
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.data import checked_token_stream, warn_builtin_data, warn_no_bos, warn_positions
 from bitnet_convert.errors import RecipeError
-from bitnet_convert.load import DTYPES, load_tokenizer
+from bitnet_convert.load import load_tokenizer
+from bitnet_convert.modeling import DTYPES
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover import blockwise, qwt
