@@ -295,15 +295,15 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
     return recipe
 
 
-def _origin_text(origins: dict[str, str], key: str, value: Any, flag_only: bool = False) -> str | None:
-    """How the user wrote override ``key``: ``--device 'mps'`` (or just ``--device``), ``--set k=v`` as given;
-    ``None`` when it has no origin (the recipe file's own value)."""
+def _origin_text(origins: dict[str, str], key: str, value: Any) -> str | None:
+    """How the user wrote override ``key``: ``--device 'mps'``, or ``--set k=v`` as given; ``None`` when it has no
+    origin (the recipe file's own value)."""
     origin = origins.get(key)
     if origin is None:
         return None
-    if origin.startswith("--set ") or flag_only:
-        return origin
-    return f"{origin} {value!r}"
+    return origin if origin.startswith("--set ") else f"{origin} {value!r}"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently, and no
     maintained YAML library here offers the check without a new dependency)."""
