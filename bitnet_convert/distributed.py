@@ -33,6 +33,8 @@ TIMEOUT_ENV = "BITNET_CONVERT_DIST_TIMEOUT"
 #: Seconds a process waits for the others: to join the group, and at each collective (rank 0 may write a large
 #: export or training state meanwhile).
 TIMEOUT_S = 1800.0
+#: The longest wait that may be asked for (a week): a bound is the point, and torch's timedelta overflows on inf.
+MAX_WAIT_S = 7 * 24 * 3600.0
 
 
 class DistributedError(BitNetConvertError):
@@ -42,13 +44,13 @@ class DistributedError(BitNetConvertError):
 def timeout_s() -> float:
     """How long a process waits for the others (``BITNET_CONVERT_DIST_TIMEOUT`` seconds, default
     :data:`TIMEOUT_S`); :class:`~bitnet_convert.errors.RecipeError` for a value that is not a positive number."""
-    raw = os.environ.get(TIMEOUT_ENV, str(TIMEOUT_S))
+    raw = os.environ.get(TIMEOUT_ENV, "").strip() or str(TIMEOUT_S)  # unset or empty: the default
     try:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise RecipeError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    if not 0 < value <= MAX_WAIT_S:
+        raise RecipeError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0 and at most {MAX_WAIT_S:g}")
     return value
 
 

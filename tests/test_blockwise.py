@@ -248,3 +248,26 @@ def test_a_killed_save_leaves_no_temporary_behind_on_the_next_run(tmp_path):
     assert not orphan.exists() and live.exists()
     assert load_state(tmp_path, "f", "block-0000.pt", 1, "block-wise", "blockwise") == {"version": 1,
                                                                                          "fingerprint": "f"}
+
+
+@pytest.mark.parametrize("change", ["another block's file renamed", "an earlier block trained again differently"])
+def test_a_block_file_out_of_place_is_refused(tmp_path, reference_dir, change):
+    """A saved block is block i's own, trained after block i-1 as it is now: a file copied over another block's,
+    or a later block whose predecessor changed, is refused in one line (it resumed with exit 0)."""
+    from test_cli import assert_user_error
+
+    first = _quantize_cli(tmp_path, "--model", reference_dir)
+    assert first.exit_code == 0, first.output
+    state = tmp_path / "out.blockwise"
+    if change == "another block's file renamed":
+        shutil.copy(state / "block-0002.pt", state / "block-0001.pt")
+        expected = (state / "block-0001.pt", "the block-wise state of block 2, not of block 1")
+    else:  # block 1 retrained with other settings into the same directory, block 2 kept from before
+        from bitnet_convert.recover.state import read_state, save_state
+
+        saved = read_state(state / "block-0001.pt", "block-wise")
+        saved["tensors"] = {k: v * 1.01 if v.is_floating_point() else v for k, v in saved["tensors"].items()}
+        save_state(state, saved, "block-0001.pt", "blockwise")
+        expected = (state / "block-0002.pt", "block 2 was trained after another version of block 1")
+    again = _quantize_cli(tmp_path, "--model", reference_dir)
+    assert_user_error(again, f"{expected[0]}: ", expected[1])

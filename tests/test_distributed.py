@@ -215,7 +215,12 @@ def test_a_peer_that_dies_is_one_line_at_the_next_collective():
     assert "Traceback" not in outputs[0][1]
 
 
-def test_a_bad_timeout_is_one_line(monkeypatch):
-    monkeypatch.setenv("BITNET_CONVERT_DIST_TIMEOUT", "0")
-    with pytest.raises(RecipeError, match=r"^BITNET_CONVERT_DIST_TIMEOUT='0': expected a positive number"):
+@pytest.mark.parametrize("value", ["0", "-2", "abc", "nan", "inf", "1e15"])
+def test_a_bad_timeout_is_one_line(monkeypatch, value):
+    """inf and 1e15 overflowed torch's timedelta with a traceback; a wait must have a bound anyway."""
+    monkeypatch.setenv("BITNET_CONVERT_DIST_TIMEOUT", value)
+    with pytest.raises(RecipeError, match=rf"^BITNET_CONVERT_DIST_TIMEOUT='{value}': expected a number of seconds "
+                                          r"above 0 and at most 604800$"):
         distributed.timeout_s()
+    monkeypatch.setenv("BITNET_CONVERT_DIST_TIMEOUT", "")
+    assert distributed.timeout_s() == distributed.TIMEOUT_S

@@ -79,8 +79,12 @@ def test_a_live_build_is_waited_for_with_a_bound_and_a_line(tmp_path):
 
 
 def test_a_bad_build_wait_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("BITNET_CONVERT_BUILD_WAIT", "soon")
     import pytest
 
-    with pytest.raises(kernels.NativeUnavailable, match=r"^BITNET_CONVERT_BUILD_WAIT='soon': expected a number"):
-        kernels.build_wait_s()
+    for value in ("soon", "-5", "nan", "inf"):  # inf would be a wait without a bound again
+        monkeypatch.setenv("BITNET_CONVERT_BUILD_WAIT", value)
+        with pytest.raises(kernels.NativeUnavailable, match=rf"^BITNET_CONVERT_BUILD_WAIT='{value}': expected a "
+                                                            "number of seconds from 0 to 86400$"):
+            kernels.build_wait_s()
+    monkeypatch.setenv("BITNET_CONVERT_BUILD_WAIT", "")
+    assert kernels.build_wait_s() == kernels.BUILD_WAIT_S

@@ -122,13 +122,13 @@ def _build_and_load() -> None:
 
 def build_wait_s() -> float:
     """How long a process waits for another one building the kernels (``BITNET_CONVERT_BUILD_WAIT``, seconds)."""
-    raw = os.environ.get(BUILD_WAIT_ENV, str(BUILD_WAIT_S))
+    raw = os.environ.get(BUILD_WAIT_ENV, "").strip() or str(BUILD_WAIT_S)  # unset or empty: the default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise NativeUnavailable(f"{BUILD_WAIT_ENV}={raw!r}: expected a number of seconds >= 0")
+    if not 0 <= value <= 86400:  # a bound is the point: inf would wait forever again
+        raise NativeUnavailable(f"{BUILD_WAIT_ENV}={raw!r}: expected a number of seconds from 0 to 86400")
     return value
 
 

@@ -44,7 +44,7 @@ from bitnet_convert.recover.distill import (
     optimizer_step,
     trainable_tensors,
 )
-from bitnet_convert.recover.state import load_state, read_state, save_state
+from bitnet_convert.recover.state import content_digest, load_state, read_state, save_state
 
 BlockGroup = Literal["norms", "linears"]
 #: 2: the kept blocks' trained latents, for a later stage; 3: a checksum, and a fingerprint of the model's and the
@@ -211,6 +211,19 @@ def saved_latents(state_dir: Path) -> LatentSource:
     return source
 
 
+def _check_place(saved: dict, index: int, previous: str, state_dir: Path) -> None:
+    """A saved block belongs here: it is block ``index``'s (not another block's file renamed), and it was trained
+    after the block before it as that block is now (else its inputs came from another version of it). A
+    ``ValueError`` (one line) otherwise."""
+    file = state_dir / _block_file(index)
+    if saved.get("index") != index:
+        raise ValueError(f"{file}: the block-wise state of block {saved.get('index')}, not of block {index}; delete "
+                         f"'{state_dir}' to start over")
+    if saved.get("after") != previous:
+        raise ValueError(f"{file}: block {index} was trained after another version of block {index - 1} (whose "
+                         f"state changed since); delete '{state_dir}' to start over")
+
+
 def remove_state(directory: Path) -> None:
     if directory.is_dir():
         shutil.rmtree(directory)
@@ -247,12 +260,14 @@ def recover_model(
     with torch.no_grad():
         hidden = model.model.embed_tokens(ids[windows]).float()
     records, resumed = [], 0
+    previous = "embeddings"  # the digest of the block before (block 0 follows the embeddings)
     try:
         for index, block in enumerate(layers):
             prefix = f"model.layers.{index}."
             saved = load_state(state_dir, fingerprint, _block_file(index), STATE_VERSION, "block-wise", "blockwise")
             distributed.same_everywhere(saved is not None, f"block-wise state '{state_dir / _block_file(index)}'")
             if saved is not None:
+                _check_place(saved, index, previous, state_dir)
                 block.load_state_dict(saved["tensors"])
                 for name, module in block.named_modules():
                     if isinstance(module, QuantLinear):
@@ -278,9 +293,11 @@ def recover_model(
                 if distributed.is_writer():
                     save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
                                            "tensors": block_state(block), "divides": divides, "record": record,
-                                           "latents": latents}, _block_file(index), "blockwise")
+                                           "latents": latents, "index": index, "after": previous},
+                               _block_file(index), "blockwise")
                 del latents
             records.append({"layer": index, **record})
+            previous = content_digest(block_state(block))  # what the next block's inputs come from
             with runner.onload(block):
                 hidden = runner.run(block, hidden)
             if on_block is not None:
