@@ -108,7 +108,7 @@ def check_creatable(path: Path, label: str) -> None:
             return
 
 
-def _free_space(directory: Path) -> str:
+def free_space(directory: Path) -> str:
     """The free space of ``directory``'s filesystem, for messages about failed writes."""
     try:
         return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
@@ -305,7 +305,7 @@ def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
         save_file(tensors, file, metadata={"format": "pt"})
     except SafetensorError as exc:
         reason = str(exc).split("I/O error: ")[-1].split(" (os error")[0]
-        raise OSError(None, f"{reason}; {_free_space(file.parent)} free there", str(file)) from None
+        raise OSError(None, f"{reason}; {free_space(file.parent)} free there", str(file)) from None
     file.chmod(0o644)  # safetensors writes through a private temp file (mode 0600)
 
 

@@ -297,7 +297,7 @@ def recover_model(
                                _block_file(index), "blockwise")
                 del latents
             records.append({"layer": index, **record})
-            previous = content_digest(block_state(block))  # what the next block's inputs come from
+            previous = content_digest(block.state_dict())  # what the next block's inputs come from (no copy)
             with runner.onload(block):
                 hidden = runner.run(block, hidden)
             if on_block is not None:

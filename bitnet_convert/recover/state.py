@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +89,11 @@ def save_state(directory: Path, state: dict, name: str, section: str) -> None:
         os.replace(tmp, file)
     except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
+        from bitnet_convert.export import free_space
+
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
-        try:
-            free = f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free there"
-        except OSError:
-            free = "the directory cannot be read"
-        raise OutputError(f"cannot write the training state '{file}' ({reason}; {free}); free space or choose "
+        raise OutputError(f"cannot write the training state '{file}' ({reason}; {free_space(directory)} free "
+                          f"there); free space or choose "
                           f"another directory with recovery.{section}.checkpoint_dir") from None
 
 
