@@ -23,11 +23,12 @@ from torch import nn
 from bitnet_convert import distributed
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.families import Role
 from bitnet_convert.memory import trim_heap
-from bitnet_convert.modeling import _scratch, _warn_zero_linears, architecture_config, load_linear
+from bitnet_convert.modeling import _scratch, _warn_zero_linears, load_linear
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import ActivationSpec, Role
+from bitnet_convert.quant.schemes import ActivationSpec
 
 
 def build_layer(
@@ -39,7 +40,7 @@ def build_layer(
     overrides: dict[str, ActivationSpec] | None = None,
 ) -> torch.nn.Module:
     """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
-    config = architecture_config(checkpoint)
+    config = checkpoint.transformers_config()
     # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
     config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
     with torch.device("meta"):

@@ -28,15 +28,12 @@ from bitnet_convert.blocks import BlockRunner, build_layer, decoder_pass
 from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import ResourceError
-from bitnet_convert.modeling import architecture_config, quant_linears, rotary_embedding
+from bitnet_convert.families import DECODER_LINEARS, Role, decoder_linear, role_of
+from bitnet_convert.modeling import quant_linears, rotary_embedding
 from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
-
-#: Table 2's rows, and the linears each covers.
-LINEAR_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate",
-                "up_proj": "up", "down_proj": "down"}
+from bitnet_convert.quant.schemes import ActivationSpec
 
 
 class _Sparsity:
@@ -47,7 +44,7 @@ class _Sparsity:
         self.roles: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.zeros: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # linear → [zero count, value count]
         self.linears = quant_linears(model)
-        self.gates = {n: g for n in self.linears if n.endswith(".up_proj") and (g := _gate_of(model, n)) is not None}
+        self.gates = {n: g for n in self.linears if (g := _gate_of(model, n)) is not None}
         self.reduced = False
 
     def attach(self) -> list:
@@ -170,21 +167,26 @@ def table2(linears: dict[str, torch.nn.Module], zeros: dict[str, list[float]]) -
     for name, (zero, count) in zeros.items():
         if not count:
             continue
-        kind = LINEAR_KINDS.get(name.rsplit(".", 1)[-1], "other")
+        entry = decoder_linear(name)
+        kind = entry.table2 if entry is not None else "other"
         kind_sums[kind][0] += zero
         kind_sums[kind][1] += count
         params = linears[name].in_features * linears[name].out_features
         active += params * (1 - zero / count)
         total += params
-    order = [*dict.fromkeys(LINEAR_KINDS.values()), "other"]
+    order = [*dict.fromkeys(entry.table2 for entry in DECODER_LINEARS), "other"]
     sparsity = {k: kind_sums[k][0] / kind_sums[k][1] for k in order if k in kind_sums}
     return {"sparsity": sparsity, "active_parameter_share": active / total if total else 1.0}
 
 
 def _gate_of(model: torch.nn.Module, up_name: str) -> tuple[torch.nn.Module, Callable] | None:
-    """The gate projection beside ``up_name`` and the activation applied to it, if the block is a GLU."""
+    """The gate projection beside ``up_name`` and the activation applied to it, if the role table names one for
+    the linear (the GLU's up projection) and the block has it."""
+    entry = decoder_linear(up_name)
+    if entry is None or entry.glu_gate is None:
+        return None
     parent = model.get_submodule(up_name.rsplit(".", 1)[0]) if "." in up_name else model
-    gate, act = getattr(parent, "gate_proj", None), getattr(parent, "act_fn", None)
+    gate, act = getattr(parent, entry.glu_gate, None), getattr(parent, "act_fn", None)
     return (gate, act) if gate is not None and callable(act) else None
 
 
@@ -401,7 +403,7 @@ def sequential_calibration(
     one batch at a time, its outputs become the next layer's inputs, and it is freed. Peak memory is one layer
     plus the hidden states, whatever the depth; on a GPU, one layer plus one batch. Under ``torchrun`` each
     process runs the batches it owns and the statistics are combined (:meth:`LinearStats.reduce`)."""
-    config = architecture_config(checkpoint)
+    config = checkpoint.transformers_config()
     embedding = checkpoint.tensor("model.embed_tokens.weight")
     owned = distributed.owned_batches(ids.shape[0], batch_size)
     hidden = [embedding[ids[rows]].float() for rows in owned.values()]
@@ -441,14 +443,10 @@ def sequential_calibration(
 INT8 = ActivationSpec(method="absmax", bits=8)
 
 
-def _input_bits(spec: ActivationSpec) -> int:
-    return 16 if spec.method == "none" else spec.bits
-
-
 def mean_input_bits(linears: dict[str, QuantLinear], specs: dict[str, ActivationSpec]) -> float:
     """Activation bits averaged over the linears, weighted by their parameter count (their share of compute)."""
     params = {n: m.in_features * m.out_features for n, m in linears.items()}
-    return sum(params[n] * _input_bits(specs[n]) for n in linears) / sum(params.values())
+    return sum(params[n] * specs[n].input_bits for n in linears) / sum(params.values())
 
 
 def choose_precision(
@@ -471,7 +469,7 @@ def choose_precision(
         return errors["configured"]["output_relative_error"] - errors["int8_absmax"]["output_relative_error"]
 
     limit = len(linears) if max_share is None else math.floor(max_share * len(linears) + 1e-9)
-    candidates = sorted((n for n in linears if _input_bits(specs[n]) < 8 and gain(n) > 0), key=gain, reverse=True)
+    candidates = sorted((n for n in linears if specs[n].input_bits < 8 and gain(n) > 0), key=gain, reverse=True)
     overrides: dict[str, ActivationSpec] = {}
     promoted = []
     for name in candidates:
@@ -489,7 +487,7 @@ def choose_precision(
     thresholds = {}
     if static_o_threshold:
         for name, module in linears.items():
-            if not name.endswith("o_proj") or module.spec.topk is None or name in overrides:
+            if role_of(name) != "o" or module.spec.topk is None or name in overrides:
                 continue
             sample = calibration.samples[name].abs().float()
             threshold = float(torch.quantile(sample, 1.0 - module.spec.topk))

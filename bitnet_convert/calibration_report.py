@@ -13,8 +13,10 @@ import re
 from pathlib import Path
 
 from bitnet_convert.calibrate import CANDIDATES, Calibration
+from bitnet_convert.families import DECODER_LINEARS
 
-LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The linears of a layer in the role table's order (a plot's columns).
+LINEAR_ORDER = tuple(entry.name for entry in DECODER_LINEARS)
 QUANTIZER_ORDER = ("configured", *CANDIDATES)
 WORST = 4
 

@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.families import BITNET, Family, detect
+from bitnet_convert.families import BITNET, Family, detect, role_of
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.packing import unpack_ternary
-from bitnet_convert.quant.schemes import role_of
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_MODELS = {
@@ -119,6 +118,11 @@ class Checkpoint:
         """Stored size of a tensor's data in bytes."""
         start, end = self._entry(name)["data_offsets"]
         return end - start
+
+    def transformers_config(self):
+        """The checkpoint's transformers config (``BitNetConfig``, ``LlamaConfig``) without its storage description
+        (:func:`architecture_config`)."""
+        return architecture_config(self.config, self.path, self.family)
 
     def linear_names(self) -> list[str]:
         """Module names of the ternary linears (those the role table knows), in checkpoint order."""
@@ -255,7 +259,7 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     config = _read_config(path)
     family = detect(config, str(path / "config.json"))
     layout = detect_layout(path, config, family)
-    eps = _input_norm_eps(path, config)
+    eps = _input_norm_eps(path, config, family)
     stored_map = _weight_map(path)
     weight_map = {family.canonical(name): file for name, file in stored_map.items()}
     stored = {family.canonical(name): name for name in stored_map if family.canonical(name) != name}
@@ -342,22 +346,20 @@ def audit(checkpoint: Checkpoint) -> None:
             f"num_hidden_layers={arch.num_hidden_layers}")
     head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads
     fields = {  # the config values that set each tensor's shape, for the error message
-        "q_proj": f"hidden_size={arch.hidden_size}, num_attention_heads={arch.num_attention_heads}, "
-                  f"head_dim={head_dim}",
-        "k_proj": f"hidden_size={arch.hidden_size}, num_key_value_heads={arch.num_key_value_heads}, "
-                  f"head_dim={head_dim}",
+        "attention": f"hidden_size={arch.hidden_size}, num_attention_heads={arch.num_attention_heads}, "
+                     f"head_dim={head_dim}",
+        "kv": f"hidden_size={arch.hidden_size}, num_key_value_heads={arch.num_key_value_heads}, "
+              f"head_dim={head_dim}",
         "mlp": f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}",
         "embed": f"vocab_size={arch.vocab_size}, hidden_size={arch.hidden_size}",
     }
-    fields.update(o_proj=fields["q_proj"], v_proj=fields["k_proj"], lm_head=fields["embed"],
-                  embed_tokens=fields["embed"], ffn_sub_norm=fields["mlp"])
+    fields.update({entry.name: fields[entry.shape] for entry in family.linears})
+    fields.update(lm_head=fields["embed"], embed_tokens=fields["embed"], ffn_sub_norm=fields["mlp"])
 
     def shape_fields(name: str) -> str:
         for part in reversed(name.split(".")):
             if part in fields:
                 return fields[part]
-            if part in ("gate_proj", "up_proj", "down_proj"):
-                return fields["mlp"]
         return f"hidden_size={arch.hidden_size}"
     for name in checkpoint.names():
         where = f"{path}: tensor '{checkpoint.stored_name(name)}'"
@@ -425,7 +427,7 @@ def audit(checkpoint: Checkpoint) -> None:
                  f"rms_norm.weight (first: '{absent[0]}'); they get weight 1, as stock transformers initialises them")
 
 
-def _input_norm_eps(path: Path, config: dict) -> float | None:
+def _input_norm_eps(path: Path, config: dict, family: Family) -> float | None:
     """Check every ``quantization_config`` key (:data:`QUANTIZATION_KEYS`); the epsilon of ``use_rms_norm``."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -440,9 +442,8 @@ def _input_norm_eps(path: Path, config: dict) -> float | None:
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise CheckpointError(f"{file}: quantization_config.modules_to_not_convert must be a list of names")
         layers = config.get("num_hidden_layers")
-        linears = [f"model.layers.{i}.{m}" for i in range(layers if isinstance(layers, int) else 1)
-                   for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+        linears = [f"model.layers.{i}.{entry.path}" for i in range(layers if isinstance(layers, int) else 1)
+                   for entry in family.linears]
         kept = [m for m in linears if not should_convert_module(m, skip)]
         if kept:
             raise CheckpointError(f"{file}: quantization_config.modules_to_not_convert keeps '{kept[0]}' in full "

@@ -96,14 +96,16 @@ class RichProgress:
         )
 
     def __enter__(self) -> RichProgress:
-        self.bar.start()
-        return self
+        return self  # the display starts with the first stage: an error before any leaves no blank line behind
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.bar.live.is_started:
+            self.bar.stop()
 
     @contextmanager
     def stage(self, description: str, total: int | None = None) -> Iterator:
+        if not self.bar.live.is_started:
+            self.bar.start()
         task = self.bar.add_task(description, total=total or 1, label="")
 
         def advance(label: str = "") -> None:
@@ -348,62 +350,16 @@ def perplexity(
     device: DeviceOption = "cpu",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
-    from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.data import (
-        describe_source,
-        load_texts,
-        token_stream,
-        warn_builtin_data,
-        warn_no_bos,
-        warn_positions,
-        windows,
-    )
-    from bitnet_convert.evaluate import perplexity as measure
-    from bitnet_convert.load import (
-        attention_of,
-        backend_for_device,
-        build_for_backend,
-        linear_overrides,
-        load_tokenizer,
-        require_b158,
-        scheme_of,
-    )
-    from bitnet_convert.modeling import architecture_config
-    from bitnet_convert.quant.schemes import PRESETS, preset_roles
+    from bitnet_convert.evaluate import perplexity_of
 
     with _user_errors():
-        device = _check_device(device)
-        backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
-        checkpoint = open_checkpoint(path)
-        if scheme is not None and scheme not in PRESETS:
-            _fail(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
-        if scheme:  # the preset as a conversion would resolve it for this model (SwiGLU down_proj)
-            require_b158(checkpoint, f"--scheme {scheme}: the model")
-            name, roles = scheme, preset_roles(scheme, architecture_config(checkpoint).hidden_act)
-        else:
-            name, roles = scheme_of(checkpoint)
-        if txt_documents not in ("paragraphs", "lines"):
-            _fail(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
-        warn_builtin_data(checkpoint.path, data, "--data", "give --data FILE with its own held-out text")
-        tokenizer = load_tokenizer(checkpoint.path)
-        texts = load_texts(data, split, txt_documents=txt_documents)
-        batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
-                          describe_source("--data", data, split), "--seq-len")
-        warn_positions(checkpoint.config, seq_len, f"--seq-len {seq_len}", ", so this perplexity is not the model's")
-        warn_no_bos(tokenizer, checkpoint.path, "windows start mid-text, so this perplexity is not comparable with "
-                    "one measured on windows that start with BOS")
-        attention = attention_of(checkpoint)
-        overrides = {} if scheme else linear_overrides(checkpoint)
-        model = build_for_backend(checkpoint, name, roles, backend, attention=attention, overrides=overrides)
-        model.to(device)
-        if attention is not None and attention.enabled:
-            name += f" + attention {attention.describe()}"
-        steps = -(-batches.shape[0] // batch_size)
-        with RichProgress() as progress, progress.stage(f"Perplexity ({name})", steps) as advance:
-            result = measure(model, batches, batch_size, on_batch=advance)
-    no_bos = "" if tokenizer.bos_token_id is not None else ", windows without BOS"
-    source = f"{data}:{split}" if not Path(data).expanduser().is_file() else data  # a file has no splits
-    out.print(f"{name}\t{source}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} tokens{no_bos})")
+        _check_device(device)
+        with RichProgress() as progress:
+            result = perplexity_of(path, data, split, seq_len=seq_len, batch_size=batch_size, scheme=scheme,
+                                   txt_documents=txt_documents, backend=backend, device=device, progress=progress)
+    no_bos = "" if result["bos"] else ", windows without BOS"
+    out.print(f"{result['label']}\t{result['source']}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} "
+              f"tokens{no_bos})")
 
 
 @app.command("eval")

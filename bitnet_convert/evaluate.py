@@ -29,14 +29,7 @@ from bitnet_convert.checkpoint import (
 from bitnet_convert.data import token_stream, warn_no_bos, windows
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import DataError
-from bitnet_convert.load import (
-    attention_of,
-    backend_for_device,
-    build_for_backend,
-    linear_overrides,
-    load_tokenizer,
-    scheme_of,
-)
+from bitnet_convert.load import attention_of, backend_for_device, load_tokenizer, open_model, resolve_scheme
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.report import REPORT_FORMAT
 
@@ -62,6 +55,42 @@ def perplexity(
         if on_batch is not None:
             on_batch()
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count}
+
+
+def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str = "validation", *,
+                  seq_len: int = 256, batch_size: int = 8, scheme: str | None = None,
+                  txt_documents: str = "paragraphs", backend: str = "auto", device: str = "cpu",
+                  progress: Progress = SILENT) -> dict:
+    """Token-level perplexity of the model stored at ``path`` on held-out text (``bitnet-convert perplexity``):
+    :func:`perplexity` over the non-overlapping ``seq_len`` windows of ``data``/``split``
+    (:func:`bitnet_convert.data.load_texts`), the model built by :func:`~bitnet_convert.load.open_model` under the
+    scheme it declares or the preset ``scheme``. Returns ``{"perplexity", "nll", "tokens", "label", "source",
+    "bos"}``: the label names the scheme (and attention), the source the data (a file has no splits), ``bos``
+    whether the windows start with BOS. Raises the package's one-line errors for bad input, before any model is
+    built."""
+    from bitnet_convert.data import describe_source, load_texts, warn_builtin_data, warn_positions
+    from bitnet_convert.devices import resolve_device
+
+    device = str(resolve_device(device))
+    backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
+    checkpoint = open_checkpoint(path)
+    resolve_scheme(checkpoint, scheme)  # an unknown preset or an a4.8 model given a preset: refused first
+    if txt_documents not in ("paragraphs", "lines"):
+        raise DataError(f"--txt-documents '{txt_documents}' is unknown; expected paragraphs or lines")
+    warn_builtin_data(checkpoint.path, data, "--data", "give --data FILE with its own held-out text")
+    tokenizer = load_tokenizer(checkpoint.path)
+    texts = load_texts(data, split, txt_documents=txt_documents)
+    batches = windows(token_stream(tokenizer, texts), seq_len, tokenizer.bos_token_id,
+                      describe_source("--data", data, split), "--seq-len")
+    warn_positions(checkpoint.config, seq_len, f"--seq-len {seq_len}", ", so this perplexity is not the model's")
+    warn_no_bos(tokenizer, checkpoint.path, "windows start mid-text, so this perplexity is not comparable with "
+                "one measured on windows that start with BOS")
+    opened = open_model(checkpoint, backend, scheme)
+    opened.model.to(device)
+    with progress.stage(f"Perplexity ({opened.label()})", -(-batches.shape[0] // batch_size)) as advance:
+        result = perplexity(opened.model, batches, batch_size, on_batch=advance)
+    source = f"{data}:{split}" if not Path(data).expanduser().is_file() else data
+    return {**result, "label": opened.label(), "source": source, "bos": tokenizer.bos_token_id is not None}
 
 
 #: Task YAMLs over local data that ship with the project (the defaults for the built-in reference model).
@@ -119,7 +148,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
     device = str(resolve_device(device))
     backend = backend_for_device(backend, device)
     checkpoint = open_checkpoint(str(path))
-    preset, roles = scheme_of(checkpoint)
+    preset, roles, _ = resolve_scheme(checkpoint)
     attention = attention_of(checkpoint)
     tasks = list(tasks or default_tasks(checkpoint))
     builtin = [t for t in tasks if t in REFERENCE_TASKS]
@@ -130,8 +159,7 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
     # loads every task's data and checks max_length against it: fails before the model is built
     texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=max_length)
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
-        model = build_for_backend(checkpoint, preset, roles, backend, on_linear=lambda _name: advance(),
-                                  attention=attention, overrides=linear_overrides(checkpoint))
+        model = open_model(checkpoint, backend, on_linear=lambda _name: advance()).model
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
         results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,

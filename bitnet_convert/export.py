@@ -30,9 +30,10 @@ from safetensors.torch import save_file
 from bitnet_convert import __version__
 from bitnet_convert.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from bitnet_convert.errors import OutputError
+from bitnet_convert.families import Role
 from bitnet_convert.modeling import DTYPES, quant_linears
 from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import ActivationSpec, Role
+from bitnet_convert.quant.schemes import ActivationSpec
 
 FORMAT_VERSION = 1
 QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}

@@ -26,8 +26,49 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from bitnet_convert.errors import CheckpointError
+
+#: A role groups the linears whose inputs have the same origin in a decoder layer; a scheme maps every role to one
+#: activation spec (``bitnet_convert.quant.schemes``).
+Role = Literal["qkv", "o", "gate_up", "down"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
+@dataclass(frozen=True)
+class DecoderLinear:
+    """One ternary linear of a decoder layer, the row of the role table that decides how it is treated.
+
+    ``path``: its module path inside a layer (transformers' names, after the family's renames). ``role``: which
+    activation spec of the scheme quantizes its input. ``table2``: the row of a4.8's Table 2 that counts its
+    sparsity (``gate`` and ``up`` apart). ``shape``: which config values set its weight's shape (``attention``:
+    hidden size and query heads, ``kv``: key/value heads, ``mlp``: intermediate size), for messages. ``glu_gate``:
+    for the GLU's up projection, its gate sibling, whose activated output zeroes up's outputs (Table 2's ``up``).
+    """
+
+    path: str
+    role: Role
+    table2: str
+    shape: Literal["attention", "kv", "mlp"]
+    glu_gate: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The last component of :attr:`path` (``q_proj``)."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+#: The decoder linears of a transformers Llama/BitNet layer, in execution order (every family reads as one).
+DECODER_LINEARS: tuple[DecoderLinear, ...] = (
+    DecoderLinear("self_attn.q_proj", "qkv", "qkv", "attention"),
+    DecoderLinear("self_attn.k_proj", "qkv", "qkv", "kv"),
+    DecoderLinear("self_attn.v_proj", "qkv", "qkv", "kv"),
+    DecoderLinear("self_attn.o_proj", "o", "o", "attention"),
+    DecoderLinear("mlp.gate_proj", "gate_up", "gate", "mlp"),
+    DecoderLinear("mlp.up_proj", "gate_up", "up", "mlp", glu_gate="gate_proj"),
+    DecoderLinear("mlp.down_proj", "down", "down", "mlp"),
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +100,8 @@ class Family:
     #: what an export's ``config.json`` says (``None``: the input's own ``model_type`` and ``architectures``)
     export_model_type: str | None = None
     export_architectures: tuple[str, ...] | None = None
+    #: the role table: every ternary linear of a decoder layer and how it is treated
+    linears: tuple[DecoderLinear, ...] = DECODER_LINEARS
 
     def _class(self, suffix: str):
         module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -111,6 +154,20 @@ ONEBITLLM = Family(
     export_model_type="bitnet", export_architectures=("BitNetForCausalLM",),
 )
 FAMILIES: tuple[Family, ...] = (BITNET, LLAMA, ONEBITLLM)
+#: Every family's role-table rows by linear name (``q_proj``); a name means the same linear in every family.
+_LINEAR_BY_NAME: dict[str, DecoderLinear] = {entry.name: entry for f in FAMILIES for entry in f.linears}
+
+
+def decoder_linear(module_name: str) -> DecoderLinear | None:
+    """The role-table row of a linear given its dotted module name (``model.layers.3.mlp.up_proj``), ``None`` when
+    it is not a ternary decoder linear."""
+    return _LINEAR_BY_NAME.get(module_name.rsplit(".", 1)[-1])
+
+
+def role_of(module_name: str) -> Role | None:
+    """Role of a linear given its dotted module name, ``None`` when it is not a quantized linear."""
+    entry = decoder_linear(module_name)
+    return entry.role if entry is not None else None
 
 
 def supported() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -11,10 +12,11 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
 from bitnet_convert.errors import BackendError, CheckpointError
+from bitnet_convert.families import Role
 from bitnet_convert.modeling import DTYPES, build_model
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, Role
+from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, preset_roles
 
 Backend = Literal["native", "reference", "auto"]
 BACKENDS: tuple[str, ...] = ("native", "reference", "auto")
@@ -105,6 +107,56 @@ def require_b158(checkpoint: Checkpoint, what: str, recipe_scheme: str | None = 
                           f"model: give the b1.58 checkpoint it was converted from{origin}")
 
 
+@dataclass
+class OpenedModel:
+    """A model built from a checkpoint with the activation semantics it is run under (:func:`open_model`)."""
+
+    model: PreTrainedModel
+    checkpoint: Checkpoint
+    #: the scheme's name (``b158`` for an input model) and the activation spec of every role
+    scheme: str
+    roles: dict[Role, ActivationSpec]
+    #: the attention quantization the model declares (``None``: full-precision attention)
+    attention: AttentionSpec | None
+
+    def label(self) -> str:
+        """How messages name what runs: the scheme, and its attention quantization when it has one."""
+        if self.attention is not None and self.attention.enabled:
+            return f"{self.scheme} + attention {self.attention.describe()}"
+        return self.scheme
+
+
+def resolve_scheme(checkpoint: Checkpoint, scheme: str | None = None
+                   ) -> tuple[str, dict[Role, ActivationSpec], dict[str, ActivationSpec]]:
+    """``(name, roles, per-linear overrides)`` a checkpoint runs under: what it declares (``b158`` for an input
+    model), or the preset ``scheme`` resolved for this model (the SwiGLU down_proj of
+    :func:`~bitnet_convert.quant.schemes.preset_roles`), which only a b1.58 model takes. Raises
+    :class:`~bitnet_convert.errors.BackendError` for an unknown preset and
+    :class:`~bitnet_convert.errors.CheckpointError` (:func:`require_b158`) for an a4.8 export with ``scheme``."""
+    if scheme is None:
+        return *scheme_of(checkpoint), linear_overrides(checkpoint)
+    if scheme not in PRESETS:
+        raise CheckpointError(f"--scheme '{scheme}' is unknown; expected one of {', '.join(PRESETS)}")
+    require_b158(checkpoint, f"--scheme {scheme}: the model")
+    return scheme, preset_roles(scheme, checkpoint.transformers_config().hidden_act), {}
+
+
+def open_model(path: str | Path | Checkpoint, backend: Backend = "reference", scheme: str | None = None, *,
+               dtype: str | torch.dtype = torch.float32, sparse_roles: tuple[str, ...] | None = None,
+               on_linear: Callable[[str], None] | None = None) -> OpenedModel:
+    """Build the model stored at ``path`` (or an opened checkpoint) on ``backend``, under the scheme it declares
+    or the preset ``scheme`` (:func:`resolve_scheme`); the one place ``load``, ``evaluate`` and ``perplexity``
+    build a model. ``dtype``: a torch dtype or its name (``float32``…). Raises as :func:`load`."""
+    backend = resolve_backend(backend)
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+    name, roles, overrides = resolve_scheme(checkpoint, scheme)
+    attention = attention_of(checkpoint)
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    model = build_for_backend(checkpoint, name, roles, backend, dtype=dtype, attention=attention,
+                              overrides=overrides, sparse_roles=sparse_roles, on_linear=on_linear)
+    return OpenedModel(model, checkpoint, name, roles, attention)
+
+
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
          sparse_roles: tuple[str, ...] | None = None) -> PreTrainedModel:
     """The model stored in ``path`` with the activation quantizers its config declares.
@@ -119,12 +171,7 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     :mod:`bitnet_convert.native`). Raises :class:`~bitnet_convert.errors.CheckpointError` for a
     bad checkpoint and :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run here.
     """
-    backend = resolve_backend(backend)
-    checkpoint = open_checkpoint(path)
-    scheme, roles = scheme_of(checkpoint)
-    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    return build_for_backend(checkpoint, scheme, roles, backend, dtype=dtype, attention=attention_of(checkpoint),
-                             overrides=linear_overrides(checkpoint), sparse_roles=sparse_roles)
+    return open_model(path, backend, dtype=dtype, sparse_roles=sparse_roles).model
 
 
 def backend_for_device(backend: str, device: str) -> Literal["native", "reference"]:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from bitnet_convert import checkpoint as _checkpoint
 from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
+from bitnet_convert.families import Role, role_of
 from bitnet_convert.memory import trim_heap
 from bitnet_convert.notes import warn
 from bitnet_convert.quant import kv
@@ -26,20 +26,15 @@ from bitnet_convert.quant.compensation import Compensation, attach
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
-from bitnet_convert.quant.schemes import ActivationSpec, Role, role_of
+from bitnet_convert.quant.schemes import ActivationSpec
 
 #: The float dtypes a model computes in or is exported in, by the names recipes and options use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def architecture_config(checkpoint: Checkpoint) -> PretrainedConfig:
-    """The checkpoint's transformers config (``BitNetConfig``, ``LlamaConfig``) without its storage description."""
-    return _checkpoint.architecture_config(checkpoint.config, checkpoint.path, checkpoint.family)
-
-
 def rotary_embedding(checkpoint: Checkpoint, config: PretrainedConfig | None = None) -> torch.nn.Module:
     """The family's rotary position embedding module for ``config`` (default: the checkpoint's)."""
-    return checkpoint.family.rotary_class(config or architecture_config(checkpoint))
+    return checkpoint.family.rotary_class(config or checkpoint.transformers_config())
 
 
 def build_model(
@@ -59,7 +54,7 @@ def build_model(
     ``overrides`` gives single linears (by module name) their own activation spec. ``embeddings_as_stored`` keeps
     the embedding and lm_head tables in the checkpoint's dtype (the native backend converts them itself).
     """
-    config = architecture_config(checkpoint)
+    config = checkpoint.transformers_config()
     with torch.device("meta"):
         model = checkpoint.family.model_class(config)
     scratch = _scratch(checkpoint, checkpoint.linear_names())

@@ -21,7 +21,8 @@ What runs where:
   fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
   stays fp32 (torch's BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch,
   fp32, as in the reference backend;
-* a linear with a full-precision input (``method: none``) stays on the reference code path.
+* a linear whose input method has no native path (``method: none``, full precision) stays on the reference code
+  path.
 
 The native model is for inference: it has no gradients and no training forward.
 """
@@ -32,10 +33,11 @@ import torch
 from torch import nn
 
 from bitnet_convert import kernels
+from bitnet_convert.families import ROLES, role_of
 from bitnet_convert.memory import trim_heap
-from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.quant.schemes import ROLES, SPARSE_GLU, ActivationSpec, role_of
+from bitnet_convert.quant.methods import METHODS
+from bitnet_convert.quant.schemes import SPARSE_GLU, ActivationSpec
 
 
 def _ops():
@@ -43,29 +45,18 @@ def _ops():
 
 
 def quantize(x: torch.Tensor, spec: ActivationSpec, isa: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token integer codes of ``x`` under ``spec``, as the kernels want them.
+    """Per-token integer codes of ``x`` under ``spec``, as the kernels want them: the native path its method
+    registers (:data:`bitnet_convert.quant.methods.METHODS`).
 
     ``x``: fp32 ``[T, K]``. Returns ``(codes int8 [T, Kp], s fp32 [T], sums int32 [T])`` with ``Kp`` = ``K`` padded
     to a multiple of 128 (zero codes), ``s`` the multiplier (``x̂ = codes / s``) and ``sums`` the code sum of each
-    token. The codes and ``s`` equal :func:`bitnet_convert.quant.functional.integer_codes`: absmax runs wholly in
-    the kernel (a maximum is exact in any order, and the kernel repeats torch's fp32 operations); absmean and FP4
-    take ``s`` (and the E2M1 values) from the same torch functions, whose sums the kernel could not reproduce bit
-    for bit, and round in the kernel. Raises ``ValueError`` for ``method: none``.
+    token. The codes and ``s`` equal :meth:`ActivationSpec.integer_codes`. Raises ``ValueError`` for a method
+    without a native path (``none``).
     """
-    x = spec.sparsify(x)
-    if spec.method == "absmax":
-        return _ops().quantize_absmax(x.contiguous(), spec.bits, isa)
-    if spec.method == "absmean":
-        qp = 2 ** (spec.bits - 1) - 1
-        s = F.absmean_scale(x, spec.bits).reshape(-1).contiguous()
-        codes, sums = _ops().quantize_scaled(x.contiguous(), s, -qp - 1, qp, isa)
-        return codes, s, sums
-    if spec.method == "fp4_e2m1":
-        s = F.fp4_unit_scale(x).reshape(-1).contiguous()
-        values = F.fp4_e2m1_minmax(x).contiguous()
-        codes, sums = _ops().quantize_scaled(values, s, -F.FP4_UNITS, F.FP4_UNITS, isa)
-        return codes, s, sums
-    raise ValueError(f"no integer codes for activation method {spec.method!r}")
+    native = METHODS[spec.method].native
+    if native is None:
+        raise ValueError(f"no integer codes for activation method {spec.method!r}")
+    return native(_ops(), spec.sparsify(x), spec.bits, isa)
 
 
 class NativeLinear(nn.Module):
@@ -190,7 +181,7 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
     if unknown:
         raise ValueError(f"sparse_roles: unknown role '{unknown[0]}'; expected some of {', '.join(ROLES)}")
     for name, module in list(model.named_modules()):
-        if not isinstance(module, QuantLinear) or module.spec.method == "none":
+        if not isinstance(module, QuantLinear) or METHODS[module.spec.method].native is None:
             continue
         model.set_submodule(name, NativeLinear(module, role_of(name) in sparse_roles))
     _convert_embeddings(model)

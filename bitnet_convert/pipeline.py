@@ -45,11 +45,12 @@ from bitnet_convert.export import (
     output_lock,
     scale_convention,
 )
+from bitnet_convert.families import Role
 from bitnet_convert.load import load_tokenizer, require_b158
-from bitnet_convert.modeling import DTYPES, architecture_config, build_model, quant_linears, set_input_spec
+from bitnet_convert.modeling import DTYPES, build_model, quant_linears, set_input_spec
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
-from bitnet_convert.quant.schemes import ActivationSpec, Role, swiglu_note
+from bitnet_convert.quant.schemes import ActivationSpec, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs
@@ -144,7 +145,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
         calibration = _calibration_windows(recipe, checkpoint, data_used)
         if recipe.recovery.distill is not None:  # a teacher that cannot teach fails before any work
             kd.teacher_checkpoint(checkpoint, recipe.recovery.distill)
-    hidden_act = architecture_config(checkpoint).hidden_act
+    hidden_act = checkpoint.transformers_config().hidden_act
     roles = recipe.scheme.resolved(hidden_act)
     # which down_proj treatment a48 chose for a SwiGLU model, said in the report and by the CLI
     ffn_note = swiglu_note(recipe.scheme.preset, hidden_act) if "down" not in recipe.scheme.roles else None
@@ -264,10 +265,10 @@ def _calibrate(recipe: Recipe, output: Path, overwrite: bool, progress: Progress
         raise DataError("calibration.samples is 0: there is nothing to calibrate on")
     spec = recipe.calibration
     _check_batches(spec, -(-ids.shape[0] // spec.batch_size))
-    layers = architecture_config(checkpoint).num_hidden_layers
+    layers = checkpoint.transformers_config().num_hidden_layers
     stage = progress.stage("Calibrate, layer by layer", layers)
     with memory_guard(spec.samples, spec.seq_len, spec.batch_size), stage as advance:
-        roles = recipe.scheme.resolved(architecture_config(checkpoint).hidden_act)
+        roles = recipe.scheme.resolved(checkpoint.transformers_config().hidden_act)
         result = sequential_calibration(checkpoint, roles, ids, spec.batch_size,
                                         attention=recipe.scheme.attention, on_layer=advance,
                                         overrides=recipe.scheme.linears, device=device)

@@ -23,8 +23,9 @@ from pydantic import (
 
 from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
+from bitnet_convert.families import ROLES, Role
 from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import ROLES, ActivationSpec, Role, preset_roles
+from bitnet_convert.quant.schemes import ActivationSpec, preset_roles
 from bitnet_convert.recover.blockwise import BlockwiseSpec
 from bitnet_convert.recover.distill import DistillSpec
 from bitnet_convert.recover.qwt import QwTSpec

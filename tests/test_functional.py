@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bitnet_convert.quant import functional as F
+from bitnet_convert.quant import kv
 
 
 def t(*rows: list[float]) -> torch.Tensor:
@@ -235,54 +236,6 @@ def test_fp4_output_on_grid_and_bounded_on_random() -> None:
     assert torch.equal(out.sign() * (out != 0), x.sign() * (out != 0))
 
 
-# ------------------------------------------------------------------------------------ attention heads
-
-
-def test_minmax_uint_3_and_4_bits_hand_computed() -> None:
-    x3 = t([-2.0, 5.0, 1.5, 0.4])
-    # 3 bits: qmax = 7, lo = -2, hi = 5, s = 7/7 = 1; (x − lo)/s = [0, 7, 3.5, 2.4] → round [0, 7, 4, 2]
-    # → code·s + lo = [-2, 5, 2, 0]
-    assert torch.equal(F.minmax_uint(x3, 3), t([-2.0, 5.0, 2.0, 0.0]))
-    x4 = t([-1.0, 14.0, 2.5, 6.6])
-    # 4 bits: qmax = 15, lo = -1, hi = 14, s = 1; x − lo = [0, 15, 3.5, 7.6] → [0, 15, 4, 8] → [-1, 14, 3, 7]
-    assert torch.equal(F.minmax_uint(x4, 4), t([-1.0, 14.0, 3.0, 7.0]))
-    x2 = t([0.0, 1.0, 0.2, 0.7])
-    # 3 bits, s = 1/7: (x − 0)·7 = [0, 7, 1.4, 4.9] → [0, 7, 1, 5] → /7
-    torch.testing.assert_close(F.minmax_uint(x2, 3), t([0.0, 7.0, 1.0, 5.0]) / 7, rtol=1e-6, atol=1e-7)
-
-
-def test_minmax_uint_over_chosen_dim() -> None:
-    x = t([0.0, 10.0], [7.0, 3.0], [3.4, -5.0])
-    # dim=0 (per column), 3 bits:
-    #   col 0: lo 0, hi 7, s 1 → [0, 7, 3.4→3] ; col 1: lo -5, hi 10, s 15/7
-    #   col 1 codes: (x + 5)/(15/7) = [7, 3.73, 0] → [7, 4, 0] → [10, 4·15/7 − 5 = 25/7, -5]
-    out = F.minmax_uint(x, 3, dim=0)
-    assert torch.equal(out[:, 0], torch.tensor([0.0, 7.0, 3.0]))
-    torch.testing.assert_close(out[:, 1], torch.tensor([10.0, 25 / 7, -5.0]), rtol=1e-6, atol=1e-6)
-    # a tuple of dims: one range over the whole [tokens, heads, head_dim] block of a token
-    y = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[0.0, 0.1], [0.2, 7.0]]])
-    # token 1 over (heads, head_dim): lo 0, hi 7, s 1 (3 bits) → [0, 0.1→0, 0.2→0, 7]
-    out = F.minmax_uint(y, 3, dim=(-2, -1))
-    assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 7.0]]))
-    # token 0: lo 0, hi 3, s 3/7: codes = x·7/3 = [0, 2.33, 4.67, 7] → [0, 2, 5, 7] → ·3/7
-    torch.testing.assert_close(out[0], torch.tensor([[0.0, 2.0], [5.0, 7.0]]) * 3 / 7, rtol=1e-6, atol=1e-6)
-    # per-head instead (dim=-1) gives a different answer for token 1's first head: lo 0, hi 0.1
-    torch.testing.assert_close(F.minmax_uint(y, 3, dim=-1)[1, 0], torch.tensor([0.0, 0.1]), rtol=1e-6, atol=1e-7)
-
-
-def test_absmax_uint_3_and_4_bits_hand_computed() -> None:
-    x4 = t([7.0, -7.0, 2.5, -0.5])
-    # 4 bits: z = 8, s = 7/7 = 1; x/s + z = [15, 1, 10.5, 7.5] → round [15, 1, 10, 8] → −z → [7, -7, 2, 0]
-    assert torch.equal(F.absmax_uint(x4, 4), t([7.0, -7.0, 2.0, 0.0]))
-    x3 = t([3.0, -3.0, 1.5, -0.5, 2.5])
-    # 3 bits: z = 4, s = 3/3 = 1; x + 4 = [7, 1, 5.5, 3.5, 6.5] → [7, 1, 6, 4, 6] → −4 → [3, -3, 2, 0, 2]
-    assert torch.equal(F.absmax_uint(x3, 3), t([3.0, -3.0, 2.0, 0.0, 2.0]))
-    # per column (dim=0), 3 bits: col 0 max 3 (s=1), col 1 max 6 (s=2)
-    y = t([3.0, 6.0], [-1.4, -3.0])
-    # col 0: [3, -1.4] → [3, -1]; col 1: [6, -3]/2 = [3, -1.5] → +4 [7, 2.5] → [7, 2] → −4 → [3, -2] → ·2 = [6, -4]
-    assert torch.equal(F.absmax_uint(y, 3, dim=0), t([3.0, 6.0], [-1.0, -4.0]))
-
-
 # -------------------------------------------------------------------------------- dtype / zeros / tokens
 
 PER_TOKEN = {
@@ -291,8 +244,8 @@ PER_TOKEN = {
     "int4_absmean": F.int4_absmean,
     "topk_sparsify": lambda x: F.topk_sparsify(x, 0.5),
     "fp4_e2m1_minmax": F.fp4_e2m1_minmax,
-    "minmax_uint3": lambda x: F.minmax_uint(x, 3),
-    "absmax_uint4": lambda x: F.absmax_uint(x, 4),
+    "kv_minmax3": lambda x: kv.fake_quantize(x, 3, "minmax"),
+    "kv_absmax4": lambda x: kv.fake_quantize(x, 4, "absmax"),
 }
 ALL = {**PER_TOKEN, "ternary_absmean_fake": F.ternary_absmean_fake}
 

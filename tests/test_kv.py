@@ -51,6 +51,62 @@ def test_kv_quantizer_levels_and_error(method, bits):
     assert (error <= 0.5 * scale.float() * 1.01 + 1e-3).all()
 
 
+def t(*rows: list[float] | float) -> torch.Tensor:
+    return torch.tensor(list(rows))
+
+
+def fp16(value: float) -> float:
+    """The fp16 value a KV scale is stored as."""
+    return torch.tensor(value).half().item()
+
+
+def test_minmax_3_and_4_bits_hand_computed() -> None:
+    x3 = t(-2.0, 5.0, 1.5, 0.4)
+    # 3 bits: qmax = 7, lo = -2, hi = 5, s = 7/7 = 1; (x − lo)/s = [0, 7, 3.5, 2.4] → round [0, 7, 4, 2]
+    # → code·s + lo = [-2, 5, 2, 0]
+    assert torch.equal(fake_quantize(x3, 3, "minmax"), t(-2.0, 5.0, 2.0, 0.0))
+    x4 = t(-1.0, 14.0, 2.5, 6.6)
+    # 4 bits: qmax = 15, lo = -1, hi = 14, s = 1; x − lo = [0, 15, 3.5, 7.6] → [0, 15, 4, 8] → [-1, 14, 3, 7]
+    assert torch.equal(fake_quantize(x4, 4, "minmax"), t(-1.0, 14.0, 3.0, 7.0))
+    x2 = t(0.0, 1.0, 0.2, 0.7)
+    # 3 bits, s = fp16(1/7) = 0.142822…: x/s = [0, 7.002, 1.400, 4.901] → [0, 7, 1, 5] → ·s
+    assert torch.equal(fake_quantize(x2, 3, "minmax"), t(0.0, 7.0, 1.0, 5.0) * fp16(1 / 7))
+
+
+def test_minmax_over_chosen_dim() -> None:
+    x = t([0.0, 10.0], [7.0, 3.0], [3.4, -5.0])
+    # dim=0 (per column), 3 bits:
+    #   col 0: lo 0, hi 7, s 1 → [0, 7, 3.4→3] ; col 1: lo -5, hi 10, s fp16(15/7) = 2.142578125
+    #   col 1 codes: (x + 5)/s = [7.001, 3.734, 0] → [7, 4, 0] → code·s − 5
+    out = fake_quantize(x, 3, "minmax", dim=0)
+    assert torch.equal(out[:, 0], torch.tensor([0.0, 7.0, 3.0]))
+    s = fp16(15 / 7)
+    assert s == 2.142578125
+    assert torch.equal(out[:, 1], torch.tensor([7 * s - 5, 4 * s - 5, -5.0]))
+    # a tuple of dims: one range over the whole [heads, head_dim] block of a token
+    y = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[0.0, 0.1], [0.2, 7.0]]])
+    out = fake_quantize(y, 3, "minmax", dim=(-2, -1))
+    # token 1: lo 0, hi 7, s 1 (3 bits) → [0, 0.1→0, 0.2→0, 7]
+    assert torch.equal(out[1], torch.tensor([[0.0, 0.0], [0.0, 7.0]]))
+    # token 0: lo 0, hi 3, s fp16(3/7) = 0.428466796875: x/s = [0, 2.33, 4.67, 7.002] → [0, 2, 5, 7] → ·s
+    assert torch.equal(out[0], torch.tensor([[0.0, 2.0], [5.0, 7.0]]) * fp16(3 / 7))
+    # per token (dim=-1): token [0, 0.1]: lo 0, s fp16(0.1/7) = 0.0142822265625 → codes [0, 7] → [0, 7·s]
+    assert torch.equal(fake_quantize(y, 3, "minmax", dim=-1)[1, 0], torch.tensor([0.0, 7 * fp16(0.1 / 7)]))
+
+
+def test_absmax_3_and_4_bits_hand_computed() -> None:
+    x4 = t(7.0, -7.0, 2.5, -0.5)
+    # 4 bits: z = 8, s = 7/7 = 1; x/s + z = [15, 1, 10.5, 7.5] → round [15, 1, 10, 8] → −z → [7, -7, 2, 0]
+    assert torch.equal(fake_quantize(x4, 4, "absmax"), t(7.0, -7.0, 2.0, 0.0))
+    x3 = t(3.0, -3.0, 1.5, -0.5, 2.5)
+    # 3 bits: z = 4, s = 3/3 = 1; x + 4 = [7, 1, 5.5, 3.5, 6.5] → [7, 1, 6, 4, 6] → −4 → [3, -3, 2, 0, 2]
+    assert torch.equal(fake_quantize(x3, 3, "absmax"), t(3.0, -3.0, 2.0, 0.0, 2.0))
+    # per column (dim=0), 3 bits: col 0 max 3 (s=1), col 1 max 6 (s=2)
+    y = t([3.0, 6.0], [-1.4, -3.0])
+    # col 0: [3, -1.4] → [3, -1]; col 1: [6, -3]/2 = [3, -1.5] → +4 [7, 2.5] → [7, 2] → −4 → [3, -2] → ·2 = [6, -4]
+    assert torch.equal(fake_quantize(y, 3, "absmax", dim=0), t([3.0, 6.0], [-1.0, -4.0]))
+
+
 def test_bos_position_keeps_its_own_bits():
     x = torch.randn(1, 2, 9, 32, generator=torch.Generator().manual_seed(1))
     out = fake_quantize_kv(x, 3, PAPER)

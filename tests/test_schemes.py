@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as tF
 from pydantic import ValidationError
 
+from bitnet_convert.families import DECODER_LINEARS, FAMILIES, ROLES, role_of
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import pack_ternary
-from bitnet_convert.quant.schemes import PRESETS, ROLE_OF_LINEAR, ROLES, ActivationSpec, role_of
+from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 
 INT8 = ActivationSpec(method="absmax", bits=8)
 INT4 = ActivationSpec(method="absmean", bits=4)
@@ -162,7 +163,16 @@ def test_role_of(name: str, role: str | None) -> None:
 
 
 def test_role_table_is_exactly_the_seven_linears() -> None:
-    assert ROLE_OF_LINEAR == {
+    for family in FAMILIES:
+        assert family.linears == DECODER_LINEARS, family.name
+    assert [entry.path for entry in DECODER_LINEARS] == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {entry.name: entry.table2 for entry in DECODER_LINEARS} == {
+        "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+        "down_proj": "down"}
+    assert [entry.name for entry in DECODER_LINEARS if entry.glu_gate] == ["up_proj"]
+    assert {entry.name: entry.role for entry in DECODER_LINEARS} == {
         "q_proj": "qkv",
         "k_proj": "qkv",
         "v_proj": "qkv",

@@ -193,28 +193,6 @@ def topk_sparsify(x: torch.Tensor, ratio: float) -> torch.Tensor:
     return x * topk_mask(x, ratio)
 
 
-def integer_codes(x: torch.Tensor, method: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token integer codes and multiplier of a quantized activation: ``(codes, s)`` with ``x̂ = codes / s``.
-
-    ``x``: float ``[..., d]``; returns fp32 ``codes [..., d]`` (integer-valued) and fp32 ``s [..., 1]``.
-    ``absmax``/``absmean``: ``RoundClip(x · s)`` with :func:`absmax_scale`/:func:`absmean_scale`, the codes of
-    :func:`absmax_int`/:func:`absmean_int`. ``fp4_e2m1``: the E2M1 value of :func:`fp4_e2m1_minmax` in units of
-    ``max|x| / 12`` (the E2M1 grid ×2: integers in [−12, 12]), ``s = 12 / max|x|``. An integer product
-    ``codes · T`` of ternary ``T`` is exact in fp32 while its sums stay below 2^24, so ``(codes · T) / s`` does not
-    depend on the order of summation: the reference and native backends compute the same numbers with it.
-    Raises ``ValueError`` for a method without integer codes.
-    """
-    xf = x.float()
-    if method in ("absmax", "absmean"):
-        qp = 2 ** (bits - 1) - 1
-        s = absmax_scale(xf, bits) if method == "absmax" else absmean_scale(xf, bits)
-        return round_clip(xf * s, -qp - 1, qp), s
-    if method == "fp4_e2m1":
-        s = fp4_unit_scale(xf)
-        return round_clip(fp4_e2m1_minmax(xf) * s, -FP4_UNITS, FP4_UNITS), s
-    raise ValueError(f"activation method {method!r} has no integer codes")
-
-
 #: E2M1 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6} × 2 are the integers up to 12, in units of max|x| / 12.
 FP4_UNITS = 12
 
@@ -239,32 +217,6 @@ def fp4_e2m1_minmax(x: torch.Tensor, exp_bits: int = 2, man_bits: int = 1) -> to
     step = torch.exp2(exponent - bias - man_bits)
     q = torch.round(xf / step) * step
     return torch.minimum(torch.maximum(q, -xmax), xmax).to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------- attention heads
-
-
-def minmax_uint(x: torch.Tensor, bits: int, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
-    """Asymmetric (unsigned) min-max integer quantization over ``dim``: codes in ``[0, 2^bits − 1]``.
-
-    ``s = (max − min) / (2^bits − 1)``, ``X̂ = s · RoundClip((X − min) / s, 0, 2^bits − 1) + min``. Used for
-    Q/K/V heads after RoPE (a4.8 §3.1), no calibration data.
-    """
-    qmax = 2**bits - 1
-    xf = x.float()
-    lo = xf.amin(dim=dim, keepdim=True)
-    hi = xf.amax(dim=dim, keepdim=True)
-    s = ((hi - lo) / qmax).clamp(min=EPS)
-    return (round_clip((xf - lo) / s, 0, qmax) * s + lo).to(x.dtype)
-
-
-def absmax_uint(x: torch.Tensor, bits: int, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
-    """Symmetric absmax over ``dim`` stored as unsigned codes ``[0, 2^bits − 1]`` around a zero point of
-    ``2^(bits−1)``: ``s = max|X| / (2^(bits−1) − 1)``, ``X̂ = s · (RoundClip(X/s + z, 0, 2^bits − 1) − z)``."""
-    zero = 2 ** (bits - 1)
-    xf = x.float()
-    s = (xf.abs().amax(dim=dim, keepdim=True) / (zero - 1)).clamp(min=EPS)
-    return ((round_clip(xf / s + zero, 0, 2**bits - 1) - zero) * s).to(x.dtype)
 
 
 def int8_absmax_ste(x: torch.Tensor) -> torch.Tensor:

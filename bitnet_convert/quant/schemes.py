@@ -1,7 +1,8 @@
-"""Activation specs, the role table and the named schemes (b158, a48, a48-fp4, the SwiGLU down_proj variants).
+"""Activation specs and the named schemes (b158, a48, a48-fp4, the SwiGLU down_proj variants).
 
 A *role* groups the linears whose inputs have the same origin in a BitNet block; a scheme maps every role to
-one :class:`ActivationSpec`. Which linear has which role is decided here and nowhere else.
+one :class:`ActivationSpec`. Which linear has which role is decided by the role table of
+:mod:`bitnet_convert.families` and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,33 +13,17 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bitnet_convert.families import Role
 from bitnet_convert.quant import functional as F
-
-Role = Literal["qkv", "o", "gate_up", "down"]
-ROLES: tuple[Role, ...] = ("qkv", "o", "gate_up", "down")
-
-#: Linear name (last component of the module path) → role.
-ROLE_OF_LINEAR: dict[str, Role] = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "o_proj": "o",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-    "down_proj": "down",
-}
-
-
-def role_of(module_name: str) -> Role | None:
-    """Role of a linear given its dotted module name, ``None`` when it is not a quantized linear."""
-    return ROLE_OF_LINEAR.get(module_name.rsplit(".", 1)[-1])
+from bitnet_convert.quant.methods import METHODS
 
 
 class ActivationSpec(BaseModel):
     """How the input of a linear is quantized: optional top-K sparsification, then a per-token quantizer.
 
-    ``method``: ``absmax`` (signed integers, b1.58 Eq. 4 at 8 bits), ``absmean`` (a4.8 Eq. 6–7 at 4 bits),
-    ``fp4_e2m1`` (a4.8 §2.3, 4 bits only) or ``none`` (full precision).
+    ``method``: a name registered in :data:`~bitnet_convert.quant.methods.METHODS`: ``absmax`` (signed integers,
+    b1.58 Eq. 4 at 8 bits), ``absmean`` (a4.8 Eq. 6–7 at 4 bits), ``fp4_e2m1`` (a4.8 §2.3, 4 bits only) or ``none``
+    (full precision).
     ``topk``: share of channels kept per token before quantizing (a4.8 Eq. 1); ``null`` for no sparsification.
     ``threshold``: a static alternative to ``topk``: inputs with ``|x| < threshold`` become 0 (one number per
     linear, calibrated, no per-token sort).
@@ -46,7 +31,7 @@ class ActivationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["absmax", "absmean", "fp4_e2m1", "none"] = "absmax"
+    method: Literal[tuple(METHODS)] = "absmax"  # type: ignore[valid-type]  # the registry's names
     bits: int = Field(8, ge=2, le=8, description="integer width, 2..8 (default: 4 for absmean and fp4_e2m1, else 8)")
     topk: float | None = Field(None, gt=0.0, le=1.0, description="share of |x| kept per token, in (0, 1]")
     threshold: float | None = Field(None, ge=0.0, description="zero the inputs with |x| below this (static top-K)")
@@ -54,21 +39,22 @@ class ActivationSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_bits(cls, data: object) -> object:
-        if isinstance(data, dict) and "bits" not in data and data.get("method") in ("absmean", "fp4_e2m1"):
-            return {**data, "bits": 4}
-        return data
+        name = data.get("method") if isinstance(data, dict) and "bits" not in data else None
+        method = METHODS.get(name) if isinstance(name, str) else None
+        return {**data, "bits": method.default_bits} if method is not None else data
 
     @model_validator(mode="after")
-    def _fp4_is_four_bits(self) -> ActivationSpec:
-        if self.method == "fp4_e2m1" and self.bits != 4:
-            raise ValueError(f"method fp4_e2m1 is a 4-bit format; got bits={self.bits}")
+    def _width_of_the_format(self) -> ActivationSpec:
+        only = METHODS[self.method].only_bits
+        if only is not None and self.bits != only:
+            raise ValueError(f"method {self.method} is a {only}-bit format; got bits={self.bits}")
         if self.topk is not None and self.threshold is not None:
             raise ValueError("give topk or threshold, not both")
         return self
 
     def quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The fake-quant function this spec describes (sparsify first, then quantize)."""
-        base = _BASE[self.method]
+        base = METHODS[self.method].fake
         bits, sparsify = self.bits, self.sparsify
 
         def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -77,11 +63,20 @@ class ActivationSpec(BaseModel):
         return quantize
 
     def integer_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(codes, s)`` of the sparsified input (:func:`~bitnet_convert.quant.functional.integer_codes`);
-        ``None`` for a full-precision input (``method: none``)."""
-        if self.method == "none":
-            return None
-        return F.integer_codes(self.sparsify(x), self.method, self.bits)
+        """Per-token integer codes and multiplier of the sparsified input: ``(codes, s)`` with ``x̂ = codes / s``,
+        fp32 ``codes [..., d]`` (integer-valued) and fp32 ``s [..., 1]`` for float ``x [..., d]`` (the method's
+        registered ``codes`` handler); ``None`` for a method without integer codes (``none``).
+
+        An integer product ``codes · T`` of ternary ``T`` is exact in fp32 while its sums stay below 2^24, so
+        ``(codes · T) / s`` does not depend on the order of summation: the reference and native backends compute
+        the same numbers with it."""
+        codes = METHODS[self.method].codes
+        return None if codes is None else codes(self.sparsify(x).float(), self.bits)
+
+    @property
+    def input_bits(self) -> int:
+        """The width of the quantized input (16 for a full-precision one), for mean-input-bit budgets."""
+        return METHODS[self.method].input_bits or self.bits
 
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         """The sparsification step alone: top-K per token (a4.8 Eq. 1) or the static threshold; ``x`` itself
@@ -94,23 +89,11 @@ class ActivationSpec(BaseModel):
 
     def describe(self) -> str:
         """Short human label, e.g. ``INT4 absmean`` or ``top-50% INT8 absmax``."""
-        if self.method == "none":
-            label = "full precision"
-        elif self.method == "fp4_e2m1":
-            label = "FP4 E2M1"
-        else:
-            label = f"INT{self.bits} {self.method}"
+        label = METHODS[self.method].label(self.bits)
         if self.threshold is not None:
             return f"|x| ≥ {self.threshold:.4g}, {label}"
         return f"top-{self.topk:.0%} {label}" if self.topk is not None and self.topk < 1.0 else label
 
-
-_BASE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "absmax": F.absmax_int,
-    "absmean": F.absmean_int,
-    "fp4_e2m1": lambda x, bits: F.fp4_e2m1_minmax(x),
-    "none": lambda x, bits: x,
-}
 
 _INT8 = ActivationSpec(method="absmax", bits=8)
 _INT4 = ActivationSpec(method="absmean", bits=4)
@@ -149,7 +132,6 @@ SWIGLU_DOWN: dict[str, ActivationSpec] = {
 #: The measured best of :data:`SWIGLU_DOWN`: what ``a48`` and ``a48-fp4`` give a SwiGLU model's down_proj.
 SWIGLU_DEFAULT = "int8"
 PRESETS.update({f"a48-swiglu-{name}": {**PRESETS["a48"], "down": spec} for name, spec in SWIGLU_DOWN.items()})
-PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
 def preset_roles(preset: str, hidden_act: str = "relu2") -> dict[Role, ActivationSpec]:
