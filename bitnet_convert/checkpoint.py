@@ -327,93 +327,123 @@ def audit(checkpoint: Checkpoint) -> None:
     """Check every tensor against what ``config.json`` implies, before any work: shapes and dtypes, tensors the
     model would not consume (refused: they would change what it computes, or mean another architecture) and
     tensors the config needs but the checkpoint lacks. Raises :class:`CheckpointError` naming the first problem."""
-    path, config, family = checkpoint.path, checkpoint.config, checkpoint.family
-    file = path / "config.json"
+    path, config = checkpoint.path, checkpoint.config
     for key, default in REFUSED_ARCHITECTURE.items():
         if config.get(key, default) != default:
-            raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported (biased projections are not "
-                                  f"ternary BitLinear layers); supported: {key}={default!r}")
-    arch = architecture_config(config, path, family)
-    try:
-        with torch.device("meta"):
-            skeleton = family.model_class(arch)
-    except Exception as exc:  # any failure of transformers' constructors on this config
-        raise CheckpointError(f"{file}: cannot build the model this config describes ({_reason(exc)})") from None
-    expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
-    packed = checkpoint.layout is not Layout.MASTER
-    qwt_layers = set(((checkpoint.a48_spec or {}).get("qwt") or {}).get("layers", []))
-    size = (f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}, "
-            f"num_hidden_layers={arch.num_hidden_layers}")
-    head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads
-    fields = {  # the config values that set each tensor's shape, for the error message
-        "attention": f"hidden_size={arch.hidden_size}, num_attention_heads={arch.num_attention_heads}, "
-                     f"head_dim={head_dim}",
-        "kv": f"hidden_size={arch.hidden_size}, num_key_value_heads={arch.num_key_value_heads}, "
-              f"head_dim={head_dim}",
-        "mlp": f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}",
-        "embed": f"vocab_size={arch.vocab_size}, hidden_size={arch.hidden_size}",
-    }
-    fields.update({entry.name: fields[entry.shape] for entry in family.linears})
-    fields.update(lm_head=fields["embed"], embed_tokens=fields["embed"], ffn_sub_norm=fields["mlp"])
-
-    def shape_fields(name: str) -> str:
-        for part in reversed(name.split(".")):
-            if part in fields:
-                return fields[part]
-        return f"hidden_size={arch.hidden_size}"
+            raise CheckpointError(f"{path / 'config.json'}: {key}={config[key]!r} is not supported (biased "
+                                  f"projections are not ternary BitLinear layers); supported: {key}={default!r}")
+    shapes = _Shapes(checkpoint)
     for name in checkpoint.names():
-        where = f"{path}: tensor '{checkpoint.stored_name(name)}'"
-        shape, dtype = checkpoint.shape_of(name), checkpoint.dtype_of(name)
-        part = _linear_part(name)
-        module = name.removesuffix("." + part) if part else None
-        if part == "bias":
-            raise CheckpointError(f"{where}: biased ternary linears are not supported (no bias in a BitNet linear)")
-        if part == "rms_norm.weight":
-            if checkpoint.input_norm_eps is None:
-                raise CheckpointError(f"{where} is an input RMSNorm, but config.json's quantization_config does not "
-                                      "set use_rms_norm: true (set it, or remove the tensor)")
-            want = [expected[f"{module}.weight"][1]]
-        elif part == "weight_scale":
-            if not packed:
-                raise CheckpointError(f"{where}: a weight_scale belongs to a packed layout, but quantization_config "
-                                      f"describes '{checkpoint.layout.value}' (float master weights)")
-            want = [1] if len(shape) == 1 else shape
-            if math.prod(shape) != 1:
-                raise CheckpointError(f"{where} has shape {shape}; expected one per-tensor scale")
-        elif part == "weight":
-            out_features, in_features = expected[name] if name in expected else (None, None)
-            if out_features is None:
-                raise CheckpointError(f"{where} is not part of a {family.label} model with {size}")
-            want = [out_features // 4, in_features] if packed else [out_features, in_features]
-            if packed and dtype != "U8":
-                raise CheckpointError(f"{where} is {dtype}; the '{checkpoint.layout.value}' layout stores packed U8")
-            if not packed and not dtype.startswith(("F", "BF")):
-                raise CheckpointError(f"{where} is {dtype}; the 'master' layout stores float weights "
-                                      "(packed weights need quantization_config.quantization_mode: offline)")
-        elif part is not None:
-            raise CheckpointError(f"{where} is not part of a ternary linear bitnet-convert can compute "
-                                  "(expected weight, weight_scale or rms_norm.weight)")
-        elif name in expected:
-            want = expected[name]
-            if not dtype.startswith(("F", "BF")):
-                raise CheckpointError(f"{where} is {dtype}; expected a float tensor (F32, BF16 or F16)")
-        elif ".qwt." in name and any(name.startswith(f"model.layers.{i}.qwt.") for i in qwt_layers):
-            continue  # a compensation of an export; its shapes are checked when it is loaded
-        else:
-            raise CheckpointError(f"{where} is not part of a {family.label} model with {size} (an extra tensor "
-                                  "bitnet-convert would not use)")
-        if shape != want:
-            implied = "packed [out_features/4, in_features] " if part == "weight" and packed else ""
-            raise CheckpointError(f"{where} has shape {shape}; config.json ({shape_fields(name)}) implies "
-                                  f"{implied}{want}")
+        want = _expected_shape(checkpoint, shapes, name)
+        shape = checkpoint.shape_of(name)
+        if want is not None and shape != want:
+            part = _linear_part(name)
+            implied = "packed [out_features/4, in_features] " if part == "weight" and shapes.packed else ""
+            raise CheckpointError(f"{path}: tensor '{checkpoint.stored_name(name)}' has shape {shape}; config.json "
+                                  f"({shapes.fields_of(name)}) implies {implied}{want}")
+    _check_complete(checkpoint, shapes)
+
+
+class _Shapes:
+    """What a checkpoint's ``config.json`` implies: every tensor's shape (from the family's model built on the meta
+    device), whether weights are packed, and the config values that set each shape (for messages)."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        file = checkpoint.path / "config.json"
+        arch = architecture_config(checkpoint.config, checkpoint.path, checkpoint.family)
+        try:
+            with torch.device("meta"):
+                skeleton = checkpoint.family.model_class(arch)
+        except Exception as exc:  # any failure of transformers' constructors on this config
+            raise CheckpointError(f"{file}: cannot build the model this config describes ({_reason(exc)})") from None
+        self.expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
+        self.packed = checkpoint.layout is not Layout.MASTER
+        self.tied = arch.tie_word_embeddings
+        self.size = (f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}, "
+                     f"num_hidden_layers={arch.num_hidden_layers}")
+        self.hidden = f"hidden_size={arch.hidden_size}"
+        head_dim = getattr(arch, "head_dim", None) or arch.hidden_size // arch.num_attention_heads
+        fields = {
+            "attention": f"hidden_size={arch.hidden_size}, num_attention_heads={arch.num_attention_heads}, "
+                         f"head_dim={head_dim}",
+            "kv": f"hidden_size={arch.hidden_size}, num_key_value_heads={arch.num_key_value_heads}, "
+                  f"head_dim={head_dim}",
+            "mlp": f"hidden_size={arch.hidden_size}, intermediate_size={arch.intermediate_size}",
+            "embed": f"vocab_size={arch.vocab_size}, hidden_size={arch.hidden_size}",
+        }
+        fields.update({entry.name: fields[entry.shape] for entry in checkpoint.family.linears})
+        fields.update(lm_head=fields["embed"], embed_tokens=fields["embed"], ffn_sub_norm=fields["mlp"])
+        self.fields = fields
+
+    def fields_of(self, name: str) -> str:
+        """The config values that set the shape of tensor ``name``."""
+        for part in reversed(name.split(".")):
+            if part in self.fields:
+                return self.fields[part]
+        return self.hidden
+
+
+def _expected_shape(checkpoint: Checkpoint, shapes: _Shapes, name: str) -> list[int] | None:
+    """The shape tensor ``name`` must have (``None``: checked elsewhere, a QwT compensation of an export); raises
+    :class:`CheckpointError` for a tensor the model would not consume or of the wrong dtype."""
+    where = f"{checkpoint.path}: tensor '{checkpoint.stored_name(name)}'"
+    shape, dtype = checkpoint.shape_of(name), checkpoint.dtype_of(name)
+    part = _linear_part(name)
+    module = name.removesuffix("." + part) if part else None
+    if part == "bias":
+        raise CheckpointError(f"{where}: biased ternary linears are not supported (no bias in a BitNet linear)")
+    if part == "rms_norm.weight":
+        if checkpoint.input_norm_eps is None:
+            raise CheckpointError(f"{where} is an input RMSNorm, but config.json's quantization_config does not "
+                                  "set use_rms_norm: true (set it, or remove the tensor)")
+        return [shapes.expected[f"{module}.weight"][1]]
+    if part == "weight_scale":
+        if not shapes.packed:
+            raise CheckpointError(f"{where}: a weight_scale belongs to a packed layout, but quantization_config "
+                                  f"describes '{checkpoint.layout.value}' (float master weights)")
+        if math.prod(shape) != 1:
+            raise CheckpointError(f"{where} has shape {shape}; expected one per-tensor scale")
+        return [1] if len(shape) == 1 else shape
+    if part == "weight":
+        return _expected_weight(checkpoint, shapes, name, where, dtype)
+    if part is not None:
+        raise CheckpointError(f"{where} is not part of a ternary linear bitnet-convert can compute "
+                              "(expected weight, weight_scale or rms_norm.weight)")
+    if name in shapes.expected:
+        if not dtype.startswith(("F", "BF")):
+            raise CheckpointError(f"{where} is {dtype}; expected a float tensor (F32, BF16 or F16)")
+        return shapes.expected[name]
+    qwt_layers = set(((checkpoint.a48_spec or {}).get("qwt") or {}).get("layers", []))
+    if ".qwt." in name and any(name.startswith(f"model.layers.{i}.qwt.") for i in qwt_layers):
+        return None  # a compensation of an export; its shapes are checked when it is loaded
+    raise CheckpointError(f"{where} is not part of a {checkpoint.family.label} model with {shapes.size} (an extra "
+                          "tensor bitnet-convert would not use)")
+
+
+def _expected_weight(checkpoint: Checkpoint, shapes: _Shapes, name: str, where: str, dtype: str) -> list[int]:
+    """The shape of a ternary linear's weight: packed ``[out/4, in]`` U8 or float master ``[out, in]``."""
+    out_features, in_features = shapes.expected[name] if name in shapes.expected else (None, None)
+    if out_features is None:
+        raise CheckpointError(f"{where} is not part of a {checkpoint.family.label} model with {shapes.size}")
+    if shapes.packed and dtype != "U8":
+        raise CheckpointError(f"{where} is {dtype}; the '{checkpoint.layout.value}' layout stores packed U8")
+    if not shapes.packed and not dtype.startswith(("F", "BF")):
+        raise CheckpointError(f"{where} is {dtype}; the 'master' layout stores float weights "
+                              "(packed weights need quantization_config.quantization_mode: offline)")
+    return [out_features // 4, in_features] if shapes.packed else [out_features, in_features]
+
+
+def _check_complete(checkpoint: Checkpoint, shapes: _Shapes) -> None:
+    """Every tensor the config needs is there: the model's, each packed linear's scale; an input RMSNorm that is
+    missing gets weight 1 with a warning."""
+    path = checkpoint.path
     present = set(checkpoint.names())
-    tied = arch.tie_word_embeddings
-    for name in expected:
-        if name in present or (tied and name == "lm_head.weight"):
+    for name in shapes.expected:
+        if name in present or (shapes.tied and name == "lm_head.weight"):
             continue
         raise CheckpointError(f"{path}: tensor '{checkpoint.stored_name(name)}' is missing from the checkpoint "
-                              f"(config.json: {size})")
-    if packed:
+                              f"(config.json: {shapes.size})")
+    if shapes.packed:
         for module in checkpoint.linear_names():
             if f"{module}.weight_scale" not in present:
                 raise CheckpointError(f"{path}: tensor '{module}.weight_scale' is missing (the packed layout stores "

@@ -362,122 +362,77 @@ def perplexity(
               f"tokens{no_bos})")
 
 
+# The options of ``eval`` that take more than a line to say (typer reads them from the annotations).
+_TasksOption = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated built-in reference tasks, task YAML paths or lm-eval task names "
+                 "[default: the reference tasks for the reference model, else arc/hellaswag/piqa/winogrande]."),
+]
+_ReportOption = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write the JSON report here, and the Markdown beside it.")
+]
+_BaselineOption = Annotated[
+    Path | None, typer.Option(help="Compare with this eval report (e.g. eval/baselines/b158.json).")
+]
+_BaselineModelOption = Annotated[
+    str | None, typer.Option(help="Evaluate this model with the same settings first and compare with it.")
+]
+_PplLimitOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Fail (exit 1) when a perplexity rises more than PCT percent over the baseline; "
+                 "PCT or TASK[:METRIC]=PCT, repeatable."),
+]
+_AccLimitOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Fail (exit 1) when an accuracy drops more than POINTS below the baseline; "
+                 "POINTS or TASK[:METRIC]=POINTS, repeatable."),
+]
+_EvalRecipeOption = Annotated[
+    Path | None,
+    typer.Option("--recipe", "-r", help="Take tasks, baseline and limits from this recipe's eval section "
+                 "[default: the recipe.yaml stored in a converted directory]."),
+]
+
+
 @app.command("eval")
 def eval_(
     path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (evaluated as b158).")],
-    tasks: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated built-in reference tasks, task YAML paths or lm-eval task names "
-                     "[default: the reference tasks for the reference model, else arc/hellaswag/piqa/winogrande]."),
-    ] = None,
+    tasks: _TasksOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     num_fewshot: Annotated[int | None, typer.Option(min=0)] = None,
     max_length: Annotated[int | None, typer.Option(min=2, help="Context length (default: the model's).")] = None,
     device: DeviceOption = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the JSON report here, and the Markdown beside it.")
-    ] = None,
-    baseline: Annotated[
-        Path | None, typer.Option(help="Compare with this eval report (e.g. eval/baselines/b158.json).")
-    ] = None,
-    baseline_model: Annotated[
-        str | None, typer.Option(help="Evaluate this model with the same settings first and compare with it.")
-    ] = None,
-    max_ppl_increase: Annotated[
-        list[str] | None,
-        typer.Option(help="Fail (exit 1) when a perplexity rises more than PCT percent over the baseline; "
-                     "PCT or TASK[:METRIC]=PCT, repeatable."),
-    ] = None,
-    max_acc_drop: Annotated[
-        list[str] | None,
-        typer.Option(help="Fail (exit 1) when an accuracy drops more than POINTS below the baseline; "
-                     "POINTS or TASK[:METRIC]=POINTS, repeatable."),
-    ] = None,
-    recipe: Annotated[
-        Path | None,
-        typer.Option("--recipe", "-r", help="Take tasks, baseline and limits from this recipe's eval section "
-                     "[default: the recipe.yaml stored in a converted directory]."),
-    ] = None,
-    no_baseline: Annotated[
-        bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
-    ] = False,
+    output: _ReportOption = None,
+    baseline: _BaselineOption = None,
+    baseline_model: _BaselineModelOption = None,
+    max_ppl_increase: _PplLimitOption = None,
+    max_acc_drop: _AccLimitOption = None,
+    recipe: _EvalRecipeOption = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
+                           ] = False,
     backend: BackendOption = "auto",
 ) -> None:
     """Evaluate the exported (reloaded) model with lm-eval, compare with a baseline, gate on regressions.
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
-    from bitnet_convert.checkpoint import REPO_ROOT, resolve_model_path
-    from bitnet_convert.errors import DataError
-    from bitnet_convert.evaluate import evaluate, resolve_tasks
-    from bitnet_convert.load import backend_for_device
-    from bitnet_convert.notes import collect, warn
-    from bitnet_convert.recipe import load_recipe
-    from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown
+    from bitnet_convert.checkpoint import resolve_model_path
+    from bitnet_convert.gate import Comparison, evaluate_and_compare
+    from bitnet_convert.report import markdown
 
-    with _user_errors(), collect() as notes:
+    with _user_errors():
         device = _check_device(device)
-        backend = backend_for_device(backend, device)  # once: a fallback warning is given once
         if baseline is not None and baseline_model is not None:
             _fail("give --baseline REPORT.json or --baseline-model DIR, not both")
-        models = [resolve_model_path(m) for m in (path, baseline_model) if m is not None]
         if output is not None:
-            _check_report_path(output, models)
-        stored = models[0] / "recipe.yaml"
-        spec = load_recipe(recipe if recipe is not None else stored if stored.is_file() else None).eval
-        names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.tasks
-        if names:
-            resolve_tasks(names)  # an unknown name fails here, before any model or data is loaded
-        # The recipe's baseline is a default: when it cannot be compared with this run (other tasks or
-        # settings) it is skipped with a note. A baseline named on the command line must match.
-        implicit = baseline is None and baseline_model is None and spec.baseline is not None and not no_baseline
-        if implicit:
-            baseline = Path(spec.baseline)
-            if not baseline.is_absolute() and not baseline.exists() and (REPO_ROOT / baseline).is_file():
-                baseline = REPO_ROOT / baseline  # a shipped baseline, named relative to the checkout
-            if not baseline.exists():
-                warn(f"not comparing with the recipe's baseline {spec.baseline}: no such file here")
-                baseline, implicit = None, False
-        thresholds = Thresholds(
-            _threshold_option(max_ppl_increase, spec.max_ppl_increase if implicit else None, "--max-ppl-increase"),
-            _threshold_option(max_acc_drop, spec.max_acc_drop if implicit else None, "--max-acc-drop"),
-        )
-        if thresholds and baseline is None and baseline_model is None:
-            _fail("the gate limits need a baseline: add --baseline REPORT.json or --baseline-model DIR")
-        base = load_report(baseline) if baseline is not None else None
-        if base is not None and implicit and _of_another_model(base, models[0]):
-            warn(f"not comparing with the recipe's baseline {baseline}: it was measured on another model "
-                 f"({base.get('model')}), not on '{path}' (give --baseline or --baseline-model for this model)")
-            base = None
-        if base is not None and names and sorted(base.get("tasks", [])) != sorted(names):
-            mismatch = (f"{baseline}: baseline was measured on tasks {', '.join(base.get('tasks', []))}, this run "
-                        f"asks for {', '.join(names)}; evaluate both with the same --tasks")
-            if not implicit:
-                _fail(mismatch)
-            base = _skip_recipe_baseline(mismatch)
+            _check_report_path(output, [resolve_model_path(m) for m in (path, baseline_model) if m is not None])
+        comparison = Comparison(tasks, recipe, baseline, baseline_model, max_ppl_increase, max_acc_drop, no_baseline)
         settings = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "max_length": max_length,
                     "device": device, "seed": seed, "backend": backend}
         with RichProgress() as progress:
-            if baseline_model is not None:
-                base = evaluate(baseline_model, names, progress=progress, **settings)
-                names = base["tasks"]
-            report = evaluate(path, names or (base["tasks"] if base else None), progress=progress, **settings)
-        if base is not None:
-            try:
-                check_comparable(report, base, str(baseline or baseline_model))
-            except DataError as exc:
-                if not implicit:
-                    raise
-                base = _skip_recipe_baseline(str(exc))
-        if base is not None:
-            report["baseline"] = {k: base.get(k) for k in ("model", "scheme", "results", "sparsity")}
-            report["comparison"] = compare(report, base)
-            report["gate"] = {"max_ppl_increase": thresholds.max_ppl_increase,
-                              "max_acc_drop": thresholds.max_acc_drop,
-                              "failures": gate(report, report["comparison"], thresholds)}
-        report["warnings"] = list(notes)
+            report = evaluate_and_compare(path, comparison, settings, progress, on_skip=_skip_recipe_baseline)
     _print_report(report)
     if output is not None:
         with _user_errors():
@@ -487,8 +442,14 @@ def eval_(
     if failures:
         console.print(f"[bold red]gate failed:[/] {_escape('; '.join(failures))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
-    if report.get("gate") and thresholds:
+    limits = report.get("gate") or {}
+    if limits.get("max_ppl_increase") or limits.get("max_acc_drop"):
         out.print("gate passed")
+
+
+def _skip_recipe_baseline(reason: str) -> None:
+    console.print(f"note: not comparing with the recipe's baseline: {_escape(reason)}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -515,10 +476,10 @@ def generate(
     import time
 
     import torch
-    from transformers import DynamicCache, TextStreamer
+    from transformers import TextStreamer
 
     from bitnet_convert.load import backend_for_device, load, load_tokenizer
-    from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, spec_of
+    from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, generation_cache
 
     with _user_errors():
         device = _check_device(device)
@@ -526,16 +487,9 @@ def generate(
             _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
         model = load(path, backend=backend_for_device(backend, device)).to(device)
         tokenizer = load_tokenizer(path)
-    spec = spec_of(model)
-    if kv_bits is not None:
-        cache = PackedKVCache(len(model.model.layers), kv_bits, kv_bits, bos_bits, spec.method if spec else "minmax")
-    elif spec is not None and spec.k_bits is not None and spec.v_bits is not None and spec.key_granularity == "token":
-        cache = PackedKVCache.for_model(model, spec)
-    else:
-        if spec is not None and spec.key_granularity == "channel":
-            console.print("note: keys are quantized per channel, which a packed cache cannot store; K/V are kept in "
-                          "full precision and fake-quantized at every step")
-        cache = DynamicCache()
+    cache, note = generation_cache(model, kv_bits, bos_bits)
+    if note:
+        console.print(f"note: {note}")
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
 
     class Stream(TextStreamer):
@@ -557,50 +511,6 @@ def generate(
     size = cache_nbytes(cache)
     console.print(f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s); cache: {kind}, "
                   f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
-
-
-def _of_another_model(report: dict, model: Path) -> bool:
-    """Whether an eval report was measured on another model than ``model`` (or its conversions): another tokenizer
-    (the fingerprint the report records) or another shape (the architecture signature the report records, else
-    that of the model directory it names, when that exists here); for a report with neither, by whether it names
-    the built-in reference model."""
-    from bitnet_convert.checkpoint import (
-        REPO_ROOT,
-        architecture_signature,
-        tokenizer_fingerprint,
-        uses_reference_tokenizer,
-    )
-
-    if report.get("tokenizer") and report["tokenizer"] != tokenizer_fingerprint(model):
-        return True
-    shape = report.get("architecture")
-    if shape is None and report.get("model"):
-        named = Path(str(report["model"]))
-        for where in (named, REPO_ROOT / named):
-            if (where / "config.json").is_file():
-                shape = architecture_signature(where)
-                break
-    if shape is not None and shape != architecture_signature(model):
-        return True
-    if report.get("tokenizer"):
-        return False
-    named = str(report.get("model", "")).rstrip("/")
-    recipe = report.get("recipe") or {}
-    of_reference = named == "builtin:reference" or named.endswith("eval/reference/model") or (
-        recipe.get("model") == "builtin:reference")
-    return of_reference and not uses_reference_tokenizer(model)
-
-
-def _skip_recipe_baseline(reason: str) -> None:
-    console.print(f"note: not comparing with the recipe's baseline: {_escape(reason)}", highlight=False,
-                  soft_wrap=True)
-
-
-def _threshold_option(cli: list[str] | None, from_recipe, option: str) -> dict[str, float]:
-    """Limits from the command line when given there, else from the recipe."""
-    from bitnet_convert.report import parse_threshold
-
-    return parse_threshold(cli, option) if cli else parse_threshold(from_recipe, option)
 
 
 def _print_report(report: dict) -> None:

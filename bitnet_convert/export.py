@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +35,9 @@ from bitnet_convert.families import Role
 from bitnet_convert.modeling import DTYPES, quant_linears
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec
+
+if TYPE_CHECKING:
+    from bitnet_convert.recipe import Recipe
 
 FORMAT_VERSION = 1
 QUANTIZATION_CONFIG = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
@@ -350,40 +354,44 @@ def export_dtype_name(source: Checkpoint, requested: str) -> str:
     return declared if declared in DTYPES else "bfloat16"
 
 
+def export_layout(recipe: Recipe, source: Checkpoint) -> str:
+    """The packed layout an export writes: the recipe's ``export.layout``, else the family's."""
+    return recipe.export.layout or source.family.export_layout
+
+
 def export(
     model: torch.nn.Module,
     source: Checkpoint,
-    output: Path,
+    recipe: Recipe,
     *,
     roles: dict[Role, ActivationSpec],
-    preset: str,
-    recipe_yaml: str,
-    dtype: str = "auto",
-    max_shard_size: int = 2_000_000_000,
-    overwrite: bool = False,
-    report: Callable[[list[Path]], dict] | None = None,
-    attention: AttentionSpec | None = None,
-    extra: Callable[[Path], None] | None = None,
     overrides: dict[str, ActivationSpec] | None = None,
     qwt: dict | None = None,
+    report: Callable[[list[Path]], dict] | None = None,
+    extra: Callable[[Path], None] | None = None,
     inputs: Iterable[Path | str] = (),
-    layout: str = "autobitlinear",
 ) -> Path:
-    """Write ``model`` to ``output`` atomically; ``report(files)`` returns the conversion report to store;
-    ``extra(directory)`` writes more files into the output before it is moved into place. ``inputs`` are the
-    paths the output must not overlap (see :func:`check_output`); the source checkpoint is always one."""
+    """Write ``model`` to ``recipe.output`` atomically, as the recipe's ``export`` section says (dtype, shard size,
+    layout: :func:`export_layout`) with its scheme's description (``roles`` resolved for this model, per-linear
+    ``overrides``, the ``qwt`` compensation's form, the attention spec) in ``config.json`` and the recipe beside it;
+    ``report(files)`` returns the conversion report to store; ``extra(directory)`` writes more files into the output
+    before it is moved into place. ``inputs`` are the paths the output must not overlap (see :func:`check_output`);
+    the source checkpoint is always one. Returns the output directory."""
+    output, dtype, layout = recipe.output, recipe.export.dtype, export_layout(recipe, source)
+    preset, attention = recipe.scheme.preset, recipe.scheme.attention
     dtype_name = export_dtype_name(source, dtype)
-    with atomic_directory(output, overwrite, [source.path, *inputs]) as tmp:
-        files = write_safetensors(export_tensors(model, DTYPES[dtype_name], layout), tmp, max_shard_size)
+    with atomic_directory(output, recipe.overwrite, [source.path, *inputs]) as tmp:
+        files = write_safetensors(export_tensors(model, DTYPES[dtype_name], layout), tmp, recipe.export.max_shard_size)
         config = output_config(source, roles, preset, dtype_name, attention, overrides, qwt, layout)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:
             if (source.path / name).is_file():
                 shutil.copyfile(source.path / name, tmp / name)
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         if report is not None:
             (tmp / "conversion_report.json").write_text(json.dumps(report(files), indent=2) + "\n")
         if extra is not None:
             extra(tmp)
     return output
+
 

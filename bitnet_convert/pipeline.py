@@ -42,6 +42,7 @@ from bitnet_convert.export import (
     check_output,
     export,
     export_dtype_name,
+    export_layout,
     output_lock,
     scale_convention,
 )
@@ -134,106 +135,161 @@ def input_paths(recipe: Recipe) -> list[str]:
     return [str(g) for g in given if g is not None and str(g) not in BUILTIN_MODELS and str(g) not in BUILTIN_DATA]
 
 
+@dataclass
+class _Run:
+    """One conversion's state as its steps fill it in (:func:`_run`)."""
+
+    recipe: Recipe
+    progress: Progress
+    warnings: list[str]
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+    data_used: dict[str, dict] = field(default_factory=dict)
+    #: the recovery stages' report sections, by stage
+    sections: dict[str, dict] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
+    calibration: torch.Tensor | None = None
+    model: torch.nn.Module | None = None
+    roles: dict[Role, ActivationSpec] = field(default_factory=dict)
+    #: which down_proj treatment a48 chose for a SwiGLU model, said in the report and by the CLI
+    ffn_note: str | None = None
+    #: the calibration report's per-linear details, the final model's activation statistics
+    details: Any = None
+    stats: dict | None = None
+    #: per-linear activation specs (the recipe's, then the auto precision choice's) and the record of that choice
+    overrides: dict[str, ActivationSpec] = field(default_factory=dict)
+    choice: dict | None = None
+
+    def guarded(self):
+        """An out-of-memory error in a calibration pass names the knobs."""
+        spec = self.recipe.calibration
+        return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
+
+
 def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.device) -> Conversion:
-    timings: dict[str, float] = {}
-    data_used: dict[str, dict] = {}
-    with _timed(timings, "open"), progress.stage("Open checkpoint"):
-        checkpoint = open_checkpoint(recipe.model)
+    run = _Run(recipe, progress, warnings, device, overrides=dict(recipe.scheme.linears))
+    _open(run)
+    _quantize(run)
+    _calibration_report(run)
+    _auto_precision(run)
+    context = Context(run.model, run.checkpoint, recipe, run.calibration, device, progress, run.data_used)
+    for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
+        with _timed(run.timings, key):
+            run.sections[key] = context.run(STAGES[key])
+    _final_statistics(run)
+    _write_output(run)
+    # the other processes return the report rank 0 wrote
+    written = distributed.broadcast_object(json_report(recipe.output) if distributed.is_writer() else None)
+    return Conversion(output=recipe.output, report=written, model=run.model)
+
+
+def _open(run: _Run) -> None:
+    """Open the checkpoint and check everything that can fail before any work: the input, the output, the
+    training states, the calibration data, the teacher."""
+    recipe = run.recipe
+    with _timed(run.timings, "open"), run.progress.stage("Open checkpoint"):
+        checkpoint = run.checkpoint = open_checkpoint(recipe.model)
         require_b158(checkpoint, recipe.origin("model"), recipe.scheme.preset)
         on_writer(lambda: check_output(recipe.output, recipe.overwrite, [checkpoint.path]))
         on_writer(lambda: check_state_dirs(recipe))
-        calibration = _calibration_windows(recipe, checkpoint, data_used)
+        run.calibration = _calibration_windows(recipe, checkpoint, run.data_used)
         if recipe.recovery.distill is not None:  # a teacher that cannot teach fails before any work
             kd.teacher_checkpoint(checkpoint, recipe.recovery.distill)
+    if run.calibration is not None:
+        _check_batches(recipe.calibration, -(-run.calibration.shape[0] // recipe.calibration.batch_size))
+
+
+def _quantize(run: _Run) -> None:
+    """Build the quantized model under the recipe's scheme resolved for this model."""
+    recipe, checkpoint = run.recipe, run.checkpoint
     hidden_act = checkpoint.transformers_config().hidden_act
-    roles = recipe.scheme.resolved(hidden_act)
-    # which down_proj treatment a48 chose for a SwiGLU model, said in the report and by the CLI
-    ffn_note = swiglu_note(recipe.scheme.preset, hidden_act) if "down" not in recipe.scheme.roles else None
-    with _timed(timings, "quantize"), progress.stage("Quantize linears", len(checkpoint.linear_names())) as advance:
-        model = build_model(checkpoint, roles, DTYPES[recipe.dtype], on_linear=advance,
-                            attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
-    stats = details = None
-    sections: dict[str, dict] = {}
-    overrides, choice = dict(recipe.scheme.linears), None
-    spec = recipe.calibration
-    batches = 0 if calibration is None else -(-calibration.shape[0] // spec.batch_size)
-    if calibration is not None:
-        _check_batches(spec, batches)
+    run.roles = recipe.scheme.resolved(hidden_act)
+    run.ffn_note = swiglu_note(recipe.scheme.preset, hidden_act) if "down" not in recipe.scheme.roles else None
+    stage = run.progress.stage("Quantize linears", len(checkpoint.linear_names()))
+    with _timed(run.timings, "quantize"), stage as advance:
+        run.model = build_model(checkpoint, run.roles, DTYPES[recipe.dtype], on_linear=advance,
+                                attention=recipe.scheme.attention, overrides=recipe.scheme.linears)
 
-    def guarded():  # an out-of-memory error names the knobs
-        return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
 
-    # the statistics of the final model come from the report's own pass when nothing changes the model after it
-    changes = recipe.scheme.auto is not None or bool(recipe.recovery.order_of_stages())
-    layers = len(model.model.layers)  # the statistics passes run one decoder block at a time on the device
-    if calibration is not None and (spec.report or recipe.scheme.auto is not None):
-        stage = progress.stage("Calibration report" + ("" if changes else " and statistics"), layers)
-        with guarded(), _timed(timings, "calibration_report"), stage as step:
-            details, stats = calibration_and_stats(model, calibration, spec.batch_size, step, sparsity=not changes,
-                                                   device=device)
-    if recipe.scheme.auto is not None:
-        auto = recipe.scheme.auto
-        linears = quant_linears(model)
-        chosen, choice = choose_precision(details, linears, auto.max_share, auto.max_mean_bits,
+def _changes_after_report(recipe: Recipe) -> bool:
+    """Whether anything changes the model after the calibration report (else the report's pass also gives the
+    final model's statistics)."""
+    return recipe.scheme.auto is not None or bool(recipe.recovery.order_of_stages())
+
+
+def _calibration_report(run: _Run) -> None:
+    """The per-linear calibration report (and, when nothing changes the model after it, the final statistics),
+    one decoder block at a time on the device."""
+    recipe, spec = run.recipe, run.recipe.calibration
+    if run.calibration is None or not (spec.report or recipe.scheme.auto is not None):
+        return
+    changes = _changes_after_report(recipe)
+    stage = run.progress.stage("Calibration report" + ("" if changes else " and statistics"),
+                               len(run.model.model.layers))
+    with run.guarded(), _timed(run.timings, "calibration_report"), stage as step:
+        run.details, run.stats = calibration_and_stats(run.model, run.calibration, spec.batch_size, step,
+                                                       sparsity=not changes, device=run.device)
+
+
+def _auto_precision(run: _Run) -> None:
+    """``scheme.auto``: promote the linears the calibration report finds worst (:func:`choose_precision`)."""
+    auto = run.recipe.scheme.auto
+    if auto is None:
+        return
+    linears = quant_linears(run.model)
+    chosen, run.choice = choose_precision(run.details, linears, auto.max_share, auto.max_mean_bits,
                                           auto.static_o_threshold)
-        for name, linear_spec in chosen.items():
-            set_input_spec(linears[name], linear_spec)
-        overrides.update(chosen)
-    context = Context(model, checkpoint, recipe, calibration, device, progress, data_used)
-    for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
-        with _timed(timings, key):
-            sections[key] = context.run(STAGES[key])
-    if calibration is not None and stats is None:
-        stage = progress.stage("Calibration statistics", layers)
-        with guarded(), _timed(timings, "calibrate"), stage as advance:
-            stats = activation_stats(model, calibration, spec.batch_size, on_batch=advance, device=device)
+    for name, linear_spec in chosen.items():
+        set_input_spec(linears[name], linear_spec)
+    run.overrides.update(chosen)
 
-    def write_calibration(directory: Path) -> None:
-        if details is not None:
-            write_report(details, directory / "calibration", _calibration_meta(recipe, "whole model"))
 
-    def report(files: list[Path]) -> dict:
-        result = conversion_report(model, checkpoint, recipe, files, timings, stats, roles)
-        result["device"] = device_name(device)
-        if distributed.world_size() > 1:
-            result["processes"] = distributed.world_size()
-        if ffn_note is not None:
-            result["ffn_note"] = ffn_note
-        if choice is not None:
-            result["auto"] = choice
-        result.update(sections)
-        result["data"] = data_used
-        result["warnings"] = list(warnings)
-        return result
+def _final_statistics(run: _Run) -> None:
+    """The final model's activation statistics on the calibration windows, unless the report's pass gave them."""
+    if run.calibration is None or run.stats is not None:
+        return
+    spec = run.recipe.calibration
+    stage = run.progress.stage("Calibration statistics", len(run.model.model.layers))
+    with run.guarded(), _timed(run.timings, "calibrate"), stage as advance:
+        run.stats = activation_stats(run.model, run.calibration, spec.batch_size, on_batch=advance,
+                                     device=run.device)
 
-    layout = recipe.export.layout or checkpoint.family.export_layout
-    scale_convention(model, layout)
-    qwt = sections.get("qwt")
-    if distributed.is_writer():
-        with _timed(timings, "export"), progress.stage("Export"):
-            export(
-                model,
-                checkpoint,
-                recipe.output,
-                roles=roles,
-                preset=recipe.scheme.preset,
-                recipe_yaml=recipe.to_yaml(),
-                dtype=recipe.export.dtype,
-                max_shard_size=recipe.export.max_shard_size,
-                overwrite=recipe.overwrite,
-                report=report,
-                attention=recipe.scheme.attention,
-                extra=write_calibration if spec.report else None,
-                overrides=overrides,
-                qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
-                inputs=input_paths(recipe),
-                layout=layout,
-            )
-        for key in recipe.recovery.order_of_stages():
-            STAGES[key].cleanup(recipe)
-    # the other processes return the report rank 0 wrote
-    written = distributed.broadcast_object(json_report(recipe.output) if distributed.is_writer() else None)
-    return Conversion(output=recipe.output, report=written, model=model)
+
+def _write_output(run: _Run) -> None:
+    """Export (rank 0 alone) with the conversion report and the calibration report, then clean the stages up."""
+    recipe, checkpoint = run.recipe, run.checkpoint
+    scale_convention(run.model, export_layout(recipe, checkpoint))
+    if not distributed.is_writer():
+        return
+    qwt = run.sections.get("qwt")
+    with _timed(run.timings, "export"), run.progress.stage("Export"):
+        export(run.model, checkpoint, recipe, roles=run.roles, overrides=run.overrides,
+               qwt=None if qwt is None else {k: qwt[k] for k in ("form", "rank", "layers")},
+               report=lambda files: _conversion_report(run, files),
+               extra=(lambda directory: _write_calibration(run, directory)) if recipe.calibration.report else None,
+               inputs=input_paths(recipe))
+    for key in recipe.recovery.order_of_stages():
+        STAGES[key].cleanup(recipe)
+
+
+def _write_calibration(run: _Run, directory: Path) -> None:
+    if run.details is not None:
+        write_report(run.details, directory / "calibration", _calibration_meta(run.recipe, "whole model"))
+
+
+def _conversion_report(run: _Run, files: list[Path]) -> dict:
+    result = conversion_report(run.model, run.checkpoint, run.recipe, files, run.timings, run.stats, run.roles)
+    result["device"] = device_name(run.device)
+    if distributed.world_size() > 1:
+        result["processes"] = distributed.world_size()
+    if run.ffn_note is not None:
+        result["ffn_note"] = run.ffn_note
+    if run.choice is not None:
+        result["auto"] = run.choice
+    result.update(run.sections)
+    result["data"] = run.data_used
+    result["warnings"] = list(run.warnings)
+    return result
 
 
 def _check_batches(spec, batches: int) -> None:

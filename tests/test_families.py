@@ -258,13 +258,13 @@ def test_the_reference_baseline_is_not_compared_with_another_model_of_the_same_t
     """The committed eval baselines were measured on the BitNet reference model; the other reference models share
     its tokenizer, so ``eval`` tells them apart by shape (the report's architecture signature, or that of the
     model directory a baseline names) and does not compare them with it."""
-    from bitnet_convert.cli import _of_another_model
+    from bitnet_convert.gate import of_another_model
     from bitnet_convert.report import load_report
 
     baseline = load_report(REPO / "eval" / "baselines" / "b158.json")
-    assert not _of_another_model(baseline, reference_dir)
-    assert _of_another_model(baseline, LLAMA) and _of_another_model(baseline, ONEBITLLM)
-    assert not _of_another_model({**baseline, "architecture": architecture_signature(LLAMA)}, LLAMA)
+    assert not of_another_model(baseline, reference_dir)
+    assert of_another_model(baseline, LLAMA) and of_another_model(baseline, ONEBITLLM)
+    assert not of_another_model({**baseline, "architecture": architecture_signature(LLAMA)}, LLAMA)
 
 
 def test_inspect_names_the_family_and_the_stored_tensor_names():

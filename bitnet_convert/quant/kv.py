@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -379,3 +379,23 @@ class PackedKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held: packed codes, scales and zeros of every layer."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+def generation_cache(model: torch.nn.Module, kv_bits: int | None = None, bos_bits: int | None = None
+                     ) -> tuple[PackedKVCache | DynamicCache, str | None]:
+    """The KV cache ``generate`` decodes with, and a note for the user when it cannot be the packed one asked for.
+
+    ``kv_bits``: a packed cache of that many bits for K and V (``bos_bits`` for the first position), whatever the
+    model declares; ``None``: the packed cache of the model's attention spec when it quantizes K and V per token,
+    else a full-precision :class:`~transformers.DynamicCache` (per-channel keys cannot be packed per position: the
+    note says so)."""
+    spec = spec_of(model)
+    if kv_bits is not None:
+        method = spec.method if spec else "minmax"
+        return PackedKVCache(len(attention_modules(model)), kv_bits, kv_bits, bos_bits, method), None
+    if spec is not None and spec.k_bits is not None and spec.v_bits is not None and spec.key_granularity == "token":
+        return PackedKVCache.for_model(model, spec), None
+    if spec is not None and spec.key_granularity == "channel":
+        return DynamicCache(), ("keys are quantized per channel, which a packed cache cannot store; K/V are kept in "
+                                "full precision and fake-quantized at every step")
+    return DynamicCache(), None
