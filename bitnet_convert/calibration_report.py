@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_convert.calibrate import CANDIDATES, Calibration
@@ -81,17 +82,39 @@ def _plots(calibration: Calibration, directory: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     plt.rcParams.update({"font.size": 9, "svg.hashsalt": "bitnet-convert"})
     layers = sorted({_layer_and_linear(n)[0] for n in calibration.linears})
     kinds = [k for k in LINEAR_ORDER if any(_layer_and_linear(n)[1] == k for n in calibration.linears)]
-    index = {_layer_and_linear(n): n for n in calibration.linears}
+    grid = _Grid(layers, kinds, {_layer_and_linear(n): n for n in calibration.linears})
     paths = []
+    for name, draw in (("error_heatmap.png", _error_heatmap), ("worst_histograms.png", _worst_histograms),
+                       ("sparsity.png", _sparsity)):
+        fig = draw(calibration, grid)
+        paths.append(directory / name)
+        fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
+        plt.close(fig)
+    return paths
 
-    # 1. output error heatmap: one panel per quantizer
+
+@dataclass
+class _Grid:
+    """The layers and linear kinds a plot's rows and columns show, and the linear at each ``(layer, kind)``."""
+
+    layers: list[int]
+    kinds: list[str]
+    index: dict[tuple[int, str], str]
+
+
+def _error_heatmap(calibration: Calibration, grid: _Grid):
+    """The output error of every quantizer per decoder layer (rows) and linear (columns), one panel each."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, kinds = grid.layers, grid.kinds
     grids = {q: np.full((len(layers), len(kinds)), np.nan) for q in QUANTIZER_ORDER}
-    for (layer, kind), name in index.items():
+    for (layer, kind), name in grid.index.items():
         if kind in kinds and layer in layers:
             for q in QUANTIZER_ORDER:
                 grids[q][layers.index(layer), kinds.index(kind)] = (
@@ -115,11 +138,13 @@ def _plots(calibration: Calibration, directory: Path) -> list[Path]:
     axes[0].set_ylabel("decoder layer")
     fig.colorbar(image, ax=axes, label="relative output error (log scale)", shrink=0.95)
     fig.suptitle("Output error ‖W·Q(x) − W·x‖ / ‖W·x‖ of each quantizer, per decoder layer and linear")
-    paths.append(directory / "error_heatmap.png")
-    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return fig
 
-    # 2. histograms of the worst linears' inputs
+
+def _worst_histograms(calibration: Calibration, grid: _Grid):
+    """Input histograms of the linears whose configured quantizer hurts most."""
+    import matplotlib.pyplot as plt
+
     worst = worst_linears(calibration)
     fig, axes = plt.subplots(1, len(worst), figsize=(3.4 * len(worst), 3.0), constrained_layout=True, squeeze=False)
     for ax, name in zip(axes[0], worst, strict=True):
@@ -132,11 +157,15 @@ def _plots(calibration: Calibration, directory: Path) -> list[Path]:
         ax.set_xlabel("input value x")
         ax.set_ylabel("count (log)")
     fig.suptitle("Input distributions of the linears the configured quantizers hurt most")
-    paths.append(directory / "worst_histograms.png")
-    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return fig
 
-    # 3. sparsity: zero share in / after quantization per linear kind and layer
+
+def _sparsity(calibration: Calibration, grid: _Grid):
+    """The zero share in each linear's input and after its configured quantizer, per kind and layer."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, kinds, index = grid.layers, grid.kinds, grid.index
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True, constrained_layout=True)
     width = 0.8 / max(len(layers), 1)
     for ax, key, title in ((axes[0], "zero_share", "zeros in the input"),
@@ -151,7 +180,4 @@ def _plots(calibration: Calibration, directory: Path) -> list[Path]:
     axes[0].set_ylabel("share of zero values")
     axes[1].legend(fontsize=7, ncol=max(1, len(layers) // 8), loc="upper left")
     fig.suptitle("Share of exact zeros in each linear's input, per decoder layer")
-    paths.append(directory / "sparsity.png")
-    fig.savefig(paths[-1], dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return paths
+    return fig

@@ -334,6 +334,7 @@ def _job_distill(spec: dict[str, Any]) -> dict[str, Any]:
     from bitnet_convert.modeling import build_model
     from bitnet_convert.quant.schemes import PRESETS
     from bitnet_convert.recover import distill as kd
+    from bitnet_convert.recover import training
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(spec["model"])
@@ -347,7 +348,7 @@ def _job_distill(spec: dict[str, Any]) -> dict[str, Any]:
     stamps: list[float] = []
     with tempfile.TemporaryDirectory() as state:
         record = kd.distill(student, teacher, stream, settings, seed=0, state_dir=Path(state),
-                            recipe_fingerprint="bench", latent_init=kd.master_latents(checkpoint),
+                            recipe_fingerprint="bench", latent_init=training.master_latents(checkpoint),
                             on_step=lambda step, loss: stamps.append(time.perf_counter()))
     step_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     return {"work_s": time.perf_counter() - start, "step_s": step_s, "trained_parameters": record["trained_parameters"]}

@@ -16,7 +16,7 @@ from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover.blockwise import BlockwiseSpec, block_state, saved_latents, train_block
-from bitnet_convert.recover.distill import latent_from_codes, master_latents
+from bitnet_convert.recover.training import latent_from_codes, master_latents
 
 SMALL = {"calibration": {"samples": 8, "seq_len": 64, "batch_size": 4},
          "recovery": {"blockwise": {"steps": 6, "batch_size": 2, "lr": 1e-3, "keep_checkpoint": True}}}

@@ -20,6 +20,7 @@ from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover import distill as kd
+from bitnet_convert.recover import training
 
 SMALL = {"steps": 4, "batch_size": 2, "seq_len": 32, "save_every": 2}
 
@@ -28,7 +29,7 @@ def test_latent_from_codes_gives_back_the_codes_and_scale():
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-1, 2, (24, 40), generator=generator, dtype=torch.int8)
     alpha = torch.tensor([0.0371])
-    again, alpha_again = F.ternary_absmean(kd.latent_from_codes(codes, alpha))
+    again, alpha_again = F.ternary_absmean(training.latent_from_codes(codes, alpha))
     assert torch.equal(again, codes)
     assert torch.allclose(alpha_again, alpha, rtol=1e-6, atol=0)
 
@@ -94,7 +95,7 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(reference_dir, tmp_path
     spec = kd.DistillSpec(**SMALL, hidden_mse=0.5, ste_warmup_steps=2, lr=1e-3,
                           trainable=["norms", "linears", "embeddings"])
     checkpoint, student, teacher, stream, bos = _models(reference_dir)
-    common = {"seed": 3, "recipe_fingerprint": "abc", "bos_id": bos, "latent_init": kd.master_latents(checkpoint)}
+    common = {"seed": 3, "recipe_fingerprint": "abc", "bos_id": bos, "latent_init": training.master_latents(checkpoint)}
     whole = kd.distill(student, teacher, stream, spec, state_dir=tmp_path / "whole", **common)
     uninterrupted = _state(student)
 
@@ -249,7 +250,7 @@ def test_a_later_stage_starts_from_the_weights_an_earlier_stage_trained(referenc
     """The fine-tune after block-wise recovery (or any order of stages) starts each latent from the master weight
     only where the linear is still the master's ternarization; a linear an earlier stage changed starts from its
     own codes and scale."""
-    from bitnet_convert.recover.distill import master_latents
+    from bitnet_convert.recover.training import master_latents
 
     checkpoint = open_checkpoint(reference_dir)
     model = build_model(checkpoint, PRESETS["a48"])
@@ -263,7 +264,7 @@ def test_a_later_stage_starts_from_the_weights_an_earlier_stage_trained(referenc
     codes[0] = -codes[0]  # what a trained block looks like: other codes, another scale
     trained.set_ternary(codes, trained.alpha() * 1.01)
     latent = init(name, trained)
-    assert torch.equal(latent, kd.latent_from_codes(codes, trained.alpha()))
+    assert torch.equal(latent, training.latent_from_codes(codes, trained.alpha()))
     assert torch.equal(F.ternary_absmean(latent)[0], codes)
 
 

@@ -19,15 +19,15 @@ quantizers; the straight-through estimator of BitNet training (arXiv 2402.17764)
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from bitnet_convert import distributed
@@ -37,14 +37,17 @@ from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
-from bitnet_convert.recover.distill import (
+from bitnet_convert.recover.state import content_digest, load_state, read_state, save_state
+from bitnet_convert.recover.training import (
     LatentSource,
+    TrainingSpec,
+    autocast,
     finish,
     master_latents,
     optimizer_step,
+    scheduled_lr,
     trainable_tensors,
 )
-from bitnet_convert.recover.state import content_digest, load_state, read_state, save_state
 
 BlockGroup = Literal["norms", "linears"]
 #: 2: the kept blocks' trained latents, for a later stage; 3: a checksum, and a fingerprint of the model's and the
@@ -56,40 +59,26 @@ STATE_VERSION = 3
 TRIM_MIN_WEIGHTS = 16_000_000
 
 
-class BlockwiseSpec(BaseModel):
-    """The recipe's ``recovery.blockwise`` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class BlockwiseSpec(TrainingSpec):
+    """The recipe's ``recovery.blockwise`` section (the shared training fields: :class:`TrainingSpec`)."""
 
     steps: int = Field(200, ge=1, description="optimizer steps per decoder block")
     batch_size: int = Field(4, ge=1, description="calibration windows per step")
-    lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="per block: cosine to 0, or flat")
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
     trainable: list[BlockGroup] = Field(default_factory=lambda: ["norms", "linears"], min_length=1)
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="share of calibration windows that decide keep/revert")
     checkpoint_dir: Path | None = Field(None, description="where finished blocks go (default <output>.blockwise)")
     keep_checkpoint: bool = Field(False, description="keep the finished blocks after a successful conversion")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute dtype of the training forward (bfloat16: autocast; float32 is the reference)")
 
 
 def learning_rate(spec: BlockwiseSpec, step: int) -> float:
     """``lr`` flat, or cosine from ``lr`` to 0 over the block's steps."""
-    if spec.schedule == "constant":
-        return spec.lr
-    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / spec.steps))
+    return scheduled_lr(spec, step, spec.steps)
 
 
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes in a block (packed weights, scales, norm weights), copied to the CPU."""
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in block.state_dict().items()}
-
-
-def autocast(spec: BlockwiseSpec, device: torch.device):
-    """The forward's autocast context for ``spec.dtype`` (float32: none)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16")
 
 
 def train_block(
@@ -125,53 +114,22 @@ def train_block(
                          "calibration.samples")
     position = {window: row for row, window in enumerate(windows)}
     tested = torch.tensor([row for window, row in position.items() if window >= fit], dtype=torch.long)
-    device = runner.device
-
-    def held_out_error() -> float:
-        with torch.no_grad():
-            if len(tested):
-                out = runner.run(block, inputs[tested]).double()  # sums in a thread-independent order
-                num = float(ordered_sum((out - targets[tested].double()).pow(2)))
-                den = float(ordered_sum(targets[tested].double().pow(2)))
-            else:
-                num = den = 0.0
-            num, den = distributed.sum_floats(num, den)
-            return num / max(den, 1e-12)
-
-    before, saved = held_out_error(), block_state(block)
+    before, saved = _held_out_error(runner, block, inputs, targets, tested), block_state(block)
     divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     tensors = trainable_tensors(block, list(spec.trainable), latent_init)
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    large = sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
-        TRIM_MIN_WEIGHTS)
     block.train()
     try:
-        for step in range(spec.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(spec, step)
-            pick = torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
-            rows = torch.tensor([position[w] for w in pick if w in position], dtype=torch.long)
-            target = targets[rows].to(device)
-            norm = ordered_sum(target.pow(2)).float().reshape(1)  # the same bits for any thread count
-            distributed.sum_tensors([norm])
-            if len(rows):
-                with autocast(spec, device):
-                    output = runner.forward(block, inputs[rows])
-                loss = ordered_sum_with_grad((output.float() - target).pow(2)) / norm.clamp(min=1e-12)[0]
-                loss.backward()
-            else:
-                loss = torch.zeros((), device=device)
-            losses.append(optimizer_step(optimizer, tensors, spec.max_grad_norm, loss))
-            if large:  # freed activations and gradients back to the system (the heap fragments otherwise)
-                loss = output = target = None
-                trim_heap()
+        losses = [_train_step(block, runner, inputs, targets, spec, step, (optimizer, tensors),
+                              [position[w] for w in torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
+                               if w in position])
+                  for step in range(spec.steps)]
         latents = {name: m.latent.detach().to("cpu", copy=True) for name, m in block.named_modules()
                    if isinstance(m, QuantLinear) and m.latent is not None}
     finally:
         finish(block, tensors)
-    after = held_out_error()
+    after = _held_out_error(runner, block, inputs, targets, tested)
     kept = after < before
     if not kept:  # back to the converted block, its scale convention included (re-ternarizing set α)
         block.load_state_dict(saved)
@@ -183,6 +141,49 @@ def train_block(
         trained_latents.update(latents)
     return {"heldout_error_before": before, "heldout_error_after": after, "kept": kept,
             "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _held_out_error(runner: BlockRunner, block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                    tested: torch.Tensor) -> float:
+    """``Σ‖block(x) − t‖² / Σ‖t‖²`` over the held-out rows ``tested`` of every process, summed in float64 in a
+    thread-independent order."""
+    with torch.no_grad():
+        if len(tested):
+            out = runner.run(block, inputs[tested]).double()
+            num = float(ordered_sum((out - targets[tested].double()).pow(2)))
+            den = float(ordered_sum(targets[tested].double().pow(2)))
+        else:
+            num = den = 0.0
+        num, den = distributed.sum_floats(num, den)
+        return num / max(den, 1e-12)
+
+
+def _train_step(block: nn.Module, runner: BlockRunner, inputs: torch.Tensor, targets: torch.Tensor,
+                spec: BlockwiseSpec, step: int, training: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]],
+                rows: list[int]) -> float:
+    """One optimizer step on this process's ``rows`` of the step's global batch; returns the global loss. A large
+    block gives the step's freed memory back to the system (:data:`TRIM_MIN_WEIGHTS`)."""
+    optimizer, tensors = training
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(spec, step)
+    picked = torch.tensor(rows, dtype=torch.long)
+    target = targets[picked].to(runner.device)
+    norm = ordered_sum(target.pow(2)).float().reshape(1)  # the same bits for any thread count
+    distributed.sum_tensors([norm])
+    if len(picked):
+        with autocast(spec, runner.device):
+            output = runner.forward(block, inputs[picked])
+        loss = ordered_sum_with_grad((output.float() - target).pow(2)) / norm.clamp(min=1e-12)[0]
+        loss.backward()
+    else:
+        loss = torch.zeros((), device=runner.device)
+    global_loss = optimizer_step(optimizer, tensors, spec.max_grad_norm, loss)
+    if sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
+            TRIM_MIN_WEIGHTS):  # freed activations and gradients back to the system (the heap fragments otherwise)
+        del loss, target
+        output = None
+        trim_heap()
+    return global_loss
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -229,6 +230,57 @@ def remove_state(directory: Path) -> None:
         shutil.rmtree(directory)
 
 
+@dataclass
+class _BlockJob:
+    """What every block's training shares in :func:`recover_model`."""
+
+    checkpoint: object
+    runner: BlockRunner
+    spec: BlockwiseSpec
+    seed: int
+    state_dir: Path
+    fingerprint: str
+    masters: Callable[[str, QuantLinear], torch.Tensor] | None
+    windows: list[int]
+    total: int
+
+
+def _restore(block: nn.Module, saved: dict) -> dict:
+    """Load a finished block's saved state (its tensors and scale conventions); returns its record."""
+    block.load_state_dict(saved["tensors"])
+    for name, module in block.named_modules():
+        if isinstance(module, QuantLinear):
+            module.scale_divides = saved["divides"][name]
+    return saved["record"]
+
+
+def _train_and_save(block: nn.Module, index: int, previous: str, hidden: torch.Tensor, job: _BlockJob) -> dict:
+    """Train converted block ``index`` towards the b1.58 block on its inputs ``hidden`` and save it (rank 0) with
+    the digest ``previous`` of the block before; returns its record."""
+    reference = build_layer(job.checkpoint, index, PRESETS["b158"])
+    with job.runner.onload(reference):
+        targets = job.runner.run(reference, hidden)
+    del reference
+    prefix = f"model.layers.{index}."
+
+    def from_masters(name: str, module: QuantLinear) -> torch.Tensor:
+        return job.masters(prefix + name, module)
+
+    latents: dict[str, torch.Tensor] = {}
+    with job.runner.onload(block):
+        record = train_block(block, job.runner, hidden, targets, job.spec, seed=job.seed * 100_003 + index,
+                             latent_init=from_masters if job.masters is not None else None,
+                             windows=job.windows, total=job.total, trained_latents=latents)
+    del targets
+    divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+    if distributed.is_writer():
+        save_state(job.state_dir, {"version": STATE_VERSION, "fingerprint": job.fingerprint,
+                                   "tensors": block_state(block), "divides": divides, "record": record,
+                                   "latents": latents, "index": index, "after": previous},
+                   _block_file(index), "blockwise")
+    return record
+
+
 def recover_model(
     model: nn.Module,
     checkpoint,
@@ -259,43 +311,19 @@ def recover_model(
     distributed.check_batch("recovery.blockwise.batch_size", spec.batch_size)
     with torch.no_grad():
         hidden = model.model.embed_tokens(ids[windows]).float()
+    job = _BlockJob(checkpoint, runner, spec, seed, state_dir, fingerprint, masters, windows, ids.shape[0])
     records, resumed = [], 0
     previous = "embeddings"  # the digest of the block before (block 0 follows the embeddings)
     try:
         for index, block in enumerate(layers):
-            prefix = f"model.layers.{index}."
             saved = load_state(state_dir, fingerprint, _block_file(index), STATE_VERSION, "block-wise", "blockwise")
             distributed.same_everywhere(saved is not None, f"block-wise state '{state_dir / _block_file(index)}'")
             if saved is not None:
                 _check_place(saved, index, previous, state_dir)
-                block.load_state_dict(saved["tensors"])
-                for name, module in block.named_modules():
-                    if isinstance(module, QuantLinear):
-                        module.scale_divides = saved["divides"][name]
-                record = saved["record"]
+                record = _restore(block, saved)
                 resumed += 1
             else:
-                reference = build_layer(checkpoint, index, PRESETS["b158"])
-                with runner.onload(reference):
-                    targets = runner.run(reference, hidden)
-                del reference
-
-                def from_masters(name: str, module: QuantLinear, prefix: str = prefix) -> torch.Tensor:
-                    return masters(prefix + name, module)
-
-                latents: dict[str, torch.Tensor] = {}
-                with runner.onload(block):
-                    record = train_block(block, runner, hidden, targets, spec, seed=seed * 100_003 + index,
-                                         latent_init=from_masters if masters is not None else None,
-                                         windows=windows, total=ids.shape[0], trained_latents=latents)
-                del targets
-                divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
-                if distributed.is_writer():
-                    save_state(state_dir, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                           "tensors": block_state(block), "divides": divides, "record": record,
-                                           "latents": latents, "index": index, "after": previous},
-                               _block_file(index), "blockwise")
-                del latents
+                record = _train_and_save(block, index, previous, hidden, job)
             records.append({"layer": index, **record})
             previous = content_digest(block.state_dict())  # what the next block's inputs come from (no copy)
             with runner.onload(block):
@@ -306,12 +334,6 @@ def recover_model(
         done = len(records)
         raise Interrupted(f"block-wise recovery stopped after {done} of {len(layers)} blocks; the finished ones are "
                           f"in '{state_dir}': run the same recipe again to continue") from None
-    return {
-        "steps_per_block": spec.steps,
-        "trainable": list(spec.trainable),
-        "windows": int(ids.shape[0]),
-        "kept_layers": [r["layer"] for r in records if r["kept"]],
-        "resumed_blocks": resumed,
-        "blocks": records,
-        "time_s": round(time.perf_counter() - start, 3),
-    }
+    return {"steps_per_block": spec.steps, "trainable": list(spec.trainable), "windows": int(ids.shape[0]),
+            "kept_layers": [r["layer"] for r in records if r["kept"]], "resumed_blocks": resumed, "blocks": records,
+            "time_s": round(time.perf_counter() - start, 3)}

@@ -18,7 +18,6 @@ ends with. Batches are random windows of the training text drawn by a private ge
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,34 +26,40 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as tF
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from bitnet_convert import distributed
 from bitnet_convert.devices import module_device
 from bitnet_convert.errors import Interrupted
-from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad, ternary_absmean
+from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.recover.state import load_state, read_state, save_state
+from bitnet_convert.recover.training import (
+    LatentSource,
+    TrainingSpec,
+    autocast,
+    finish,
+    optimizer_step,
+    scheduled_lr,
+    set_ste_lambda,
+    to_cpu,
+    trainable_tensors,
+)
 
 Group = Literal["norms", "linears", "qwt", "embeddings"]
 STATE_FILE = "state.pt"
 STATE_VERSION = 2  # 2: a checksum, and a fingerprint of the model's and the data's content
 
 
-class DistillSpec(BaseModel):
-    """The recipe's ``recovery.distill`` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class DistillSpec(TrainingSpec):
+    """The recipe's ``recovery.distill`` section (the shared training fields: :class:`TrainingSpec`)."""
 
     steps: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=2)
-    lr: float = Field(3e-4, gt=0.0, description="peak learning rate (AdamW)")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="after the warm-up: cosine to 0, or flat")
+    seq_len: int = Field(256, ge=2)
     lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up from 0")
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
     temperature: float = Field(1.0, gt=0.0)
     hidden_mse: float = Field(0.0, ge=0.0, description="weight of the hidden-state loss (0: logits only)")
     ste_warmup_steps: int = Field(0, ge=0, description="λ of the quantizers rises 0 → 1 over these steps")
@@ -67,21 +72,17 @@ class DistillSpec(BaseModel):
     save_every: int = Field(50, ge=1, description="write the resumable training state every N steps")
     checkpoint_dir: Path | None = Field(None, description="where the training state goes (default <output>.distill)")
     keep_checkpoint: bool = Field(False, description="keep the training state after a successful conversion")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute dtype of the forwards (bfloat16: autocast; float32 is the reference)")
 
 
 # ------------------------------------------------------------------------------------------- schedules
 
 
 def learning_rate(spec: DistillSpec, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based)."""
+    """Learning rate of optimizer step ``step`` (0-based): a linear warm-up over ``lr_warmup_steps``, then
+    :func:`~bitnet_convert.recover.training.scheduled_lr`."""
     if step < spec.lr_warmup_steps:
         return spec.lr * (step + 1) / (spec.lr_warmup_steps + 1)
-    if spec.schedule == "constant":
-        return spec.lr
-    span = max(1, spec.steps - spec.lr_warmup_steps)
-    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * (step - spec.lr_warmup_steps) / span))
+    return scheduled_lr(spec, step - spec.lr_warmup_steps, spec.steps - spec.lr_warmup_steps)
 
 
 def ste_lambda(spec: DistillSpec, step: int) -> float:
@@ -89,12 +90,6 @@ def ste_lambda(spec: DistillSpec, step: int) -> float:
     if step >= spec.ste_warmup_steps:
         return 1.0
     return (step + 1) / (spec.ste_warmup_steps + 1)
-
-
-def set_ste_lambda(model: nn.Module, lam: float) -> None:
-    for module in model.modules():
-        if isinstance(module, QuantLinear) or hasattr(module, "lowbit_attention"):
-            module.ste_lambda = lam
 
 
 # ------------------------------------------------------------------------------------------ the losses
@@ -123,88 +118,6 @@ def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     terms = [ordered_sum_with_grad((s.float() - t.float()).pow(2)) / n.clamp(min=1e-12)
              for s, t, n in zip(student[1:], teacher[1:], norms, strict=True)]
     return torch.stack(terms).mean()
-
-
-# ------------------------------------------------------------------------------------ trainable tensors
-
-
-def trainable_tensors(
-    model: nn.Module, groups: list[Group], latent_init: Callable[[str, QuantLinear], torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """The tensors to optimize by name, in a fixed order; marks them ``requires_grad``. ``linears`` sets a float
-    latent weight on every :class:`QuantLinear`, from ``latent_init(name, module)`` (default: codes scaled as
-    :func:`latent_from_codes` does)."""
-    tensors: dict[str, torch.Tensor] = {}
-    if "embeddings" in groups:
-        tensors["model.embed_tokens.weight"] = model.model.embed_tokens.weight
-    if "norms" in groups:
-        tensors.update((n, p) for n, p in model.named_parameters() if n.endswith("norm.weight"))
-    if "linears" in groups:
-        for name, module in model.named_modules():
-            if isinstance(module, QuantLinear):
-                init = latent_init(name, module) if latent_init else latent_from_codes(module.ternary(),
-                                                                                        module.alpha())
-                module.latent = init.detach().to(module.weight.device, torch.float32, copy=True)
-                tensors[f"{name}.latent"] = module.latent
-    if "qwt" in groups:
-        comps = [(n, m) for n, m in model.named_modules() if n.endswith(".qwt")]
-        if not comps:
-            raise ValueError("recovery.distill.trainable names 'qwt' but the model has no QwT compensation "
-                             "(set recovery.qwt, or drop 'qwt' from trainable)")
-        for name, comp in comps:
-            tensors.update((f"{name}.{b}", t) for b, t in comp.named_buffers())
-    for tensor in tensors.values():
-        tensor.requires_grad_(True)
-    return tensors
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], max_grad_norm: float | None,
-                   loss: torch.Tensor) -> float:
-    """One step on the gradients ``backward`` left on ``tensors``: summed over the ``torchrun`` processes (each
-    loss is its process's share of the global loss), clipped to ``max_grad_norm``, applied, cleared. Returns the
-    global loss (the sum of the shares)."""
-    distributed.sum_gradients(tensors.values())
-    if max_grad_norm is not None:
-        clip_grad_norm(list(tensors.values()), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return distributed.sum_floats(float(loss.detach()))[0]
-
-
-def clip_grad_norm(tensors: list[torch.Tensor], max_norm: float) -> float:
-    """Scale the gradients of ``tensors`` so that their global L2 norm is at most ``max_norm``; returns the norm
-    before. What ``torch.nn.utils.clip_grad_norm_`` does (coefficient ``max_norm / (norm + 1e-6)``, at most 1), with
-    the squares summed by :func:`~bitnet_convert.quant.functional.ordered_sum`: torch's norm is a full reduction
-    split among the threads, and the coefficient would carry its thread-dependent last bit into the weights."""
-    grads = [t.grad for t in tensors if t.grad is not None]
-    if not grads:
-        return 0.0
-    total = math.sqrt(sum(float(ordered_sum(g, lambda chunk: chunk.float().pow(2))) for g in grads))
-    coefficient = max_norm / (total + 1e-6)
-    if coefficient < 1.0:
-        for grad in grads:
-            grad.mul_(coefficient)
-    return total
-
-
-def latent_from_codes(codes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """A float weight whose absmean ternarization gives ``codes`` and (up to rounding) ``alpha`` back:
-    ``codes · α / p`` with ``p`` the share of non-zero codes (so ``mean|W| = α`` and ``|W|/α = 1/p ≥ 1``)."""
-    share = (ordered_sum(codes.ne(0)) / max(codes.numel(), 1)).float().clamp(min=1e-12)  # exact count
-    return codes.float() * (alpha.float().reshape(()) / share)
-
-
-def finish(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Re-ternarize the latent weights into the packed buffers, freeze everything, back to eval mode."""
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.latent is not None:
-            codes, alpha = ternary_absmean(module.latent.detach())
-            module.set_ternary(codes, alpha)
-            module.latent = None
-    for tensor in tensors.values():
-        tensor.requires_grad_(False)
-    set_ste_lambda(model, 1.0)
-    model.eval()
 
 
 def share_embeddings(teacher: nn.Module, student: nn.Module) -> int:
@@ -242,17 +155,6 @@ def batch(stream: torch.Tensor, offsets: torch.Tensor, body: int, bos_id: int | 
 
 
 # ---------------------------------------------------------------------------------------- the state
-
-
-def _to_cpu(value):
-    """An optimizer state dict with its tensors on the CPU (a state file loads on any machine)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
 
 
 def remove_state(directory: Path) -> None:
@@ -293,53 +195,27 @@ def distill(
     teacher.eval().requires_grad_(False)
     if "embeddings" not in spec.trainable:
         share_embeddings(teacher, student)
-    losses: list[float] = []
-    start = saved = 0
+    start, losses = _resume(state_dir, recipe_fingerprint, tensors, optimizer)
+    saved = start
     try:
-        state = load_state(state_dir, recipe_fingerprint, STATE_FILE, STATE_VERSION, "fine-tune", "distill")
-        distributed.same_everywhere(None if state is None else state["step"], f"fine-tune state in '{state_dir}'")
-        if state is not None:
-            with torch.no_grad():
-                for name, tensor in tensors.items():
-                    tensor.copy_(state["tensors"][name])
-            optimizer.load_state_dict(state["optimizer"])
-            start, losses = state["step"], list(state["losses"])
-            saved = start
         for step in range(start):
             if on_step is not None:
                 on_step(step + 1, float("nan"))
         student.train()
         for step in range(start, spec.steps):
             ids = batch(stream, offsets[step][mine], body, bos_id).to(device)
-            lam = ste_lambda(spec, step)
-            set_ste_lambda(student, lam)
+            set_ste_lambda(student, ste_lambda(spec, step))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(spec, step)
-            hidden = spec.hidden_mse > 0
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.dtype == "bfloat16"):
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, output_hidden_states=hidden)
-                output = student(input_ids=ids, output_hidden_states=hidden)
-            # this process's share of the global batch's loss: its rows' mean over the global batch, and the
-            # hidden-state errors over the global norms (the sum over processes is the one-process loss)
-            share = len(mine) / spec.batch_size
-            loss = kd_loss(output.logits, target.logits, spec.temperature) * share
-            if hidden:
-                norms = hidden_norms(target.hidden_states)
-                distributed.sum_tensors([norms])
-                loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states, norms)
+            loss = _step_loss(student, teacher, ids, spec, len(mine) / spec.batch_size)
             loss.backward()
             losses.append(optimizer_step(optimizer, tensors, spec.max_grad_norm, loss))
             done = step + 1
             if (done % spec.save_every == 0 or done == spec.steps) and distributed.is_writer():
-                save_state(state_dir, {
-                    "version": STATE_VERSION,
-                    "fingerprint": recipe_fingerprint,
-                    "step": done,
-                    "tensors": {n: t.detach().cpu() for n, t in tensors.items()},
-                    "optimizer": _to_cpu(optimizer.state_dict()),
-                    "losses": losses,
-                }, STATE_FILE, "distill")
+                state = {"version": STATE_VERSION, "fingerprint": recipe_fingerprint, "step": done, "losses": losses,
+                         "tensors": {n: t.detach().cpu() for n, t in tensors.items()},
+                         "optimizer": to_cpu(optimizer.state_dict())}
+                save_state(state_dir, state, STATE_FILE, "distill")
                 saved = done
             if on_step is not None:
                 on_step(done, losses[-1])
@@ -349,6 +225,45 @@ def distill(
         raise Interrupted(f"fine-tune stopped at step {len(losses)} of {spec.steps}; {kept}") from None
     finally:
         finish(student, tensors)
+    return _record(spec, start, tensors, losses, time.perf_counter() - start_time)
+
+
+def _resume(state_dir: Path, recipe_fingerprint: str, tensors: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    """Load the saved training state of this recipe, if any, into ``tensors`` and ``optimizer``; returns the step
+    it reached and the losses so far (``0, []`` without one). Every process must find the same state."""
+    state = load_state(state_dir, recipe_fingerprint, STATE_FILE, STATE_VERSION, "fine-tune", "distill")
+    distributed.same_everywhere(None if state is None else state["step"], f"fine-tune state in '{state_dir}'")
+    if state is None:
+        return 0, []
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(state["tensors"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], list(state["losses"])
+
+
+def _step_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, spec: DistillSpec,
+               share: float) -> torch.Tensor:
+    """This process's share of the global batch's loss: its rows' mean over the global batch (``share`` = its rows
+    over the global batch size), and the hidden-state errors over the global norms (the sum over processes is the
+    one-process loss)."""
+    hidden = spec.hidden_mse > 0
+    with autocast(spec, ids.device):
+        with torch.no_grad():
+            target = teacher(input_ids=ids, output_hidden_states=hidden)
+        output = student(input_ids=ids, output_hidden_states=hidden)
+    loss = kd_loss(output.logits, target.logits, spec.temperature) * share
+    if hidden:
+        norms = hidden_norms(target.hidden_states)
+        distributed.sum_tensors([norms])
+        loss = loss + spec.hidden_mse * hidden_loss(output.hidden_states, target.hidden_states, norms)
+    return loss
+
+
+def _record(spec: DistillSpec, start: int, tensors: dict[str, torch.Tensor], losses: list[float],
+            seconds: float) -> dict:
+    """The conversion report's record of the fine-tune."""
     tail = losses[-min(10, len(losses)):]
     return {
         "steps": spec.steps,
@@ -359,7 +274,7 @@ def distill(
         "loss_first": losses[0] if losses else None,
         "loss_last10_mean": sum(tail) / len(tail) if tail else None,
         "losses": [round(v, 6) for v in losses],
-        "time_s": round(time.perf_counter() - start_time, 3),
+        "time_s": round(seconds, 3),
     }
 
 
@@ -398,40 +313,6 @@ def build_teacher(checkpoint, dtype: torch.dtype) -> nn.Module:
     from bitnet_convert.quant.schemes import PRESETS
 
     return build_model(checkpoint, PRESETS["b158"], dtype)
-
-
-LatentSource = Callable[[str], "torch.Tensor | None"]
-
-
-def master_latents(checkpoint, sources: list[LatentSource] | tuple = ()) -> Callable[[str, QuantLinear],
-                                                                                     torch.Tensor] | None:
-    """Where each trained latent weight starts: the float weight an earlier stage trained for this linear
-    (``sources``: ``name → latent or None``, most recent first; e.g. :func:`saved_latents`), else the master weight
-    of a master-layout checkpoint, whichever the linear's current codes and scale are the absmean ternarization of;
-    else its own codes (:func:`latent_from_codes`). So a stage continues from the previous one's weights, and a
-    linear no stage changed starts from its master. ``None`` (start from the codes) with neither sources nor
-    masters."""
-    from bitnet_convert.checkpoint import Layout
-
-    candidates = list(sources)
-    if checkpoint.layout is Layout.MASTER:
-        candidates.append(lambda name: checkpoint.tensor(f"{name}.weight"))
-    if not candidates:
-        return None
-
-    def init(name: str, module: QuantLinear) -> torch.Tensor:
-        current, alpha = module.ternary().cpu(), module.alpha().cpu()
-        for source in candidates:
-            latent = source(name)
-            if latent is None:
-                continue
-            latent = latent.float()
-            codes, scale = ternary_absmean(latent)
-            if torch.equal(codes, current) and torch.equal(scale, alpha):
-                return latent
-        return latent_from_codes(current, alpha)
-
-    return init
 
 
 def saved_latents(state_dir: Path) -> LatentSource:

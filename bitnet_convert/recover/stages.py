@@ -32,6 +32,7 @@ from bitnet_convert.recover import blockwise, qwt
 from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover.state import files_digest, tensor_digest
 from bitnet_convert.recover.state import fingerprint as state_fingerprint
+from bitnet_convert.recover.training import LatentSource, master_latents
 
 #: What the warnings of the calibration and training windows say.
 OWN_TEXT = "give your own text (--calibration-data FILE, or --set {0}=FILE)"
@@ -53,7 +54,7 @@ class Context:
     progress: Progress = SILENT
     data_used: dict = field(default_factory=dict)
     #: the trained float weights of the stages run so far, most recent first (each ``name → latent or None``)
-    latent_sources: list[kd.LatentSource] = field(default_factory=list)
+    latent_sources: list[LatentSource] = field(default_factory=list)
     _model_digest: str | None = field(default=None, repr=False)
 
     def run(self, stage: Stage) -> dict:
@@ -91,7 +92,7 @@ class Stage:
     state_dir: Callable[[Recipe], Path] | None = None
     remove_state: Callable[[Path], None] | None = None
     #: the trained float weights it left in its state directory, for a later stage to continue from
-    latents: Callable[[Path], kd.LatentSource] | None = None
+    latents: Callable[[Path], LatentSource] | None = None
 
     def cleanup(self, recipe: Recipe) -> None:
         """After a successful conversion: drop the kept state unless the recipe asks to keep it."""
@@ -210,7 +211,7 @@ def run_distill(context: Context, spec: kd.DistillSpec) -> dict:
                                 state_dir=_state_dir("distill")(recipe),
                                 recipe_fingerprint=fingerprint(recipe, "distill", inputs),
                                 bos_id=tokenizer.bos_token_id,
-                                latent_init=kd.master_latents(checkpoint, context.latent_sources),
+                                latent_init=master_latents(checkpoint, context.latent_sources),
                                 on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
     except ValueError as exc:
         raise RecipeError(str(exc)) from None
