@@ -54,7 +54,7 @@ from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
-from bitnet_convert.recover.stages import NO_BOS, OWN_TEXT, STAGES, Context, check_state_dirs
+from bitnet_convert.recover.base import METHODS, NO_BOS, OWN_TEXT, Context, check_state_dirs
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _run(recipe: Recipe, progress: Progress, warnings: list[str], device: torch.
     context = Context(run.model, run.checkpoint, recipe, run.calibration, device, progress, run.data_used)
     for key in recipe.recovery.order_of_stages():  # the recovery stages, in the recipe's order
         with _timed(run.timings, key):
-            run.sections[key] = context.run(STAGES[key])
+            run.sections[key] = context.run(METHODS[key])
     _final_statistics(run)
     _write_output(run)
     # the other processes return the report rank 0 wrote
@@ -269,7 +269,7 @@ def _write_output(run: _Run) -> None:
                extra=(lambda directory: _write_calibration(run, directory)) if recipe.calibration.report else None,
                inputs=input_paths(recipe))
     for key in recipe.recovery.order_of_stages():
-        STAGES[key].cleanup(recipe)
+        METHODS[key].cleanup(recipe)
 
 
 def _write_calibration(run: _Run, directory: Path) -> None:

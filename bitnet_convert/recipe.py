@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -26,9 +27,7 @@ from bitnet_convert.errors import RecipeError
 from bitnet_convert.families import ROLES, Role
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec, preset_roles
-from bitnet_convert.recover.blockwise import BlockwiseSpec
-from bitnet_convert.recover.distill import DistillSpec
-from bitnet_convert.recover.qwt import QwTSpec
+from bitnet_convert.recover.base import METHODS
 
 
 class _Strict(BaseModel):
@@ -131,25 +130,18 @@ class EvalSpec(_Strict):
         return value
 
 
-#: The recovery stages a recipe may set under ``recovery``, in the order they run unless ``recovery.order`` says.
-RECOVERY_STAGES = ("qwt", "blockwise", "distill")
-Stage = Literal["qwt", "blockwise", "distill"]
+#: The recovery methods a recipe may set under ``recovery`` (:data:`bitnet_convert.recover.base.METHODS`), in the
+#: order they run unless ``recovery.order`` says otherwise.
+RECOVERY_STAGES: tuple[str, ...] = tuple(METHODS)
+Stage = Literal[RECOVERY_STAGES]  # type: ignore[valid-type]  # the registry's keys
 
 
-class RecoverySpec(_Strict):
-    """Accuracy recovery after conversion: ``qwt``, closed-form compensation per decoder block; ``blockwise``, each
-    decoder block trained on its own to reproduce the b1.58 block (block-wise reconstruction); ``distill``, a short
-    fine-tune of the converted model towards the b1.58 model (logit distillation). They run in that order, or in
-    the order ``order`` lists them (it must name every stage the recipe sets, once)."""
-
-    qwt: QwTSpec | None = None
-    blockwise: BlockwiseSpec | None = None
-    distill: DistillSpec | None = None
-    order: list[Stage] | None = Field(None, description="the stages in the order they run (default: qwt, "
-                                      "blockwise, distill)")
+class _RecoveryBase(_Strict):
+    """What every ``recovery`` section does, whatever methods are registered (:func:`_recovery_spec` adds one
+    field per method)."""
 
     @model_validator(mode="after")
-    def _order_names_the_stages(self) -> RecoverySpec:
+    def _order_names_the_stages(self) -> _RecoveryBase:
         enabled = [k for k in RECOVERY_STAGES if getattr(self, k) is not None]
         if self.order is not None:
             for key in self.order:
@@ -160,10 +152,9 @@ class RecoverySpec(_Strict):
             missing = [k for k in enabled if k not in self.order]
             if missing:
                 raise ValueError(f"recovery.order must list every stage the recipe sets; it leaves out '{missing[0]}'")
-        order = self.order_of_stages()
-        if self.distill is not None and "qwt" in self.distill.trainable and "qwt" in order and (
-                order.index("qwt") > order.index("distill")):
-            raise ValueError("recovery.distill.trainable names 'qwt' but recovery.order runs qwt after distill")
+        for key in enabled:
+            if METHODS[key].check_recovery is not None:
+                METHODS[key].check_recovery(self)
         return self
 
     def order_of_stages(self) -> tuple[str, ...]:
@@ -171,6 +162,20 @@ class RecoverySpec(_Strict):
         if self.order is not None:
             return tuple(self.order)
         return tuple(k for k in RECOVERY_STAGES if getattr(self, k) is not None)
+
+
+def _recovery_spec() -> type[_RecoveryBase]:
+    """The recipe's ``recovery`` section: one optional field per registered method, and ``order``."""
+    methods = "; ".join(f"``{key}``, {method.summary}" for key, method in METHODS.items())
+    doc = (f"Accuracy recovery after conversion: {methods}. They run in that order, or in the order ``order`` "
+           "lists them (it must name every stage the recipe sets, once).")
+    fields = {key: (method.spec | None, None) for key, method in METHODS.items()}
+    order = Field(None, description=f"the stages in the order they run (default: {', '.join(METHODS)})")
+    return create_model("RecoverySpec", __base__=_RecoveryBase, __doc__=doc, __module__=__name__, **fields,
+                        order=(list[Stage] | None, order))
+
+
+RecoverySpec = _recovery_spec()
 
 
 class Recipe(_Strict):
@@ -226,7 +231,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _fine_tune_in_float32(self) -> Recipe:
-        for name in ("blockwise", "distill"):
+        for name in (key for key, method in METHODS.items() if method.trains):
             if getattr(self.recovery, name) is not None and self.dtype != "float32":
                 raise ValueError(f"recovery.{name} trains in float32; set dtype: float32 (got dtype: {self.dtype}); "
                                  f"recovery.{name}.dtype: bfloat16 trains under bfloat16 autocast")
@@ -234,21 +239,11 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _calibration_data_where_needed(self) -> Recipe:
-        cal = self.calibration
-        if self.recovery.blockwise is not None and cal.samples == 1:
-            raise ValueError("recovery.blockwise: trains on some calibration windows and tests on others, so it "
-                             "needs calibration.samples >= 2")
-        if self.recovery.qwt is not None and 0 < cal.samples <= cal.batch_size:
-            raise ValueError(f"recovery.qwt: fits on some calibration batches and tests on others, so it needs at "
-                             f"least 2; calibration.samples={cal.samples} with calibration.batch_size="
-                             f"{cal.batch_size} gives 1: raise samples or lower batch_size")
-        if self.calibration.samples == 0:
-            if self.recovery.qwt is not None:
-                raise ValueError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
-            if self.recovery.blockwise is not None:
-                raise ValueError("recovery.blockwise: trained on calibration data; calibration.samples must be > 0")
-            if self.scheme.auto is not None:
-                raise ValueError("scheme.auto: chosen from calibration data; calibration.samples must be > 0")
+        for key in self.recovery.order_of_stages():
+            if METHODS[key].check_recipe is not None:
+                METHODS[key].check_recipe(self)
+        if self.calibration.samples == 0 and self.scheme.auto is not None:
+            raise ValueError("scheme.auto: chosen from calibration data; calibration.samples must be > 0")
         return self
 
     def distill_data(self) -> tuple[str, str, str, TxtDocuments]:

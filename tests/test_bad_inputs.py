@@ -277,7 +277,7 @@ def test_bad_eval_arguments_fail_before_any_work(tmp_path, name, monkeypatch):
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was built before the arguments were checked")
 
-    monkeypatch.setattr(evaluate, "build_for_backend", no_model)
+    monkeypatch.setattr(evaluate, "open_model", no_model)
     args, fragments = EVAL_CASES[name](tmp_path)
     result = invoke("eval", REFERENCE, *args)
     assert_user_error(result, *fragments)

@@ -12,7 +12,7 @@ from bitnet_convert import blocks, pipeline
 from bitnet_convert.cli import app
 from bitnet_convert.devices import DeviceError, resolve_device
 from bitnet_convert.recipe import Recipe
-from bitnet_convert.recover import stages
+from bitnet_convert.recover import distill
 from tests.test_cli import REPO, assert_user_error, leftovers
 
 #: every recovery stage, a few steps each, on 8 windows of 64 tokens
@@ -91,7 +91,7 @@ def test_every_stage_works_on_the_given_device(tmp_path, reference_dir, monkeypa
         return on
 
     monkeypatch.setattr(blocks.BlockRunner, "__init__", record_runner)
-    monkeypatch.setattr(stages, "on_device", record_whole("fine-tune"))
+    monkeypatch.setattr(distill, "on_device", record_whole("fine-tune"))
     conversion = bitnet_convert.quantize(Recipe(model=str(reference_dir), output=tmp_path / "out", **ALL_STAGES))
     assert {where for where, _ in seen} == {"blocks", "fine-tune"}
     assert all(device == marker for _, device in seen), seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -237,13 +238,13 @@ def test_recovery_stages_run_in_the_recipe_order(tmp_path, reference_dir, monkey
     """``recovery`` stages run in the order ``recovery.order`` gives (default: qwt, blockwise, distill), and the
     stored recipe keeps it; an order that does not name the stages set, once each, is refused."""
     from bitnet_convert import pipeline
-    from bitnet_convert.recover import stages
+    from bitnet_convert.recover.base import METHODS
 
     ran = []
-    for key, stage in stages.STAGES.items():
+    for key, method in METHODS.items():
         section = {"stage": key, "form": "channel", "rank": None, "layers": []}  # what the export reads of QwT's
-        monkeypatch.setitem(stages.STAGES, key, stage.__class__(key, lambda context, spec, key=key, section=section:
-                                                                ran.append(key) or section))
+        monkeypatch.setitem(METHODS, key, dataclasses.replace(
+            method, run=lambda context, spec, key=key, section=section: ran.append(key) or section))
     recipe = pipeline.load_recipe(None, {"model": str(reference_dir), "output": str(tmp_path / "out"),
                                          "calibration": {"samples": 4, "seq_len": 32, "batch_size": 2},
                                          "recovery": {"qwt": {}, "blockwise": {"steps": 1}, "distill": {"steps": 1},

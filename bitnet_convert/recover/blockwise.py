@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
@@ -32,11 +32,13 @@ from torch import nn
 
 from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
-from bitnet_convert.errors import Interrupted
+from bitnet_convert.calibrate import out_of_memory
+from bitnet_convert.errors import Interrupted, RecipeError
 from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.recover.base import Context, RecoveryMethod, register
 from bitnet_convert.recover.state import content_digest, load_state, read_state, save_state
 from bitnet_convert.recover.training import (
     LatentSource,
@@ -48,6 +50,9 @@ from bitnet_convert.recover.training import (
     scheduled_lr,
     trainable_tensors,
 )
+
+if TYPE_CHECKING:
+    from bitnet_convert.recipe import Recipe
 
 BlockGroup = Literal["norms", "linears"]
 #: 2: the kept blocks' trained latents, for a later stage; 3: a checksum, and a fingerprint of the model's and the
@@ -337,3 +342,40 @@ def recover_model(
     return {"steps_per_block": spec.steps, "trainable": list(spec.trainable), "windows": int(ids.shape[0]),
             "kept_layers": [r["layer"] for r in records if r["kept"]], "resumed_blocks": resumed, "blocks": records,
             "time_s": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------------------- the plug-in
+
+
+def run_blockwise(context: Context, spec: BlockwiseSpec) -> dict:
+    """Block-wise reconstruction on the calibration windows, one block at a time on the device."""
+    recipe = context.recipe
+    blocks = len(context.model.model.layers)
+    guard = out_of_memory(
+        f"block-wise recovery ran out of memory with recovery.blockwise.batch_size={spec.batch_size}, "
+        f"calibration.batch_size={recipe.calibration.batch_size}, calibration.seq_len={recipe.calibration.seq_len}; "
+        f"lower them (e.g. --set recovery.blockwise.batch_size={max(1, spec.batch_size // 2)})")
+    with guard, context.progress.stage("Block-wise recovery", blocks) as advance:
+        try:
+            return recover_model(
+                context.model, context.checkpoint, context.calibration, spec, seed=recipe.seed,
+                state_dir=context.state_dir("blockwise"),
+                fingerprint=context.fingerprint("blockwise"),
+                on_block=advance, device=context.device, batch_size=recipe.calibration.batch_size,
+                latent_sources=context.latent_sources)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    if recipe.calibration.samples == 1:
+        raise ValueError("recovery.blockwise: trains on some calibration windows and tests on others, so it "
+                         "needs calibration.samples >= 2")
+    if recipe.calibration.samples == 0:
+        raise ValueError("recovery.blockwise: trained on calibration data; calibration.samples must be > 0")
+
+
+register(RecoveryMethod(
+    "blockwise", BlockwiseSpec, run_blockwise, "each decoder block trained on its own to reproduce the b1.58 block "
+    "(block-wise reconstruction)", position=20, trains=True, check_recipe=_check_recipe, keeps_state=True,
+    remove_state=remove_state, latents=saved_latents))

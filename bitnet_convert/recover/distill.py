@@ -30,16 +30,23 @@ from pydantic import Field
 from torch import nn
 
 from bitnet_convert import distributed
+from bitnet_convert.blocks import on_device
+from bitnet_convert.calibrate import out_of_memory
+from bitnet_convert.data import checked_token_stream, warn_builtin_data, warn_no_bos, warn_positions
 from bitnet_convert.devices import module_device
-from bitnet_convert.errors import Interrupted
+from bitnet_convert.errors import Interrupted, RecipeError
+from bitnet_convert.load import load_tokenizer
+from bitnet_convert.modeling import DTYPES
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.recover.state import load_state, read_state, save_state
+from bitnet_convert.recover.base import NO_BOS, OWN_TEXT, Context, RecoveryMethod, register
+from bitnet_convert.recover.state import files_digest, load_state, read_state, save_state, tensor_digest
 from bitnet_convert.recover.training import (
     LatentSource,
     TrainingSpec,
     autocast,
     finish,
+    master_latents,
     optimizer_step,
     scheduled_lr,
     set_ste_lambda,
@@ -325,3 +332,56 @@ def saved_latents(state_dir: Path) -> LatentSource:
 
     cache: dict = {}
     return source
+
+
+# ---------------------------------------------------------------------------------------- the plug-in
+
+
+def run_distill(context: Context, spec: DistillSpec) -> dict:
+    """Distill the b1.58 teacher into the converted model (the whole model on the device for the duration)."""
+    recipe, checkpoint, model = context.recipe, context.checkpoint, context.model
+    teacher = teacher_checkpoint(checkpoint, spec)
+    tokenizer = load_tokenizer(checkpoint.path)
+    data, split, text_field, txt_documents = recipe.distill_data()
+    warn_builtin_data(checkpoint.path, data, "recovery.distill.data", OWN_TEXT.format("recovery.distill.data"))
+    stream = checked_token_stream(checkpoint, tokenizer, data, split, text_field, txt_documents)
+    context.data_used["distill"] = {"data": data, "split": split, "tokens": int(stream.numel())}
+    warn_no_bos(tokenizer, checkpoint.path, NO_BOS)
+    warn_positions(checkpoint.config, spec.seq_len, f"recovery.distill.seq_len={spec.seq_len}")
+    inputs = context.input_digests(distill_text=tensor_digest(stream), teacher=(
+        context.input_digests()["model"] if teacher is checkpoint
+        else files_digest([teacher.path / "config.json", *teacher.files])))
+    with context.progress.stage("Load the b1.58 teacher"):
+        teacher_model = build_teacher(teacher, DTYPES[recipe.dtype])
+    guard = out_of_memory(
+        f"the fine-tune ran out of memory with recovery.distill.batch_size={spec.batch_size}, "
+        f"recovery.distill.seq_len={spec.seq_len}, trainable={spec.trainable}; lower them "
+        f"(e.g. --set recovery.distill.batch_size={max(1, spec.batch_size // 2)})"
+    )
+    stage = context.progress.stage(f"Distillation ({spec.steps} steps)", spec.steps)
+    try:
+        with guard, stage as advance, on_device(model, context.device):
+            teacher_model.to(context.device)  # not back afterwards: it is dropped
+            record = distill(model, teacher_model, stream, spec, seed=recipe.seed,
+                             state_dir=context.state_dir("distill"),
+                             recipe_fingerprint=context.fingerprint("distill", inputs),
+                             bos_id=tokenizer.bos_token_id,
+                             latent_init=master_latents(checkpoint, context.latent_sources),
+                             on_step=lambda step, loss: advance("resumed" if loss != loss else f"loss {loss:.4f}"))
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    finally:
+        del teacher_model
+    return record
+
+
+def _check_recovery(recovery) -> None:
+    order = recovery.order_of_stages()
+    if "qwt" in recovery.distill.trainable and "qwt" in order and order.index("qwt") > order.index("distill"):
+        raise ValueError("recovery.distill.trainable names 'qwt' but recovery.order runs qwt after distill")
+
+
+register(RecoveryMethod(
+    "distill", DistillSpec, run_distill, "a short fine-tune of the converted model towards the b1.58 model (logit "
+    "distillation)", position=30, trains=True, check_recovery=_check_recovery, keeps_state=True,
+    remove_state=remove_state, latents=saved_latents))

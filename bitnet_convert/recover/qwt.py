@@ -13,6 +13,7 @@ projected on the top-``rank`` directions of its fitted values, ``(x·D)·U + b``
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,9 +22,14 @@ from torch import nn
 from bitnet_convert import distributed
 from bitnet_convert.blocks import BlockRunner, build_layer
 from bitnet_convert.devices import one_cpu_thread
+from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.compensation import Compensation, Form, attach
 from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.recover.base import Context, RecoveryMethod, register
+
+if TYPE_CHECKING:
+    from bitnet_convert.recipe import Recipe
 
 
 class QwTSpec(BaseModel):
@@ -220,3 +226,32 @@ def fit_model(
         "flops_per_token": sum(c.flops_per_token for c in kept.values()),
         "blocks": records,
     }
+
+
+# ---------------------------------------------------------------------------------------- the plug-in
+
+
+def run_qwt(context: Context, spec: QwTSpec) -> dict:
+    """Closed-form QwT compensation, block by block on the calibration windows."""
+    layers = len(context.model.model.layers)
+    with context.memory_guard(), context.progress.stage("QwT compensation", layers) as advance:
+        try:
+            return fit_model(context.model, context.checkpoint, context.calibration,
+                             context.recipe.calibration.batch_size, spec, on_layer=advance,
+                             device=context.device)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    cal = recipe.calibration
+    if 0 < cal.samples <= cal.batch_size:
+        raise ValueError(f"recovery.qwt: fits on some calibration batches and tests on others, so it needs at "
+                         f"least 2; calibration.samples={cal.samples} with calibration.batch_size="
+                         f"{cal.batch_size} gives 1: raise samples or lower batch_size")
+    if cal.samples == 0:
+        raise ValueError("recovery.qwt: fitted on calibration data; calibration.samples must be > 0")
+
+
+register(RecoveryMethod("qwt", QwTSpec, run_qwt, "closed-form compensation per decoder block", position=10,
+                        check_recipe=_check_recipe))
