@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from bitnet_convert.errors import BitNetConvertError
-from bitnet_convert.load import load, load_tokenizer
+from bitnet_convert.io.load import load, load_tokenizer
 from bitnet_convert.pipeline import quantize
 from bitnet_convert.recipe import Recipe, load_recipe
 

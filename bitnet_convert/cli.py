@@ -43,7 +43,7 @@ class _WarningLines(logging.Handler):
 
 def _quiet() -> bool:
     """Whether this process is one of several ``torchrun`` processes other than rank 0 (which prints)."""
-    from bitnet_convert.distributed import is_writer
+    from bitnet_convert.runtime.distributed import is_writer
 
     return not is_writer()
 
@@ -130,7 +130,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except BitNetConvertError as exc:
-        from bitnet_convert.distributed import DistributedError
+        from bitnet_convert.runtime.distributed import DistributedError
 
         # a failed wait on the others is this process's own news: the group that lets rank 0 speak is gone
         _fail(str(exc), every_process=isinstance(exc, DistributedError))
@@ -142,8 +142,8 @@ def _user_errors() -> Iterator[None]:
 
 def _check_device(device: str) -> str:
     """``--device`` resolved on this machine (``auto`` → ``cuda`` or ``cpu``); one line, exit 2, before any work
-    when it cannot be used here (:func:`bitnet_convert.devices.resolve_device`)."""
-    from bitnet_convert.devices import resolve_device
+    when it cannot be used here (:func:`bitnet_convert.runtime.devices.resolve_device`)."""
+    from bitnet_convert.runtime.devices import resolve_device
 
     return str(resolve_device(device))
 
@@ -199,8 +199,8 @@ def quantize(
     """Convert a BitNet b1.58 checkpoint as the recipe says and write the packed a4.8 model.
 
     Data-parallel recovery: torchrun --nproc-per-node N bitnet-convert quantize ... (rank 0 writes)."""
-    from bitnet_convert.distributed import is_writer
     from bitnet_convert.pipeline import run
+    from bitnet_convert.runtime.distributed import is_writer
 
     with _user_errors():
         fields = {"model": ("--model", model), "output": ("--output", output and str(output)),
@@ -259,8 +259,8 @@ def calibrate(
     set_: SetOption = None,
 ) -> None:
     """Measure every linear's inputs layer by layer and write calibration.json, calibration.md and plots."""
-    from bitnet_convert.distributed import is_writer
     from bitnet_convert.pipeline import calibrate as run_calibration
+    from bitnet_convert.runtime.distributed import is_writer
 
     with _user_errors():
         resolved = _recipe_from_options(recipe, set_, model=("--model", model), device=("--device", device),
@@ -278,8 +278,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show a checkpoint's family, layout, scheme, tensor shapes, precisions and sizes (inputs and outputs)."""
-    from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.load import attention_of, scheme_of
+    from bitnet_convert.io.checkpoint import open_checkpoint
+    from bitnet_convert.io.load import attention_of, scheme_of
 
     with _user_errors():
         checkpoint = open_checkpoint(path)
@@ -350,7 +350,7 @@ def perplexity(
     device: DeviceOption = "cpu",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
-    from bitnet_convert.evaluate import perplexity_of
+    from bitnet_convert.evaluation.evaluate import perplexity_of
 
     with _user_errors():
         _check_device(device)
@@ -418,9 +418,9 @@ def eval_(
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
-    from bitnet_convert.checkpoint import resolve_model_path
-    from bitnet_convert.gate import Comparison, evaluate_and_compare
-    from bitnet_convert.report import markdown
+    from bitnet_convert.evaluation.gate import Comparison, evaluate_and_compare
+    from bitnet_convert.evaluation.report import markdown
+    from bitnet_convert.io.checkpoint import resolve_model_path
 
     with _user_errors():
         device = _check_device(device)
@@ -478,7 +478,7 @@ def generate(
     import torch
     from transformers import TextStreamer
 
-    from bitnet_convert.load import backend_for_device, load, load_tokenizer
+    from bitnet_convert.io.load import backend_for_device, load, load_tokenizer
     from bitnet_convert.quant.kv import PackedKVCache, cache_nbytes, generation_cache
 
     with _user_errors():
@@ -540,7 +540,7 @@ def _check_report_path(output: Path, models: list[Path]) -> None:
     """Fail before any work when the report (and its Markdown sibling) cannot be written at ``output``, or would
     replace a file of an evaluated model."""
     from bitnet_convert.errors import OutputError
-    from bitnet_convert.export import check_creatable, is_checkpoint_file
+    from bitnet_convert.io.export import check_creatable, is_checkpoint_file
 
     for target in (output, output.with_suffix(".md")):
         if target.is_dir():

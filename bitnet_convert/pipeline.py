@@ -16,17 +16,18 @@ from typing import Any
 
 import torch
 
-from bitnet_convert import __version__, distributed
-from bitnet_convert.calibrate import (
+from bitnet_convert import __version__
+from bitnet_convert.calibration.auto import choose_precision
+from bitnet_convert.calibration.report import write_report
+from bitnet_convert.calibration.statistics import (
     activation_stats,
     calibration_and_stats,
-    choose_precision,
     memory_guard,
     sequential_calibration,
 )
-from bitnet_convert.calibration_report import write_report
-from bitnet_convert.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint
-from bitnet_convert.data import (
+from bitnet_convert.errors import BitNetConvertError, DataError, OutputError, RecipeError
+from bitnet_convert.io.checkpoint import BUILTIN_MODELS, Checkpoint, open_checkpoint
+from bitnet_convert.io.data import (
     BUILTIN_DATA,
     checked_token_stream,
     describe_source,
@@ -35,9 +36,7 @@ from bitnet_convert.data import (
     warn_no_bos,
     warn_positions,
 )
-from bitnet_convert.devices import device_name, resolve_device
-from bitnet_convert.errors import BitNetConvertError, DataError, OutputError, RecipeError
-from bitnet_convert.export import (
+from bitnet_convert.io.export import (
     atomic_directory,
     check_output,
     export,
@@ -46,15 +45,17 @@ from bitnet_convert.export import (
     output_lock,
     scale_convention,
 )
-from bitnet_convert.families import Role
-from bitnet_convert.load import load_tokenizer, require_b158
-from bitnet_convert.modeling import DTYPES, build_model, quant_linears, set_input_spec
+from bitnet_convert.io.families import Role
+from bitnet_convert.io.load import load_tokenizer, require_b158
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.quant.schemes import ActivationSpec, swiglu_note
 from bitnet_convert.recipe import Recipe, load_recipe
 from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover.base import METHODS, NO_BOS, OWN_TEXT, Context, check_state_dirs
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.devices import device_name, resolve_device
+from bitnet_convert.runtime.modeling import DTYPES, build_model, quant_linears, set_input_spec
 
 
 @dataclass
@@ -85,8 +86,8 @@ def run(recipe: Recipe, progress: Progress = SILENT) -> Conversion:
 
     The output is checked (creatable, not overlapping an input, ``overwrite``) and locked before any work;
     warnings about silent degradations are shown as they happen and listed in the report (``warnings``). Under
-    ``torchrun`` every process converts and recovers (data-parallel, :mod:`bitnet_convert.distributed`) and rank 0
-    alone checks, locks and writes the output; the others show no progress and return once it is written."""
+    ``torchrun`` every process converts and recovers (data-parallel, :mod:`bitnet_convert.runtime.distributed`) and
+    rank 0 alone checks, locks and writes the output; the others show no progress and return once it is written."""
     with _session(recipe, recipe.output, recipe.overwrite) as (device, warnings):
         return _run(recipe, progress if distributed.is_writer() else SILENT, warnings, device)
 

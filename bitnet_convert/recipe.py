@@ -22,9 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from bitnet_convert.data import TxtDocuments
 from bitnet_convert.errors import RecipeError
-from bitnet_convert.families import ROLES, Role
+from bitnet_convert.io.data import TxtDocuments
+from bitnet_convert.io.families import ROLES, Role
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec, preset_roles
 from bitnet_convert.recover.base import METHODS
@@ -216,7 +216,7 @@ class Recipe(_Strict):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        from bitnet_convert.devices import DEVICE_PATTERN
+        from bitnet_convert.runtime.devices import DEVICE_PATTERN
 
         if not DEVICE_PATTERN.match(value.strip().lower()):
             raise ValueError("expected cpu, cuda, cuda:N or auto")
@@ -317,8 +317,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def parse_yaml(file: Path, error: type[Exception]) -> Any:
     """The YAML document in ``file``; ``error`` naming the file, line and column of a syntax error (or the byte
     of a non-UTF-8 file)."""
-    from bitnet_convert.data import read_text
     from bitnet_convert.errors import DataError
+    from bitnet_convert.io.data import read_text
 
     try:
         text = read_text(file)

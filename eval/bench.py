@@ -207,7 +207,7 @@ def _job_generate(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     import bitnet_convert
-    from bitnet_convert.modeling import quant_linears
+    from bitnet_convert.runtime.modeling import quant_linears
 
     start = time.perf_counter()
     conversion = bitnet_convert.quantize(
@@ -311,8 +311,8 @@ def _job_calibrate(spec: dict[str, Any]) -> dict[str, Any]:
     have no tokenizer; memory and time do not depend on which tokens they are)."""
     import torch
 
-    from bitnet_convert.calibrate import sequential_calibration
-    from bitnet_convert.checkpoint import open_checkpoint
+    from bitnet_convert.calibration.statistics import sequential_calibration
+    from bitnet_convert.io.checkpoint import open_checkpoint
     from bitnet_convert.quant.schemes import PRESETS
 
     start = time.perf_counter()
@@ -330,11 +330,11 @@ def _job_distill(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.modeling import build_model
+    from bitnet_convert.io.checkpoint import open_checkpoint
     from bitnet_convert.quant.schemes import PRESETS
     from bitnet_convert.recover import distill as kd
     from bitnet_convert.recover import training
+    from bitnet_convert.runtime.modeling import build_model
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(spec["model"])
@@ -362,10 +362,10 @@ def _job_blockwise(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from bitnet_convert.checkpoint import open_checkpoint
-    from bitnet_convert.modeling import build_model
+    from bitnet_convert.io.checkpoint import open_checkpoint
     from bitnet_convert.quant.schemes import PRESETS
     from bitnet_convert.recover.blockwise import BlockwiseSpec, recover_model
+    from bitnet_convert.runtime.modeling import build_model
 
     start = time.perf_counter()
     checkpoint = open_checkpoint(spec["model"])
@@ -391,7 +391,7 @@ def _rss_bytes() -> int:
 
 def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
     """Prefill and greedy decode speed of one subject (``spec["subject"]``: ``stock`` = transformers'
-    ``from_pretrained`` with its defaults, else ``bitnet_convert.load`` with ``spec["backend"]``), resident memory
+    ``from_pretrained`` with its defaults, else ``bitnet_convert.io.load`` with ``spec["backend"]``), resident memory
     after load and at the peak, and (native) the zero share of the o_proj and down_proj input codes while
     decoding. Each timed part stops early after ``spec["budget_s"]`` seconds, so the slowest subjects report
     over fewer tokens (the counts are in the result)."""
@@ -423,7 +423,7 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
         result["prefill_tok_s"] = spec["prefill"] / (time.perf_counter() - began)
         native = spec.get("backend") == "native"
         if native:
-            from bitnet_convert import native as native_backend
+            from bitnet_convert.native import backend as native_backend
         for context in spec["contexts"]:
             cache = DynamicCache()
             out = model(ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
@@ -453,7 +453,7 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
     cache: GB/s of packed weight bytes read and effective int-ops/s (2 per weight used)."""
     import torch
 
-    from bitnet_convert import kernels
+    from bitnet_convert.native import build as kernels
     from bitnet_convert.quant.packing import pack_ternary
 
     kernels.ensure_built()

@@ -93,8 +93,8 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def reference_ids(reference_dir: Path) -> torch.Tensor:
     """Two windows of 64 validation tokens of the reference corpus."""
-    from bitnet_convert.data import load_texts, token_stream, windows
-    from bitnet_convert.load import load_tokenizer
+    from bitnet_convert.io.data import load_texts, token_stream, windows
+    from bitnet_convert.io.load import load_tokenizer
 
     tokenizer = load_tokenizer(reference_dir)
     stream = token_stream(tokenizer, load_texts("builtin:reference", "validation")[:40])
@@ -103,7 +103,7 @@ def reference_ids(reference_dir: Path) -> torch.Tensor:
 
 def assert_linears_match(ours: torch.nn.Module, stock: torch.nn.Module) -> None:
     """Every QuantLinear of ``ours`` gives the output of ``stock``'s same-named linear, to fp32 rounding."""
-    from bitnet_convert.modeling import quant_linears
+    from bitnet_convert.runtime.modeling import quant_linears
 
     x = torch.randn(8, 512, generator=torch.Generator().manual_seed(0))
     for name, module in quant_linears(ours).items():

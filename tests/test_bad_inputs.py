@@ -237,7 +237,7 @@ def test_output_containing_the_recipe_is_refused(tmp_path):
 def test_generate_arguments_fail_before_loading(monkeypatch):
     import importlib
 
-    load = importlib.import_module("bitnet_convert.load")  # the module, not the function the package exports
+    load = importlib.import_module("bitnet_convert.io.load")  # the module, not the function the package exports
     monkeypatch.setattr(load, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert_user_error(invoke("generate", REFERENCE, "--prompt", "x", "--bos-bits", "4"), "--bos-bits", "--kv-bits")
     assert_user_error(invoke("generate", REFERENCE, "--prompt", "x", "--device", "nodevice"), "--device 'nodevice'")
@@ -272,7 +272,7 @@ EVAL_CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
 
 @pytest.mark.parametrize("name", sorted(EVAL_CASES))
 def test_bad_eval_arguments_fail_before_any_work(tmp_path, name, monkeypatch):
-    import bitnet_convert.evaluate as evaluate
+    import bitnet_convert.evaluation.evaluate as evaluate
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was built before the arguments were checked")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitnet_convert.checkpoint import Layout, open_checkpoint
+from bitnet_convert.io.checkpoint import Layout, open_checkpoint
 
 BENCH_FILE = Path(__file__).resolve().parents[1] / "eval" / "bench.py"
 _spec = importlib.util.spec_from_file_location("bench", BENCH_FILE)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import bitnet_convert
-from bitnet_convert.blocks import BlockRunner, build_layer, run_layer
-from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.modeling import build_model
+from bitnet_convert.io.checkpoint import open_checkpoint
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover.blockwise import BlockwiseSpec, block_state, saved_latents, train_block
 from bitnet_convert.recover.training import latent_from_codes, master_latents
+from bitnet_convert.runtime.blocks import BlockRunner, build_layer, run_layer
+from bitnet_convert.runtime.modeling import build_model
 
 SMALL = {"calibration": {"samples": 8, "seq_len": 64, "batch_size": 4},
          "recovery": {"blockwise": {"steps": 6, "batch_size": 2, "lr": 1e-3, "keep_checkpoint": True}}}
@@ -109,7 +109,7 @@ def test_recipe_checks(changes, message):
 def test_the_recipe_runs_from_the_command_line_and_cleans_up(tmp_path):
     from test_cli import invoke
 
-    from bitnet_convert.checkpoint import REPO_ROOT
+    from bitnet_convert.io.checkpoint import REPO_ROOT
 
     out = tmp_path / "bw"
     result = invoke("quantize", "--recipe", REPO_ROOT / "recipes" / "a48-blockwise.yaml", "--output", out,
@@ -136,7 +136,7 @@ def test_bfloat16_autocast_trains_too(first_block):
 def _quantize_cli(tmp_path, *extra):
     from test_cli import invoke
 
-    from bitnet_convert.checkpoint import REPO_ROOT
+    from bitnet_convert.io.checkpoint import REPO_ROOT
 
     return invoke("quantize", "--recipe", REPO_ROOT / "recipes" / "a48-blockwise.yaml", "--output", tmp_path / "out",
                   "--overwrite", "--set", "calibration.samples=4", "--set", "calibration.seq_len=64",
@@ -146,7 +146,7 @@ def _quantize_cli(tmp_path, *extra):
 
 
 def _calibration_text(tmp_path, start: int) -> str:
-    from bitnet_convert.data import load_texts
+    from bitnet_convert.io.data import load_texts
 
     file = tmp_path / "calib.txt"
     file.write_text("\n\n".join(load_texts("builtin:reference", "calib")[start : start + 60]), encoding="utf-8")
@@ -219,7 +219,7 @@ def test_a_state_that_cannot_be_written_is_one_line(tmp_path):
     recipe key, no traceback, no temporary left."""
     from test_export import run_with_a_file_size_limit
 
-    from bitnet_convert.checkpoint import REPO_ROOT
+    from bitnet_convert.io.checkpoint import REPO_ROOT
 
     result = run_with_a_file_size_limit(
         "quantize", "-r", REPO_ROOT / "recipes" / "a48-blockwise.yaml", "-o", tmp_path / "out",

@@ -11,22 +11,22 @@ from conftest import REPO
 from typer.testing import CliRunner
 
 import bitnet_convert
-from bitnet_convert.calibrate import (
+from bitnet_convert.calibration.auto import choose_precision
+from bitnet_convert.calibration.report import write_report
+from bitnet_convert.calibration.statistics import (
     CANDIDATES,
     LinearStats,
     activation_stats,
     calibration_and_stats,
-    choose_precision,
     hooked_calibration,
     sequential_calibration,
 )
-from bitnet_convert.calibration_report import write_report
-from bitnet_convert.checkpoint import open_checkpoint
 from bitnet_convert.cli import app
 from bitnet_convert.errors import CheckpointError, RecipeError
-from bitnet_convert.modeling import build_model, quant_linears
+from bitnet_convert.io.checkpoint import open_checkpoint
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 from bitnet_convert.recipe import load_recipe
+from bitnet_convert.runtime.modeling import build_model, quant_linears
 
 
 @pytest.fixture(scope="module")

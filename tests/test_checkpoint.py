@@ -13,11 +13,11 @@ from conftest import assert_linears_match, assert_same_predictions
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from bitnet_convert.checkpoint import Layout, open_checkpoint
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.modeling import build_model
+from bitnet_convert.io.checkpoint import Layout, open_checkpoint
 from bitnet_convert.quant.packing import pack_ternary
 from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.runtime.modeling import build_model
 
 
 def write_packed(source: Path, target: Path, linear_class: str) -> Path:

@@ -180,8 +180,8 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     import re
 
     import bitnet_convert
-    from bitnet_convert.data import load_texts, token_stream, windows
-    from bitnet_convert.evaluate import perplexity
+    from bitnet_convert.evaluation.evaluate import perplexity
+    from bitnet_convert.io.data import load_texts, token_stream, windows
 
     texts = tmp_path / "held_out.txt"
     texts.write_text("\n".join(load_texts("builtin:reference", "validation")[:12]))

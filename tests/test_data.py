@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from bitnet_convert.data import load_texts, sample_windows, windows
 from bitnet_convert.errors import DataError
+from bitnet_convert.io.data import load_texts, sample_windows, windows
 
 
 def test_builtin_reference_splits_are_distinct():
@@ -59,8 +59,8 @@ def test_windows_and_seeded_sampling_leave_global_rng_alone():
 
 
 def test_token_stream_ends_every_document_with_eos(reference_dir):
-    from bitnet_convert.data import token_stream
-    from bitnet_convert.load import load_tokenizer
+    from bitnet_convert.io.data import token_stream
+    from bitnet_convert.io.load import load_tokenizer
 
     tokenizer = load_tokenizer(reference_dir)
     stream = token_stream(tokenizer, ["Anna is kind.", "Tom sleeps."])

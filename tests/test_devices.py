@@ -8,11 +8,12 @@ import torch
 from typer.testing import CliRunner
 
 import bitnet_convert
-from bitnet_convert import blocks, pipeline
+from bitnet_convert import pipeline
 from bitnet_convert.cli import app
-from bitnet_convert.devices import DeviceError, resolve_device
 from bitnet_convert.recipe import Recipe
 from bitnet_convert.recover import distill
+from bitnet_convert.runtime import blocks
+from bitnet_convert.runtime.devices import DeviceError, resolve_device
 from tests.test_cli import REPO, assert_user_error, leftovers
 
 #: every recovery stage, a few steps each, on 8 windows of 64 tokens

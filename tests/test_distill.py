@@ -11,16 +11,16 @@ import torch
 from conftest import REPO
 
 import bitnet_convert
-from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.data import load_texts, token_stream
 from bitnet_convert.errors import RecipeError
-from bitnet_convert.load import load_tokenizer
-from bitnet_convert.modeling import build_model
+from bitnet_convert.io.checkpoint import open_checkpoint
+from bitnet_convert.io.data import load_texts, token_stream
+from bitnet_convert.io.load import load_tokenizer
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover import distill as kd
 from bitnet_convert.recover import training
+from bitnet_convert.runtime.modeling import build_model
 
 SMALL = {"steps": 4, "batch_size": 2, "seq_len": 32, "save_every": 2}
 
@@ -282,7 +282,7 @@ def test_bfloat16_autocast_fine_tune(tmp_path):
 
 def test_a_fine_tune_state_trained_on_other_text_is_refused(tmp_path):
     """The fine-tune's state is tied to the content of its text (recovery.distill.data), not only its name."""
-    from bitnet_convert.data import load_texts
+    from bitnet_convert.io.data import load_texts
 
     text = tmp_path / "text.txt"
     paragraphs = load_texts("builtin:reference", "calib")

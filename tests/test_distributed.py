@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 import bitnet_convert
-from bitnet_convert import distributed
-from bitnet_convert.data import load_texts, token_stream, windows
 from bitnet_convert.errors import RecipeError
-from bitnet_convert.evaluate import perplexity
+from bitnet_convert.evaluation.evaluate import perplexity
+from bitnet_convert.io.data import load_texts, token_stream, windows
 from bitnet_convert.quant.packing import unpack_ternary
 from bitnet_convert.recipe import Recipe
+from bitnet_convert.runtime import distributed
 
 #: N processes vs one, for the same global batches. Each step's gradient is the same sum added in another order, so
 #: the first trained block agrees to ~1e-8 (held-out error); after that, a latent weight that rounding puts on the
@@ -158,7 +158,7 @@ def test_layer_by_layer_calibration_under_two_processes(tmp_path, reference_dir)
 
 PEER = """
 import os, sys
-from bitnet_convert import distributed
+from bitnet_convert.runtime import distributed
 from bitnet_convert.errors import BitNetConvertError
 import torch
 distributed.init(torch.device("cpu"))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import bitnet_convert
 from bitnet_convert.cli import app
 from bitnet_convert.errors import DataError
-from bitnet_convert.evaluate import TASKS_DIR, lm_eval_results, task_spec
+from bitnet_convert.evaluation.evaluate import TASKS_DIR, lm_eval_results, task_spec
 
 
 def test_builtin_task_specs_point_at_committed_data():

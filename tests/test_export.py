@@ -16,7 +16,7 @@ import yaml
 from test_cli import assert_user_error, invoke
 
 import bitnet_convert
-from bitnet_convert.checkpoint import REPO_ROOT
+from bitnet_convert.io.checkpoint import REPO_ROOT
 
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "recipes").glob("*.yaml"))
 #: Small settings for each section a recipe has (a section it lacks is not added).

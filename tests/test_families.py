@@ -2,7 +2,7 @@
 ``bitlinear`` layout (Falcon3-1.58bit style) and a 1bitLLM model (float16 latent masters, renamed sub-norms).
 
 b158 equals the family's own forward (stock transformers for Llama; a reimplementation of 1bitLLM's published
-forward, whose code we never run), exports reload in stock transformers and in ``bitnet_convert.load``, and the
+forward, whose code we never run), exports reload in stock transformers and in ``bitnet_convert.io.load``, and the
 stages (calibration, QwT, distillation, packed KV cache, native kernels) run on both.
 """
 
@@ -22,14 +22,14 @@ from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
-from bitnet_convert.checkpoint import BUILTIN_MODELS, architecture_signature, open_checkpoint
-from bitnet_convert.data import load_texts, token_stream, windows
-from bitnet_convert.evaluate import perplexity
-from bitnet_convert.load import build_for_backend, load_tokenizer
-from bitnet_convert.modeling import build_model
+from bitnet_convert.evaluation.evaluate import perplexity
+from bitnet_convert.io.checkpoint import BUILTIN_MODELS, architecture_signature, open_checkpoint
+from bitnet_convert.io.data import load_texts, token_stream, windows
+from bitnet_convert.io.load import build_for_backend, load_tokenizer
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.schemes import PRESETS, SWIGLU_DEFAULT, SWIGLU_DOWN, preset_roles
 from bitnet_convert.recipe import Recipe
+from bitnet_convert.runtime.modeling import build_model
 
 LLAMA = BUILTIN_MODELS["builtin:reference-llama"]
 ONEBITLLM = BUILTIN_MODELS["builtin:reference-1bitllm"]
@@ -144,7 +144,7 @@ def test_the_published_1bitllm_forward_is_transformers_bitnet_with_silu_and_rena
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_export_reloads_in_stock_transformers_and_bit_identically_in_load(family, ids, tmp_path):
-    """b158 and a48 exports: ``bitnet_convert.load`` gives the in-memory model's logits bit for bit; stock
+    """b158 and a48 exports: ``bitnet_convert.io.load`` gives the in-memory model's logits bit for bit; stock
     transformers loads the b158 export (Llama stays Llama, 1bitLLM becomes BitNet) and computes them bit for bit."""
     outputs = {}
     for preset in ("b158", "a48"):
@@ -258,8 +258,8 @@ def test_the_reference_baseline_is_not_compared_with_another_model_of_the_same_t
     """The committed eval baselines were measured on the BitNet reference model; the other reference models share
     its tokenizer, so ``eval`` tells them apart by shape (the report's architecture signature, or that of the
     model directory a baseline names) and does not compare them with it."""
-    from bitnet_convert.gate import of_another_model
-    from bitnet_convert.report import load_report
+    from bitnet_convert.evaluation.gate import of_another_model
+    from bitnet_convert.evaluation.report import load_report
 
     baseline = load_report(REPO / "eval" / "baselines" / "b158.json")
     assert not of_another_model(baseline, reference_dir)

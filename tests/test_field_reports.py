@@ -21,12 +21,12 @@ from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
-from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.data import load_texts
 from bitnet_convert.errors import OutputError
-from bitnet_convert.export import MARKER, _lock_file, atomic_directory
-from bitnet_convert.modeling import build_model
+from bitnet_convert.io.checkpoint import open_checkpoint
+from bitnet_convert.io.data import load_texts
+from bitnet_convert.io.export import MARKER, _lock_file, atomic_directory
 from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.runtime.modeling import build_model
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_stale_temporaries_of_the_output_are_removed_and_only_ours(tmp_path):
 
 
 def test_a_run_killed_between_its_renames_is_recovered(tmp_path):
-    from bitnet_convert.export import remove_stale_temporaries
+    from bitnet_convert.io.export import remove_stale_temporaries
 
     output = tmp_path / "a48"
     previous = tmp_path / ".a48.old-0123abcd"  # killed after moving the previous output aside
@@ -289,7 +289,7 @@ def test_lm_eval_batching_does_not_change_kv3_results(kv3):
     alone."""
     from lm_eval.models.huggingface import HFLM
 
-    from bitnet_convert.evaluate import lm_eval_results
+    from bitnet_convert.evaluation.evaluate import lm_eval_results
 
     model, tokenizer = kv3
     one, many = (lm_eval_results(model, tokenizer, ["reference_agreement"], limit=6, batch_size=b) for b in (1, 6))
@@ -337,7 +337,7 @@ def test_generate_uses_the_current_cache_api(tmp_path):
 
 
 def test_lm_eval_prints_no_git_probe_and_no_bars_outside_a_checkout(tmp_path, capfd, monkeypatch):
-    from bitnet_convert.evaluate import lm_eval_results
+    from bitnet_convert.evaluation.evaluate import lm_eval_results
 
     monkeypatch.chdir(tmp_path)
     model = bitnet_convert.load(REFERENCE)
@@ -347,7 +347,7 @@ def test_lm_eval_prints_no_git_probe_and_no_bars_outside_a_checkout(tmp_path, ca
 
 
 def test_default_tasks_follow_the_model_not_its_location(tmp_path):
-    from bitnet_convert.evaluate import HUB_TASKS, REFERENCE_TASKS, default_tasks
+    from bitnet_convert.evaluation.evaluate import HUB_TASKS, REFERENCE_TASKS, default_tasks
 
     copy = tmp_path / "elsewhere"
     shutil.copytree(REFERENCE, copy)
@@ -383,7 +383,7 @@ def test_bf16_export_in_stock_transformers(tmp_path):
 def test_bitlinear_export_loads_in_stock_transformers_with_any_dtype(tmp_path, reference_ids):
     """``export.layout: bitlinear`` (scale = 1/α, transformers' BitLinear divides by it): stock transformers loads it
     with float32, bfloat16 and the default dtype; in float32 it computes the exported model bit for bit (the
-    converted model divides by the stored 1/α as ``BitLinear`` does), and so does ``bitnet_convert.load``."""
+    converted model divides by the stored 1/α as ``BitLinear`` does), and so does ``bitnet_convert.io.load``."""
     conversion = bitnet_convert.quantize(REPO / "recipes/b158.yaml", output=str(tmp_path / "b158"),
                                          calibration__samples=0, export__layout="bitlinear")
     config = json.loads((conversion.output / "config.json").read_text())["quantization_config"]

@@ -13,9 +13,9 @@ from pathlib import Path
 from conftest import REFERENCE
 from filelock import FileLock
 
-from bitnet_convert import kernels
+from bitnet_convert.native import build as kernels
 
-BUILD = "import bitnet_convert.kernels as k; k.ensure_built(); print('isa', k.isa())"
+BUILD = "import bitnet_convert.native.build as k; k.ensure_built(); print('isa', k.isa())"
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:

@@ -12,12 +12,13 @@ from test_cli import assert_user_error, invoke
 from test_field_reports import rms_norm_checkpoint
 
 import bitnet_convert
-from bitnet_convert import kernels, native
-from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.data import load_texts, token_stream, windows
 from bitnet_convert.errors import BackendError
-from bitnet_convert.evaluate import perplexity
-from bitnet_convert.load import build_for_backend, load_tokenizer
+from bitnet_convert.evaluation.evaluate import perplexity
+from bitnet_convert.io.checkpoint import open_checkpoint
+from bitnet_convert.io.data import load_texts, token_stream, windows
+from bitnet_convert.io.load import build_for_backend, load_tokenizer
+from bitnet_convert.native import backend as native
+from bitnet_convert.native import build as kernels
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.linear import QuantLinear
@@ -312,6 +313,6 @@ def test_a_cached_build_loads_without_a_compiler(tmp_path):
 
     ops()  # the build exists in the cache
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PATH": os.path.dirname(sys.executable)}
-    code = "import bitnet_convert.kernels as k; k.ensure_built(); print('isa', k.isa())"
+    code = "import bitnet_convert.native.build as k; k.ensure_built(); print('isa', k.isa())"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and result.stdout.startswith("isa "), result.stderr[-2000:]

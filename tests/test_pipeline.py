@@ -15,12 +15,12 @@ from conftest import REPO, assert_linears_match, assert_same_predictions
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
-from bitnet_convert.checkpoint import open_checkpoint
-from bitnet_convert.modeling import build_model, quant_linears
+from bitnet_convert.io.checkpoint import open_checkpoint
 from bitnet_convert.optimum_api import BitNetA48Quantizer
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recipe import load_recipe
+from bitnet_convert.runtime.modeling import build_model, quant_linears
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -230,8 +230,8 @@ def test_no_import_cycle_between_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
-    assert "bitnet_convert.blocks" in graph["bitnet_convert.recover.qwt"]
-    assert not any(e.startswith("bitnet_convert.recover") for e in graph["bitnet_convert.modeling"])
+    assert "bitnet_convert.runtime.blocks" in graph["bitnet_convert.recover.qwt"]
+    assert not any(e.startswith("bitnet_convert.recover") for e in graph["bitnet_convert.runtime.modeling"])
 
 
 def test_recovery_stages_run_in_the_recipe_order(tmp_path, reference_dir, monkeypatch):

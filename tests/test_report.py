@@ -12,12 +12,20 @@ from conftest import REPO
 from torch import nn
 from transformers.activations import ACT2FN
 
-from bitnet_convert.calibrate import activation_stats
+from bitnet_convert.calibration.statistics import activation_stats
 from bitnet_convert.errors import DataError
+from bitnet_convert.evaluation.report import (
+    Thresholds,
+    check_comparable,
+    compare,
+    gate,
+    load_report,
+    markdown,
+    parse_threshold,
+)
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec
 from bitnet_convert.recipe import load_recipe
-from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, markdown, parse_threshold
 
 BASELINES = REPO / "eval" / "baselines"
 

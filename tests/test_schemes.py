@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as tF
 from pydantic import ValidationError
 
-from bitnet_convert.families import DECODER_LINEARS, FAMILIES, ROLES, role_of
+from bitnet_convert.io.families import DECODER_LINEARS, FAMILIES, ROLES, role_of
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import pack_ternary

@@ -2,7 +2,7 @@
 
 A *role* groups the linears whose inputs have the same origin in a BitNet block; a scheme maps every role to
 one :class:`ActivationSpec`. Which linear has which role is decided by the role table of
-:mod:`bitnet_convert.families` and nowhere else.
+:mod:`bitnet_convert.io.families` and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bitnet_convert.families import Role
+from bitnet_convert.io.families import Role
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.methods import METHODS
 

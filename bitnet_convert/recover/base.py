@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel
 
-from bitnet_convert import distributed
-from bitnet_convert.checkpoint import Checkpoint
-from bitnet_convert.modeling import DTYPES
+from bitnet_convert.io.checkpoint import Checkpoint
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.recover.state import files_digest, tensor_digest
 from bitnet_convert.recover.state import fingerprint as state_fingerprint
 from bitnet_convert.recover.training import LatentSource
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.modeling import DTYPES
 
 if TYPE_CHECKING:
     from bitnet_convert.recipe import Recipe
@@ -129,7 +129,7 @@ class Context:
 
     def memory_guard(self):
         """An out-of-memory error as one line naming the calibration knobs."""
-        from bitnet_convert.calibrate import memory_guard
+        from bitnet_convert.calibration.statistics import memory_guard
 
         spec = self.recipe.calibration
         return memory_guard(spec.samples, spec.seq_len, spec.batch_size)
@@ -163,7 +163,7 @@ def check_state_dirs(recipe: Recipe) -> None:
     """Before any work: each recovery method's state directory is a directory or can be created
     (:class:`~bitnet_convert.errors.OutputError` naming ``recovery.<key>.checkpoint_dir`` otherwise)."""
     from bitnet_convert.errors import OutputError
-    from bitnet_convert.export import check_creatable
+    from bitnet_convert.io.export import check_creatable
 
     for key in recipe.recovery.order_of_stages():
         path, label = METHODS[key].state_dir(recipe), f"recovery.{key}.checkpoint_dir"
@@ -179,7 +179,7 @@ def round_to_export(context: Context) -> None:
     next stage fits or trains on the model that is written, and the model in memory (its report statistics,
     :attr:`~bitnet_convert.pipeline.Conversion.model`) is the one written. Packed linears and compensations are
     buffers, exported as they are."""
-    from bitnet_convert.export import export_dtype_name
+    from bitnet_convert.io.export import export_dtype_name
 
     export_dtype = DTYPES[export_dtype_name(context.checkpoint, context.recipe.export.dtype)]
     with torch.no_grad():

@@ -30,11 +30,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bitnet_convert import distributed
-from bitnet_convert.blocks import BlockRunner, build_layer
-from bitnet_convert.calibrate import out_of_memory
+from bitnet_convert.calibration.statistics import out_of_memory
 from bitnet_convert.errors import Interrupted, RecipeError
-from bitnet_convert.memory import trim_heap
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
@@ -50,6 +47,9 @@ from bitnet_convert.recover.training import (
     scheduled_lr,
     trainable_tensors,
 )
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.blocks import BlockRunner, build_layer
+from bitnet_convert.runtime.memory import trim_heap
 
 if TYPE_CHECKING:
     from bitnet_convert.recipe import Recipe
@@ -107,7 +107,7 @@ def train_block(
     Under ``torchrun`` each process passes the windows it owns: ``windows`` are their indices among all
     ``total`` windows (default: all of them, in order). Every step draws the same global batch in each process;
     a process computes its rows' share of the loss (``Σ‖o − t‖²`` of its rows over the global ``Σ‖t‖²``) and the
-    gradients are summed (:func:`bitnet_convert.distributed.sum_gradients`), so the step is the one-process
+    gradients are summed (:func:`bitnet_convert.runtime.distributed.sum_gradients`), so the step is the one-process
     step up to the order of float additions. ``trained_latents`` receives the trained float weights by linear name
     (on the CPU) when the block is kept, for a later stage to continue from."""
     windows = list(range(inputs.shape[0])) if windows is None else windows

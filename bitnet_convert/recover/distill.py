@@ -29,14 +29,10 @@ import torch.nn.functional as tF
 from pydantic import Field
 from torch import nn
 
-from bitnet_convert import distributed
-from bitnet_convert.blocks import on_device
-from bitnet_convert.calibrate import out_of_memory
-from bitnet_convert.data import checked_token_stream, warn_builtin_data, warn_no_bos, warn_positions
-from bitnet_convert.devices import module_device
+from bitnet_convert.calibration.statistics import out_of_memory
 from bitnet_convert.errors import Interrupted, RecipeError
-from bitnet_convert.load import load_tokenizer
-from bitnet_convert.modeling import DTYPES
+from bitnet_convert.io.data import checked_token_stream, warn_builtin_data, warn_no_bos, warn_positions
+from bitnet_convert.io.load import load_tokenizer
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.recover.base import NO_BOS, OWN_TEXT, Context, RecoveryMethod, register
@@ -53,6 +49,10 @@ from bitnet_convert.recover.training import (
     to_cpu,
     trainable_tensors,
 )
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.blocks import on_device
+from bitnet_convert.runtime.devices import module_device
+from bitnet_convert.runtime.modeling import DTYPES
 
 Group = Literal["norms", "linears", "qwt", "embeddings"]
 STATE_FILE = "state.pt"
@@ -292,9 +292,9 @@ def teacher_checkpoint(checkpoint, spec: DistillSpec):
     """The checkpoint of the b1.58 teacher: ``spec.teacher`` when set, else the input ``checkpoint`` itself (built
     with b1.58 semantics, W1.58A8). An a4.8 conversion cannot teach: its b1.58 model is not recoverable from it
     (compensations, trained weights). Cheap: reads configs only."""
-    from bitnet_convert.checkpoint import open_checkpoint
     from bitnet_convert.errors import CheckpointError, RecipeError
-    from bitnet_convert.load import require_b158
+    from bitnet_convert.io.checkpoint import open_checkpoint
+    from bitnet_convert.io.load import require_b158
 
     source = checkpoint
     if spec.teacher is not None:
@@ -316,8 +316,8 @@ def teacher_checkpoint(checkpoint, spec: DistillSpec):
 
 def build_teacher(checkpoint, dtype: torch.dtype) -> nn.Module:
     """The teacher model of :func:`teacher_checkpoint`'s result, with b1.58 semantics."""
-    from bitnet_convert.modeling import build_model
     from bitnet_convert.quant.schemes import PRESETS
+    from bitnet_convert.runtime.modeling import build_model
 
     return build_model(checkpoint, PRESETS["b158"], dtype)
 

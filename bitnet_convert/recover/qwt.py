@@ -19,14 +19,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bitnet_convert import distributed
-from bitnet_convert.blocks import BlockRunner, build_layer
-from bitnet_convert.devices import one_cpu_thread
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.compensation import Compensation, Form, attach
 from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.recover.base import Context, RecoveryMethod, register
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.blocks import BlockRunner, build_layer
+from bitnet_convert.runtime.devices import one_cpu_thread
 
 if TYPE_CHECKING:
     from bitnet_convert.recipe import Recipe

@@ -89,7 +89,7 @@ def save_state(directory: Path, state: dict, name: str, section: str) -> None:
         os.replace(tmp, file)
     except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
         tmp.unlink(missing_ok=True)
-        from bitnet_convert.export import free_space
+        from bitnet_convert.io.export import free_space
 
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
         raise OutputError(f"cannot write the training state '{file}' ({reason}; {free_space(directory)} free "

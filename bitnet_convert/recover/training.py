@@ -17,9 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bitnet_convert import distributed
 from bitnet_convert.quant.functional import ordered_sum, ternary_absmean
 from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.runtime import distributed
 
 
 class TrainingSpec(BaseModel):
@@ -159,7 +159,7 @@ def master_latents(checkpoint, sources: list[LatentSource] | tuple = ()) -> Call
     else its own codes (:func:`latent_from_codes`). So a stage continues from the previous one's weights, and a
     linear no stage changed starts from its master. ``None`` (start from the codes) with neither sources nor
     masters."""
-    from bitnet_convert.checkpoint import Layout
+    from bitnet_convert.io.checkpoint import Layout
 
     candidates = list(sources)
     if checkpoint.layout is Layout.MASTER:

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitnet_convert.calibrate import CANDIDATES, Calibration
-from bitnet_convert.families import DECODER_LINEARS
+from bitnet_convert.calibration.statistics import CANDIDATES, Calibration
+from bitnet_convert.io.families import DECODER_LINEARS
 
 #: The linears of a layer in the role table's order (a plot's columns).
 LINEAR_ORDER = tuple(entry.name for entry in DECODER_LINEARS)

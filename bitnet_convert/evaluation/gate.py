@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitnet_convert.checkpoint import (
+from bitnet_convert.errors import DataError
+from bitnet_convert.evaluation.report import Thresholds, check_comparable, compare, gate, load_report, parse_threshold
+from bitnet_convert.io.checkpoint import (
     REPO_ROOT,
     architecture_signature,
     resolve_model_path,
     tokenizer_fingerprint,
     uses_reference_tokenizer,
 )
-from bitnet_convert.errors import DataError
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import Progress
-from bitnet_convert.report import Thresholds, check_comparable, compare, gate, load_report, parse_threshold
 
 
 @dataclass
@@ -55,15 +55,15 @@ class _Plan:
 
 def evaluate_and_compare(path: str, asked: Comparison, settings: dict, progress: Progress,
                          on_skip: Callable[[str], None] = warn) -> dict:
-    """Evaluate the model at ``path`` (:func:`bitnet_convert.evaluate.evaluate` with ``settings``), compare it
-    with the baseline ``asked`` resolves to, and apply the gate. Returns the report with ``baseline``,
+    """Evaluate the model at ``path`` (:func:`bitnet_convert.evaluation.evaluate.evaluate` with ``settings``),
+    compare it with the baseline ``asked`` resolves to, and apply the gate. Returns the report with ``baseline``,
     ``comparison`` and ``gate`` (``failures``: one line per crossed limit) when it was compared, and the run's
-    ``warnings``. ``settings``: :func:`~bitnet_convert.evaluate.evaluate`'s keywords (``backend`` resolved here for
-    ``device``). ``on_skip`` receives the reason whenever the recipe's baseline is skipped. Raises
+    ``warnings``. ``settings``: :func:`~bitnet_convert.evaluation.evaluate.evaluate`'s keywords (``backend``
+    resolved here for ``device``). ``on_skip`` receives the reason whenever the recipe's baseline is skipped. Raises
     :class:`~bitnet_convert.errors.DataError` for a named baseline that cannot be compared, before any model is
     built where it can be known then."""
-    from bitnet_convert.evaluate import evaluate
-    from bitnet_convert.load import backend_for_device
+    from bitnet_convert.evaluation.evaluate import evaluate
+    from bitnet_convert.io.load import backend_for_device
 
     with collect() as notes:
         # once, here: a fallback warning is given once and recorded in this report
@@ -95,7 +95,7 @@ def evaluate_and_compare(path: str, asked: Comparison, settings: dict, progress:
 
 def _plan(path: str, asked: Comparison, on_skip: Callable[[str], None]) -> _Plan:
     """The tasks, the baseline report and the limits of a run (see the module docstring)."""
-    from bitnet_convert.evaluate import resolve_tasks
+    from bitnet_convert.evaluation.evaluate import resolve_tasks
     from bitnet_convert.recipe import load_recipe
 
     model = resolve_model_path(path)

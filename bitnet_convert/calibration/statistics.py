@@ -23,17 +23,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bitnet_convert import distributed
-from bitnet_convert.blocks import BlockRunner, build_layer, decoder_pass
-from bitnet_convert.checkpoint import Checkpoint
-from bitnet_convert.devices import module_device
 from bitnet_convert.errors import ResourceError
-from bitnet_convert.families import DECODER_LINEARS, Role, decoder_linear, role_of
-from bitnet_convert.modeling import quant_linears, rotary_embedding
+from bitnet_convert.io.checkpoint import Checkpoint
+from bitnet_convert.io.families import DECODER_LINEARS, Role, decoder_linear, role_of
 from bitnet_convert.quant.functional import ordered_sum
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import ActivationSpec
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.blocks import BlockRunner, build_layer, decoder_pass
+from bitnet_convert.runtime.devices import module_device
+from bitnet_convert.runtime.modeling import quant_linears, rotary_embedding
 
 
 class _Sparsity:
@@ -114,7 +114,7 @@ class _Sparsity:
 def _run(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, handles: list,
          on_batch: Callable[[], None] | None, batch: list[int] | None = None, **call: object) -> None:
     """Run ``ids`` through ``model`` in batches with the forward ``handles`` attached, then remove them. Under
-    ``torchrun`` a process runs the batches it owns (:func:`bitnet_convert.distributed.owned`); ``batch[0]`` is
+    ``torchrun`` a process runs the batches it owns (:func:`bitnet_convert.runtime.distributed.owned`); ``batch[0]`` is
     set to the index of the batch running (the seed of the value samples)."""
     device = module_device(model)
     try:
@@ -135,7 +135,7 @@ def activation_stats(
 ) -> dict:
     """Run ``batches`` (token ids ``[n, seq_len]``) through ``model`` and measure its quantized inputs: as whole-model
     forwards (``on_batch()`` after each batch), or with ``device`` through the decoder blocks one block at a time
-    on that device (:func:`bitnet_convert.blocks.decoder_pass`; ``on_batch(label)`` after each block).
+    on that device (:func:`bitnet_convert.runtime.blocks.decoder_pass`; ``on_batch(label)`` after each block).
 
     Returns ``{"tokens", "roles": {role: {"zero_share", "relative_error"}}, "sparsity": {kind: share},
     "active_parameter_share"}`` (see the module docstring for the definitions).
@@ -436,63 +436,3 @@ def sequential_calibration(
         if on_layer is not None:
             on_layer(f"layer {index + 1}/{config.num_hidden_layers}")
     return result
-
-
-# ------------------------------------------------------------------------------ per-linear precision choice
-
-INT8 = ActivationSpec(method="absmax", bits=8)
-
-
-def mean_input_bits(linears: dict[str, QuantLinear], specs: dict[str, ActivationSpec]) -> float:
-    """Activation bits averaged over the linears, weighted by their parameter count (their share of compute)."""
-    params = {n: m.in_features * m.out_features for n, m in linears.items()}
-    return sum(params[n] * specs[n].input_bits for n in linears) / sum(params.values())
-
-
-def choose_precision(
-    calibration: Calibration,
-    linears: dict[str, QuantLinear],
-    max_share: float | None = 0.1,
-    max_mean_bits: float | None = None,
-    static_o_threshold: bool = False,
-) -> tuple[dict[str, ActivationSpec], dict]:
-    """Per-linear overrides from measured output errors (see :class:`bitnet_convert.recipe.AutoSpec`).
-
-    Returns the overrides and a record of the choice: each promoted linear with its output error under the
-    configured quantizer and under INT8, the thresholds, and the mean input bits before and after.
-    """
-    specs = {n: m.spec for n, m in linears.items()}
-    before = mean_input_bits(linears, specs)
-
-    def gain(name: str) -> float:
-        errors = calibration.linears[name]["quantizers"]
-        return errors["configured"]["output_relative_error"] - errors["int8_absmax"]["output_relative_error"]
-
-    limit = len(linears) if max_share is None else math.floor(max_share * len(linears) + 1e-9)
-    candidates = sorted((n for n in linears if specs[n].input_bits < 8 and gain(n) > 0), key=gain, reverse=True)
-    overrides: dict[str, ActivationSpec] = {}
-    promoted = []
-    for name in candidates:
-        if len(overrides) >= limit:
-            break
-        trial = {**specs, name: INT8}
-        if max_mean_bits is not None and mean_input_bits(linears, trial) > max_mean_bits + 1e-9:
-            continue
-        specs = trial
-        overrides[name] = INT8
-        errors = calibration.linears[name]["quantizers"]
-        promoted.append({"linear": name, "from": linears[name].spec.describe(),
-                         "output_error": errors["configured"]["output_relative_error"],
-                         "output_error_int8": errors["int8_absmax"]["output_relative_error"]})
-    thresholds = {}
-    if static_o_threshold:
-        for name, module in linears.items():
-            if role_of(name) != "o" or module.spec.topk is None or name in overrides:
-                continue
-            sample = calibration.samples[name].abs().float()
-            threshold = float(torch.quantile(sample, 1.0 - module.spec.topk))
-            overrides[name] = module.spec.model_copy(update={"topk": None, "threshold": threshold})
-            thresholds[name] = threshold
-    record = {"promoted_to_int8": promoted, "o_proj_thresholds": thresholds,
-              "mean_input_bits": {"before": before, "after": mean_input_bits(linears, specs)}}
-    return overrides, record

@@ -9,8 +9,8 @@ from typing import Literal
 
 import torch
 
-from bitnet_convert.checkpoint import REPO_ROOT, uses_reference_tokenizer
 from bitnet_convert.errors import DataError
+from bitnet_convert.io.checkpoint import REPO_ROOT, uses_reference_tokenizer
 from bitnet_convert.notes import warn
 
 BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data"}
@@ -141,7 +141,7 @@ def describe_source(setting: str, data: str, split: str) -> str:
 
 def warn_builtin_data(model: Path, data: str, setting: str, hint: str) -> None:
     """One warning line when ``setting`` uses the built-in corpus on a model it was not made for (decided by the
-    tokenizer, :func:`~bitnet_convert.checkpoint.uses_reference_tokenizer`); ``hint`` says what to give instead."""
+    tokenizer, :func:`~bitnet_convert.io.checkpoint.uses_reference_tokenizer`); ``hint`` says what to give instead."""
     if data in BUILTIN_DATA and not uses_reference_tokenizer(model):
         warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{model}'; {hint}")
 

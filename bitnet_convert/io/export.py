@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import save_file
 
 from bitnet_convert import __version__
-from bitnet_convert.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from bitnet_convert.errors import OutputError
-from bitnet_convert.families import Role
-from bitnet_convert.modeling import DTYPES, quant_linears
+from bitnet_convert.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from bitnet_convert.io.families import Role
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec
+from bitnet_convert.runtime.modeling import DTYPES, quant_linears
 
 if TYPE_CHECKING:
     from bitnet_convert.recipe import Recipe

@@ -1,6 +1,6 @@
 """Build a b1.58 causal LM whose linears are :class:`QuantLinear` s, streaming from a checkpoint.
 
-The model is the transformers class of the checkpoint's family (:mod:`bitnet_convert.families`):
+The model is the transformers class of the checkpoint's family (:mod:`bitnet_convert.io.families`):
 ``BitNetForCausalLM`` or ``LlamaForCausalLM``.
 
 The model skeleton is created on the meta device; every ternary linear is read, ternarized (or unpacked) and
@@ -16,10 +16,9 @@ from collections.abc import Callable
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from bitnet_convert.checkpoint import Checkpoint, Layout
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.families import Role, role_of
-from bitnet_convert.memory import trim_heap
+from bitnet_convert.io.checkpoint import Checkpoint, Layout
+from bitnet_convert.io.families import Role, role_of
 from bitnet_convert.notes import warn
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.compensation import Compensation, attach
@@ -27,6 +26,7 @@ from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import VALUES_PER_BYTE
 from bitnet_convert.quant.schemes import ActivationSpec
+from bitnet_convert.runtime.memory import trim_heap
 
 #: The float dtypes a model computes in or is exported in, by the names recipes and options use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,6 +145,6 @@ def set_input_spec(module: QuantLinear, spec: ActivationSpec) -> None:
 def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     """Every ternary linear of a model by module name: :class:`QuantLinear` s, and the native backend's
     ``NativeLinear`` s (same ``in_features``, ``out_features``, ``spec``, ``quantizer_input``)."""
-    from bitnet_convert.native import NativeLinear
+    from bitnet_convert.native.backend import NativeLinear
 
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, NativeLinear))}

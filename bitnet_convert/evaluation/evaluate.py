@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as tF
 import yaml
 
-from bitnet_convert.calibrate import activation_stats
-from bitnet_convert.checkpoint import (
+from bitnet_convert.calibration.statistics import activation_stats
+from bitnet_convert.errors import DataError
+from bitnet_convert.evaluation.report import REPORT_FORMAT
+from bitnet_convert.io.checkpoint import (
     REPO_ROOT,
     Checkpoint,
     architecture_signature,
@@ -26,12 +28,10 @@ from bitnet_convert.checkpoint import (
     tokenizer_fingerprint,
     uses_reference_tokenizer,
 )
-from bitnet_convert.data import token_stream, warn_no_bos, windows
-from bitnet_convert.devices import module_device
-from bitnet_convert.errors import DataError
-from bitnet_convert.load import attention_of, backend_for_device, load_tokenizer, open_model, resolve_scheme
+from bitnet_convert.io.data import token_stream, warn_no_bos, windows
+from bitnet_convert.io.load import attention_of, backend_for_device, load_tokenizer, open_model, resolve_scheme
 from bitnet_convert.progress import SILENT, Progress
-from bitnet_convert.report import REPORT_FORMAT
+from bitnet_convert.runtime.devices import module_device
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def perplexity(
     batch_size: int = 8,
     on_batch: Callable[[], None] | None = None,
 ) -> dict:
-    """Token-level perplexity over windows ``[n, seq_len]`` (see :func:`bitnet_convert.data.windows`) on the
+    """Token-level perplexity over windows ``[n, seq_len]`` (see :func:`bitnet_convert.io.data.windows`) on the
     device of ``model``; every token after the first of each window is predicted. Returns
     ``{"perplexity", "nll", "tokens"}``."""
     total, count = 0.0, 0
@@ -63,13 +63,13 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
                   progress: Progress = SILENT) -> dict:
     """Token-level perplexity of the model stored at ``path`` on held-out text (``bitnet-convert perplexity``):
     :func:`perplexity` over the non-overlapping ``seq_len`` windows of ``data``/``split``
-    (:func:`bitnet_convert.data.load_texts`), the model built by :func:`~bitnet_convert.load.open_model` under the
+    (:func:`bitnet_convert.io.data.load_texts`), the model built by :func:`~bitnet_convert.io.load.open_model` under the
     scheme it declares or the preset ``scheme``. Returns ``{"perplexity", "nll", "tokens", "label", "source",
     "bos"}``: the label names the scheme (and attention), the source the data (a file has no splits), ``bos``
     whether the windows start with BOS. Raises the package's one-line errors for bad input, before any model is
     built."""
-    from bitnet_convert.data import describe_source, load_texts, warn_builtin_data, warn_positions
-    from bitnet_convert.devices import resolve_device
+    from bitnet_convert.io.data import describe_source, load_texts, warn_builtin_data, warn_positions
+    from bitnet_convert.runtime.devices import resolve_device
 
     device = str(resolve_device(device))
     backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
@@ -123,10 +123,11 @@ def evaluate(
     """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
     disk: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same documents.
 
-    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`bitnet_convert.devices.resolve_device`).
+    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`bitnet_convert.runtime.devices.resolve_device`).
     ``backend``: ``reference``, ``native`` (integer CPU kernels, ``device`` must be ``cpu``) or ``auto`` (native
-    when it can run here, see :func:`bitnet_convert.load.load`); the report's ``settings.backend`` says which ran.
-    Returns the report ``bitnet-convert eval`` writes (``format`` :data:`~bitnet_convert.report.REPORT_FORMAT`).
+    when it can run here, see :func:`bitnet_convert.io.load.load`); the report's ``settings.backend`` says which
+    ran. Returns the report ``bitnet-convert eval`` writes (``format``
+    :data:`~bitnet_convert.evaluation.report.REPORT_FORMAT`).
     """
     from bitnet_convert.notes import collect
 
@@ -141,8 +142,8 @@ def evaluate(
 def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device, seed, stats_chars,
               progress, backend) -> dict:
     from bitnet_convert import __version__
-    from bitnet_convert.devices import resolve_device
     from bitnet_convert.notes import warn
+    from bitnet_convert.runtime.devices import resolve_device
 
     start = time.perf_counter()
     device = str(resolve_device(device))

@@ -33,11 +33,11 @@ from bitnet_convert.errors import BackendError
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.packing import unpack_ternary
 
-SOURCE = Path(__file__).with_name("a48_kernels.cpp")
+SOURCE = Path(__file__).parent / "csrc" / "a48_kernels.cpp"
 #: Inputs (or outputs) per packed block of the kernels' layouts; K and N are padded to a multiple of it.
 BLOCK = 128
 #: The bf16-weight GEMM (lm_head) reads 8 inputs per vector step: its K must be a multiple of this (see
-#: :class:`bitnet_convert.native.Bf16Linear`, which falls back to fp32 otherwise).
+#: :class:`bitnet_convert.native.backend.Bf16Linear`, which falls back to fp32 otherwise).
 BF16_GEMM_K_MULTIPLE = 8
 ISA_SCALAR, ISA_AVX2 = 0, 1
 ISA_ENV = "BITNET_CONVERT_ISA"

@@ -1,7 +1,7 @@
 """Evaluation reports: reading one back, comparing with a baseline, the accuracy gate, Markdown.
 
-A report is the JSON ``bitnet-convert eval`` writes (see :func:`bitnet_convert.evaluate.evaluate`). Everything
-here is pure: it takes report dicts and returns numbers, failure lines or text.
+A report is the JSON ``bitnet-convert eval`` writes (see :func:`bitnet_convert.evaluation.evaluate.evaluate`).
+Everything here is pure: it takes report dicts and returns numbers, failure lines or text.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from typing import Literal
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from bitnet_convert.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
 from bitnet_convert.errors import BackendError, CheckpointError
-from bitnet_convert.families import Role
-from bitnet_convert.modeling import DTYPES, build_model
+from bitnet_convert.io.checkpoint import Checkpoint, open_checkpoint, resolve_model_path
+from bitnet_convert.io.families import Role
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, preset_roles
+from bitnet_convert.runtime.modeling import DTYPES, build_model
 
 Backend = Literal["native", "reference", "auto"]
 BACKENDS: tuple[str, ...] = ("native", "reference", "auto")
@@ -165,11 +165,11 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     For an unconverted BitNet checkpoint (any layout) it is the W1.58A8 (``b158``) model.
 
     ``backend``: ``reference`` (torch, fake-quantized, trainable), ``native`` (the integer CPU kernels of
-    :mod:`bitnet_convert.native`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
+    :mod:`bitnet_convert.native.backend`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
     here, else reference with a warning). ``sparse_roles`` (native only): the roles whose linears run on the
     sparse-input kernel (default: down_proj for a4.8 schemes, none for ``b158``; see
-    :mod:`bitnet_convert.native`). Raises :class:`~bitnet_convert.errors.CheckpointError` for a
-    bad checkpoint and :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run here.
+    :mod:`bitnet_convert.native.backend`). Raises :class:`~bitnet_convert.errors.CheckpointError` for a
+    bad checkpoint and :class:`~bitnet_convert.native.build.NativeUnavailable` when ``native`` cannot run here.
     """
     return open_model(path, backend, dtype=dtype, sparse_roles=sparse_roles).model
 
@@ -190,14 +190,14 @@ def build_for_backend(
     overrides: dict[str, ActivationSpec] | None = None, sparse_roles: tuple[str, ...] | None = None,
     on_linear: Callable[[str], None] | None = None,
 ) -> PreTrainedModel:
-    """:func:`~bitnet_convert.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
+    """:func:`~bitnet_convert.runtime.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
     scheme's name (``b158`` runs every linear dense on the native backend)."""
     if backend == "native" and dtype != torch.float32:
         raise BackendError(f"the native backend computes in float32; got dtype {dtype}")
     model = build_model(checkpoint, roles, dtype, on_linear=on_linear, attention=attention, overrides=overrides,
                         embeddings_as_stored=backend == "native")
     if backend == "native":
-        from bitnet_convert import native
+        from bitnet_convert.native import backend as native
 
         native.convert(model, scheme, sparse_roles)
     return model
@@ -206,12 +206,12 @@ def build_for_backend(
 def resolve_backend(backend: str) -> Literal["native", "reference"]:
     """``native`` or ``reference`` for a requested backend; ``auto`` is native when the kernels build here (else a
     warning and the reference backend). Raises :class:`~bitnet_convert.errors.BackendError` for an unknown name
-    and its subclass :class:`~bitnet_convert.kernels.NativeUnavailable` when ``native`` cannot run."""
+    and its subclass :class:`~bitnet_convert.native.build.NativeUnavailable` when ``native`` cannot run."""
     if backend not in BACKENDS:
         raise BackendError(f"--backend '{backend}' is unknown; expected one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return "reference"
-    from bitnet_convert import kernels
+    from bitnet_convert.native import build as kernels
 
     try:
         kernels.ensure_built()

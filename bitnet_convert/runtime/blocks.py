@@ -20,15 +20,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bitnet_convert import distributed
-from bitnet_convert.checkpoint import Checkpoint
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.families import Role
-from bitnet_convert.memory import trim_heap
-from bitnet_convert.modeling import _scratch, _warn_zero_linears, load_linear
+from bitnet_convert.io.checkpoint import Checkpoint
+from bitnet_convert.io.families import Role
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec
 from bitnet_convert.quant.schemes import ActivationSpec
+from bitnet_convert.runtime import distributed
+from bitnet_convert.runtime.memory import trim_heap
+from bitnet_convert.runtime.modeling import _scratch, _warn_zero_linears, load_linear
 
 
 def build_layer(

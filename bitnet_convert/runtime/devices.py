@@ -1,7 +1,8 @@
 """Which torch device a run uses: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the recipe's ``device``, ``--device``).
 
 Block-by-block stages (calibration, QwT, block-wise recovery) move one decoder block at a time to the device
-(:class:`bitnet_convert.blocks.BlockRunner`); whole-model work (the fine-tune, eval, perplexity) moves the model.
+(:class:`bitnet_convert.runtime.blocks.BlockRunner`); whole-model work (the fine-tune, eval, perplexity) moves the
+model.
 Under ``torchrun`` a plain ``cuda`` (or ``auto`` on a GPU machine) means each process's own GPU, ``cuda:LOCAL_RANK``.
 """
 

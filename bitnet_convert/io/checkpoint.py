@@ -1,7 +1,7 @@
 """Read Hugging Face b1.58 checkpoints of every family and layout, tensor by tensor.
 
 The family (BitNet 2B-4T, Llama-architecture 1.58-bit, 1bitLLM) comes from ``config.json``
-(:mod:`bitnet_convert.families`); tensor names are read in the transformers names of the family's classes.
+(:mod:`bitnet_convert.io.families`); tensor names are read in the transformers names of the family's classes.
 Layouts (``quantization_config``; a 1bitLLM checkpoint is always ``master``):
 
 * ``master`` — ``autobitlinear`` + ``online``: bf16/fp32 master weights, ternarized here (absmean, per tensor).
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.families import BITNET, Family, detect, role_of
+from bitnet_convert.io.families import BITNET, Family, detect, role_of
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.packing import unpack_ternary
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_MODELS = {
     "builtin:reference": REPO_ROOT / "eval" / "reference" / "model",
     "builtin:reference-llama": REPO_ROOT / "eval" / "reference" / "model-llama",

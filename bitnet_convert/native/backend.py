@@ -1,5 +1,5 @@
-"""The native backend: a model built by :func:`bitnet_convert.modeling.build_model` with its linears, embeddings and
-lm_head moved onto the integer CPU kernels of :mod:`bitnet_convert.kernels`.
+"""The native backend: a model built by :func:`bitnet_convert.runtime.modeling.build_model` with its linears,
+embeddings and lm_head moved onto the integer CPU kernels of :mod:`bitnet_convert.native.build`.
 
 What runs where:
 
@@ -32,12 +32,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitnet_convert import kernels
-from bitnet_convert.families import ROLES, role_of
-from bitnet_convert.memory import trim_heap
+from bitnet_convert.io.families import ROLES, role_of
+from bitnet_convert.native import build as kernels
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
 from bitnet_convert.quant.schemes import SPARSE_GLU, ActivationSpec
+from bitnet_convert.runtime.memory import trim_heap
 
 
 def _ops():
@@ -165,12 +165,12 @@ SPARSE_ROLES: tuple[str, ...] = ("down",)
 
 
 def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None) -> nn.Module:
-    """Move a model from :func:`~bitnet_convert.modeling.build_model` onto the native kernels, in place.
+    """Move a model from :func:`~bitnet_convert.runtime.modeling.build_model` onto the native kernels, in place.
 
     ``scheme``: the scheme name the checkpoint declares. ``sparse_roles``: roles (``qkv``, ``o``, ``gate_up``,
     ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes on relu²
     models and none for ``b158`` or a SwiGLU model (dense down_proj input). Each linear is replaced one at a time,
-    so the peak memory is the model plus one linear. Raises :class:`~bitnet_convert.kernels.NativeUnavailable` when
+    so the peak memory is the model plus one linear. Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when
     the kernels cannot be built and ``ValueError`` for an unknown role.
     """
     kernels.ensure_built()

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity and lm-eval tasks, the report format, and the baseline and gate policy of
+``bitnet-convert eval``."""

@@ -1,0 +1,2 @@
+"""Running a converted model: building it (whole or one decoder layer at a time), devices, ``torchrun`` processes,
+memory."""
