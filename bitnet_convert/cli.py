@@ -553,24 +553,15 @@ def _check_report_path(output: Path, models: list[Path]) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it (a unique name, removed on failure), so a
-    failure leaves no partial file."""
-    import tempfile
-
+    """Write ``text`` to ``path`` atomically (:func:`~bitnet_convert.io.export.atomic_file`): a failure leaves no
+    partial file, and is one line."""
     from bitnet_convert.errors import OutputError
+    from bitnet_convert.io.export import atomic_file
 
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False) as handle:
-            tmp = Path(handle.name)
-            handle.write(text)
-        tmp.chmod(0o644)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
     except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise OutputError(f"report '{path}' could not be written ({exc.strerror or exc})") from None
 
 

@@ -85,6 +85,16 @@ def reference_dir() -> Path:
     return REFERENCE
 
 
+@pytest.fixture(scope="session")
+def a48_reference(tmp_path_factory) -> Path:
+    """The reference model converted with recipes/a48.yaml (no calibration pass), once per test session: the
+    output directory, which tests only read (load it for a model of their own)."""
+    import bitnet_convert
+
+    out = tmp_path_factory.mktemp("a48-reference") / "a48"
+    return bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(out), calibration__samples=0).output
+
+
 @pytest.fixture()
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return write_tiny_checkpoint(tmp_path / "tiny")

@@ -176,7 +176,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
+def test_perplexity_command_matches_the_api(tmp_path, reference_dir, a48_reference):
     import re
 
     import bitnet_convert
@@ -188,8 +188,7 @@ def test_perplexity_command_matches_the_api(tmp_path, reference_dir):
     result = invoke("perplexity", reference_dir, "--data", texts, "--seq-len", "128", "--scheme", "a48")
     assert result.exit_code == 0, result.output
     shown = float(re.search(r"perplexity (\d+\.\d+)", result.output).group(1))
-    model = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(tmp_path / "a48"),
-                                    calibration__samples=0).model
+    model = bitnet_convert.load(a48_reference)
     tokenizer = bitnet_convert.load_tokenizer(reference_dir)
     ids = windows(token_stream(tokenizer, load_texts(str(texts))), 128, tokenizer.bos_token_id)
     assert shown == pytest.approx(perplexity(model, ids)["perplexity"], abs=1e-4)

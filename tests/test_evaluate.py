@@ -28,10 +28,9 @@ def test_builtin_task_specs_point_at_committed_data():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
+def converted(a48_reference) -> Path:
     """The reference model converted with recipes/a48.yaml (its eval section names the b158 baseline)."""
-    out = tmp_path_factory.mktemp("eval") / "a48"
-    return bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(out), calibration__samples=0).output
+    return a48_reference
 
 
 def _eval(*args: str) -> tuple[int, str]:

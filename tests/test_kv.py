@@ -133,10 +133,9 @@ def test_left_padding_is_not_part_of_the_quantization(bos_bits, granularity):
 
 
 @pytest.fixture(scope="module")
-def a48(tmp_path_factory):
+def a48(a48_reference):
     """The a48 conversion of the reference model with the paper's low-bit attention installed."""
-    out = tmp_path_factory.mktemp("kv") / "a48"
-    model = bitnet_convert.quantize(REPO / "recipes/a48.yaml", output=str(out), calibration__samples=0).model
+    model = bitnet_convert.load(a48_reference)
     kv.install(model, PAPER)
     return model
 

@@ -203,6 +203,21 @@ def _marked(directory: Path) -> None:
 
 
 @contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` (``.NAME.tmp-PID``, its directory created) to write ``path``'s content to;
+    when the block ends it replaces ``path`` in one rename, and on any failure it is removed, so ``path`` is never
+    half-written (:func:`atomic_directory` does the same for a whole output directory)."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_directory(output: Path, overwrite: bool, inputs: Iterable[Path | str] = ()) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``output`` only when the block succeeds (under the output's
     lock; ``overwrite`` is checked again at the final rename). An ``OSError`` while writing is an
@@ -286,16 +301,24 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        _save(shards[0], directory / SINGLE_FILE)
+    return save_shards(shards, len(shards), directory)
+
+
+def save_shards(shards: Iterable[dict[str, torch.Tensor]], count: int, directory: Path) -> list[Path]:
+    """Save ``count`` shards, taken from ``shards`` one at a time (a generator keeps one shard in memory), as one
+    ``model.safetensors`` (``count`` 1) or as ``model-IIIII-of-NNNNN.safetensors`` files plus the index
+    transformers reads (``metadata.total_size`` in bytes, ``weight_map``). Returns the files written; a failed
+    write is an ``OSError`` naming the file."""
+    if count == 1:
+        _save(next(iter(shards)), directory / SINGLE_FILE)
         return [directory / SINGLE_FILE]
-    files, weight_map = [], {}
+    files, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, start=1):
-        file = directory / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        file = directory / f"model-{i:05d}-of-{count:05d}.safetensors"
         _save(shard, file)
         files.append(file)
         weight_map.update(dict.fromkeys(shard, file.name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return files

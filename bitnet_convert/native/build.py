@@ -32,6 +32,7 @@ import torch
 from bitnet_convert.errors import BackendError
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.packing import unpack_ternary
+from bitnet_convert.runtime.env import env_seconds
 
 SOURCE = Path(__file__).parent / "csrc" / "a48_kernels.cpp"
 #: Inputs (or outputs) per packed block of the kernels' layouts; K and N are padded to a multiple of it.
@@ -122,14 +123,10 @@ def _build_and_load() -> None:
 
 def build_wait_s() -> float:
     """How long a process waits for another one building the kernels (``BITNET_CONVERT_BUILD_WAIT``, seconds)."""
-    raw = os.environ.get(BUILD_WAIT_ENV, "").strip() or str(BUILD_WAIT_S)  # unset or empty: the default
     try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 86400:  # a bound is the point: inf would wait forever again
-        raise NativeUnavailable(f"{BUILD_WAIT_ENV}={raw!r}: expected a number of seconds from 0 to 86400")
-    return value
+        return env_seconds(BUILD_WAIT_ENV, BUILD_WAIT_S, at_least=0, at_most=86400)  # inf would wait forever again
+    except ValueError as exc:
+        raise NativeUnavailable(str(exc)) from None
 
 
 @contextmanager
@@ -194,11 +191,8 @@ def _checksum_file(library: Path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _verified(library: Path) -> bool:

@@ -5,7 +5,7 @@ registry (:mod:`bitnet_convert.recipe`), and :func:`bitnet_convert.pipeline.run`
 order through :meth:`Context.run`: each fits on data, changes the converted model and returns its report section.
 
 Each method that keeps state between runs (block-wise recovery's finished blocks, the fine-tune's training state)
-names it by a fingerprint of what decides its result (:func:`fingerprint`): the recipe up to and including this
+names it by a fingerprint of what decides its result (:func:`recipe_fingerprint`): the recipe up to and including this
 method, without where things are written or how they are shown, and the content of what it trained on (the
 model's files, the calibration windows, the fine-tune's text and teacher). A rerun of the same recipe on the same
 inputs resumes; a state of another recipe or of other inputs is refused with one line
@@ -139,11 +139,11 @@ class Context:
         return METHODS[key].state_dir(self.recipe)
 
     def fingerprint(self, key: str, inputs: dict[str, str] | None = None) -> str:
-        """:func:`fingerprint` of method ``key`` on ``inputs`` (default: :meth:`input_digests`)."""
-        return fingerprint(self.recipe, key, self.input_digests() if inputs is None else inputs)
+        """:func:`recipe_fingerprint` of method ``key`` on ``inputs`` (default: :meth:`input_digests`)."""
+        return recipe_fingerprint(self.recipe, key, self.input_digests() if inputs is None else inputs)
 
 
-def fingerprint(recipe: Recipe, key: str, inputs: dict[str, str]) -> str:
+def recipe_fingerprint(recipe: Recipe, key: str, inputs: dict[str, str]) -> str:
     """A hash of what decides stage ``key``'s result: the recipe with only the recovery stages up to and including
     ``key`` (in the recipe's order), without output locations, how the result is written or evaluated, the report
     switch, or where and how often state is kept; and ``inputs``, the digests of the content it trained on

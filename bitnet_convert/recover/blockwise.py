@@ -35,18 +35,10 @@ from bitnet_convert.errors import Interrupted, RecipeError
 from bitnet_convert.quant.functional import ordered_sum, ordered_sum_with_grad
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.recover import training
 from bitnet_convert.recover.base import Context, RecoveryMethod, register
 from bitnet_convert.recover.state import content_digest, load_state, read_state, save_state
-from bitnet_convert.recover.training import (
-    LatentSource,
-    TrainingSpec,
-    autocast,
-    finish,
-    master_latents,
-    optimizer_step,
-    scheduled_lr,
-    trainable_tensors,
-)
+from bitnet_convert.recover.training import LatentSource, TrainingSpec
 from bitnet_convert.runtime import distributed
 from bitnet_convert.runtime.blocks import BlockRunner, build_layer
 from bitnet_convert.runtime.memory import trim_heap
@@ -78,7 +70,7 @@ class BlockwiseSpec(TrainingSpec):
 
 def learning_rate(spec: BlockwiseSpec, step: int) -> float:
     """``lr`` flat, or cosine from ``lr`` to 0 over the block's steps."""
-    return scheduled_lr(spec, step, spec.steps)
+    return training.scheduled_lr(spec, step, spec.steps)
 
 
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,7 +113,7 @@ def train_block(
     tested = torch.tensor([row for window, row in position.items() if window >= fit], dtype=torch.long)
     before, saved = _held_out_error(runner, block, inputs, targets, tested), block_state(block)
     divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
-    tensors = trainable_tensors(block, list(spec.trainable), latent_init)
+    tensors = training.trainable_tensors(block, list(spec.trainable), latent_init)
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     block.train()
@@ -133,7 +125,7 @@ def train_block(
         latents = {name: m.latent.detach().to("cpu", copy=True) for name, m in block.named_modules()
                    if isinstance(m, QuantLinear) and m.latent is not None}
     finally:
-        finish(block, tensors)
+        training.finish(block, tensors)
     after = _held_out_error(runner, block, inputs, targets, tested)
     kept = after < before
     if not kept:  # back to the converted block, its scale convention included (re-ternarizing set α)
@@ -164,11 +156,11 @@ def _held_out_error(runner: BlockRunner, block: nn.Module, inputs: torch.Tensor,
 
 
 def _train_step(block: nn.Module, runner: BlockRunner, inputs: torch.Tensor, targets: torch.Tensor,
-                spec: BlockwiseSpec, step: int, training: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]],
+                spec: BlockwiseSpec, step: int, state: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]],
                 rows: list[int]) -> float:
     """One optimizer step on this process's ``rows`` of the step's global batch; returns the global loss. A large
     block gives the step's freed memory back to the system (:data:`TRIM_MIN_WEIGHTS`)."""
-    optimizer, tensors = training
+    optimizer, tensors = state
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(spec, step)
     picked = torch.tensor(rows, dtype=torch.long)
@@ -176,13 +168,13 @@ def _train_step(block: nn.Module, runner: BlockRunner, inputs: torch.Tensor, tar
     norm = ordered_sum(target.pow(2)).float().reshape(1)  # the same bits for any thread count
     distributed.sum_tensors([norm])
     if len(picked):
-        with autocast(spec, runner.device):
+        with training.autocast(spec, runner.device):
             output = runner.forward(block, inputs[picked])
         loss = ordered_sum_with_grad((output.float() - target).pow(2)) / norm.clamp(min=1e-12)[0]
         loss.backward()
     else:
         loss = torch.zeros((), device=runner.device)
-    global_loss = optimizer_step(optimizer, tensors, spec.max_grad_norm, loss)
+    global_loss = training.optimizer_step(optimizer, tensors, spec.max_grad_norm, loss)
     if sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
             TRIM_MIN_WEIGHTS):  # freed activations and gradients back to the system (the heap fragments otherwise)
         del loss, target
@@ -311,7 +303,7 @@ def recover_model(
     start = time.perf_counter()
     layers = model.model.layers
     runner = BlockRunner(model.model.rotary_emb, device, batch_size)
-    masters = master_latents(checkpoint, latent_sources)
+    masters = training.master_latents(checkpoint, latent_sources)
     windows = distributed.owned(ids.shape[0])
     distributed.check_batch("recovery.blockwise.batch_size", spec.batch_size)
     with torch.no_grad():

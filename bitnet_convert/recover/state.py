@@ -62,11 +62,8 @@ def files_digest(paths: list[Path]) -> str:
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if key not in _FILE_DIGESTS:
-            one = hashlib.sha256()
             with path.open("rb") as file:
-                for chunk in iter(lambda file=file: file.read(1 << 24), b""):
-                    one.update(chunk)
-            _FILE_DIGESTS[key] = one.hexdigest()
+                _FILE_DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
         digest.update(f"{path.name} {_FILE_DIGESTS[key]};".encode())
     return digest.hexdigest()[:16]
 
@@ -81,16 +78,13 @@ def save_state(directory: Path, state: dict, name: str, section: str) -> None:
     A write that fails (no permission, disk full, a directory in the way) is one
     :class:`~bitnet_convert.errors.OutputError` naming the file and ``recovery.<section>.checkpoint_dir``; the
     temporary file is removed."""
-    file = directory / name
-    tmp = directory / f".{name}.tmp-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({**state, "checksum": content_digest(state)}, tmp)
-        os.replace(tmp, file)
-    except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
-        tmp.unlink(missing_ok=True)
-        from bitnet_convert.io.export import free_space
+    from bitnet_convert.io.export import atomic_file, free_space
 
+    file = directory / name
+    try:
+        with atomic_file(file) as tmp:
+            torch.save({**state, "checksum": content_digest(state)}, tmp)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError for a failed write
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
         raise OutputError(f"cannot write the training state '{file}' ({reason}; {free_space(directory)} free "
                           f"there); free space or choose "

@@ -20,53 +20,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from bitnet_convert.errors import CheckpointError
-from bitnet_convert.io.checkpoint import Checkpoint
-from bitnet_convert.io.families import Role
-from bitnet_convert.quant import kv
-from bitnet_convert.quant.kv import AttentionSpec
-from bitnet_convert.quant.schemes import ActivationSpec
 from bitnet_convert.runtime import distributed
 from bitnet_convert.runtime.memory import trim_heap
-from bitnet_convert.runtime.modeling import _scratch, _warn_zero_linears, load_linear
-
-
-def build_layer(
-    checkpoint: Checkpoint,
-    index: int,
-    roles: dict[Role, ActivationSpec],
-    dtype: torch.dtype = torch.float32,
-    attention: AttentionSpec | None = None,
-    overrides: dict[str, ActivationSpec] | None = None,
-) -> torch.nn.Module:
-    """Decoder layer ``index`` alone, read from the checkpoint (for layer-by-layer work such as calibration)."""
-    config = checkpoint.transformers_config()
-    # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
-    config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
-    with torch.device("meta"):
-        layer = checkpoint.family.layer_class(config, index)
-    prefix = f"model.layers.{index}."
-    names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
-    scratch = _scratch(checkpoint, names)
-    for name in names:
-        spec = (overrides or {}).get(name)
-        layer.set_submodule(name.removeprefix(prefix), load_linear(checkpoint, name, roles, scratch, spec, dtype))
-    _warn_zero_linears(checkpoint, {name: layer.get_submodule(name.removeprefix(prefix)) for name in names})
-    linear = set(names)
-    state = {
-        n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
-        for n in checkpoint.names()
-        if n.startswith(prefix) and n.rsplit(".", 1)[0] not in linear
-    }
-    layer.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(prefix + missing[0])}' is missing "
-                              "from the checkpoint")
-    if attention is not None and attention.enabled:
-        layer.self_attn.lowbit_attention = attention
-    layer.requires_grad_(False)
-    return layer.eval()
+from bitnet_convert.runtime.modeling import build_layer  # noqa: F401  (block-by-block work imports it here)
 
 
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:

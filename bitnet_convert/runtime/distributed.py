@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from bitnet_convert.errors import BitNetConvertError, RecipeError
+from bitnet_convert.runtime.env import env_seconds
 
 TIMEOUT_ENV = "BITNET_CONVERT_DIST_TIMEOUT"
 #: Seconds a process waits for the others: to join the group, and at each collective (rank 0 may write a large
@@ -44,14 +45,10 @@ class DistributedError(BitNetConvertError):
 def timeout_s() -> float:
     """How long a process waits for the others (``BITNET_CONVERT_DIST_TIMEOUT`` seconds, default
     :data:`TIMEOUT_S`); :class:`~bitnet_convert.errors.RecipeError` for a value that is not a positive number."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip() or str(TIMEOUT_S)  # unset or empty: the default
     try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= MAX_WAIT_S:
-        raise RecipeError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds above 0 and at most {MAX_WAIT_S:g}")
-    return value
+        return env_seconds(TIMEOUT_ENV, TIMEOUT_S, above=0, at_most=MAX_WAIT_S)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
 
 
 #: Words of gloo's and the TCP store's messages for a peer that is gone or a wait that ran out.

@@ -57,15 +57,10 @@ def build_model(
     config = checkpoint.transformers_config()
     with torch.device("meta"):
         model = checkpoint.family.model_class(config)
-    scratch = _scratch(checkpoint, checkpoint.linear_names())
     unknown = sorted(set(overrides or {}) - set(checkpoint.linear_names()))
     if unknown:
         raise CheckpointError(f"{checkpoint.path}: no ternary linear named '{unknown[0]}' (per-linear override)")
-    for name in checkpoint.linear_names():
-        model.set_submodule(name, load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name), dtype))
-        trim_heap()  # the linear's temporaries, freed, back to the system (they fragment the heap otherwise)
-        if on_linear is not None:
-            on_linear(name)
+    _set_linears(checkpoint, model, checkpoint.linear_names(), roles, dtype, overrides, on_linear=on_linear)
     _warn_zero_linears(checkpoint, quant_linears(model))
     qwt = (checkpoint.a48_spec or {}).get("qwt") or {}
     for index in qwt.get("layers", []):
@@ -84,13 +79,65 @@ def build_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = rotary_embedding(checkpoint, config)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(missing[0])}' is missing from the "
-                              "checkpoint")
+    _require_loaded(checkpoint, model)
     model.requires_grad_(False)
     kv.install(model, attention)
     return model.eval()
+
+
+def build_layer(
+    checkpoint: Checkpoint,
+    index: int,
+    roles: dict[Role, ActivationSpec],
+    dtype: torch.dtype = torch.float32,
+    attention: AttentionSpec | None = None,
+    overrides: dict[str, ActivationSpec] | None = None,
+) -> torch.nn.Module:
+    """Decoder layer ``index`` alone, read from the checkpoint as :func:`build_model` reads it (for layer-by-layer
+    work such as calibration, QwT and block-wise recovery); in eval mode, without gradients."""
+    config = checkpoint.transformers_config()
+    # SDPA applies the causal mask itself when it gets none, which a layer run on its own needs
+    config._attn_implementation = kv.ATTN_IMPLEMENTATION if attention is not None and attention.enabled else "sdpa"
+    with torch.device("meta"):
+        layer = checkpoint.family.layer_class(config, index)
+    prefix = f"model.layers.{index}."
+    names = [n for n in checkpoint.linear_names() if n.startswith(prefix)]
+    _set_linears(checkpoint, layer, names, roles, dtype, overrides, prefix=prefix)
+    _warn_zero_linears(checkpoint, {name: layer.get_submodule(name.removeprefix(prefix)) for name in names})
+    linear = set(names)
+    state = {
+        n.removeprefix(prefix): checkpoint.tensor(n).to(dtype)
+        for n in checkpoint.names()
+        if n.startswith(prefix) and n.rsplit(".", 1)[0] not in linear
+    }
+    layer.load_state_dict(state, strict=False, assign=True)
+    _require_loaded(checkpoint, layer, prefix)
+    if attention is not None and attention.enabled:
+        layer.self_attn.lowbit_attention = attention
+    layer.requires_grad_(False)
+    return layer.eval()
+
+
+def _set_linears(checkpoint: Checkpoint, module: torch.nn.Module, names: list[str], roles: dict[Role, ActivationSpec],
+                 dtype: torch.dtype, overrides: dict[str, ActivationSpec] | None, prefix: str = "",
+                 on_linear: Callable[[str], None] | None = None) -> None:
+    """Put the :class:`QuantLinear` of every linear in ``names`` (full module names) into ``module`` (the model, or
+    the layer whose names start with ``prefix``), one at a time."""
+    scratch = _scratch(checkpoint, names)
+    for name in names:
+        linear = load_linear(checkpoint, name, roles, scratch, (overrides or {}).get(name), dtype)
+        module.set_submodule(name.removeprefix(prefix), linear)
+        trim_heap()  # the linear's temporaries, freed, back to the system (they fragment the heap otherwise)
+        if on_linear is not None:
+            on_linear(name)
+
+
+def _require_loaded(checkpoint: Checkpoint, module: torch.nn.Module, prefix: str = "") -> None:
+    """A tensor the checkpoint did not provide is still on the meta device: one line naming it."""
+    missing = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: tensor '{checkpoint.stored_name(prefix + missing[0])}' is missing "
+                              "from the checkpoint")
 
 
 def load_linear(
