@@ -418,6 +418,7 @@ def eval_(
 
     Prints a table; --output writes REPORT.json and REPORT.md. Exit code 1 when a gate limit is crossed.
     """
+    from bitnet_convert.evaluation.evaluate import EvalSettings
     from bitnet_convert.evaluation.gate import Comparison, evaluate_and_compare
     from bitnet_convert.evaluation.report import markdown
     from bitnet_convert.io.checkpoint import resolve_model_path
@@ -429,8 +430,7 @@ def eval_(
         if output is not None:
             _check_report_path(output, [resolve_model_path(m) for m in (path, baseline_model) if m is not None])
         comparison = Comparison(tasks, recipe, baseline, baseline_model, max_ppl_increase, max_acc_drop, no_baseline)
-        settings = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "max_length": max_length,
-                    "device": device, "seed": seed, "backend": backend}
+        settings = EvalSettings(limit, batch_size, num_fewshot, max_length, device, seed, backend)
         with RichProgress() as progress:
             report = evaluate_and_compare(path, comparison, settings, progress, on_skip=_skip_recipe_baseline)
     _print_report(report)

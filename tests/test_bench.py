@@ -1,8 +1,8 @@
-"""eval/bench.py: the synthetic checkpoint, the table, and one tiny end-to-end conversion benchmark."""
+"""eval/bench.py and its benchmarks (eval/benchmarks/): the synthetic checkpoint, the table, the jobs, and one tiny
+end-to-end conversion benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,31 +12,32 @@ import torch
 
 from bitnet_convert.io.checkpoint import Layout, open_checkpoint
 
-BENCH_FILE = Path(__file__).resolve().parents[1] / "eval" / "bench.py"
-_spec = importlib.util.spec_from_file_location("bench", BENCH_FILE)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench"] = bench  # dataclasses resolve their module by name
-_spec.loader.exec_module(bench)
+# eval/bench.py and its benchmarks/ package live outside the package: import them as the script does
+if str(Path(__file__).resolve().parents[1] / "eval") not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
-TINY = bench.ShapeConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256)
+import bench
+from benchmarks import common, conversion, distill, kv_cache, recovery, runtime, synthetic
+
+TINY = synthetic.ShapeConfig(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=256)
 
 
 def test_full_shape_is_the_2b4t_parameter_count_in_three_whole_layer_shards() -> None:
-    shape = bench.ShapeConfig()
+    shape = synthetic.ShapeConfig()
     groups = shape.layer_groups()
-    params = sum(bench._numel(dims) for group in groups for _, dims in group)
+    params = sum(synthetic._numel(dims) for group in groups for _, dims in group)
     per_layer = 2560 * (2560 + 2 * 640 + 2560) + 3 * 6912 * 2560 + 3 * 2560 + 6912
     assert params == 128256 * 2560 + 30 * per_layer + 2560
-    shards = bench.plan_shards(shape)
+    shards = synthetic.plan_shards(shape)
     assert len(shards) == 3
-    assert all(2 * sum(bench._numel(d) for _, d in shard) <= bench.SHARD_BYTES for shard in shards)
+    assert all(2 * sum(synthetic._numel(d) for _, d in shard) <= synthetic.SHARD_BYTES for shard in shards)
     layer_of = {name: name.split(".")[2] for shard in shards for name, _ in shard if name.startswith("model.layers.")}
     shard_layers = [{layer_of[n] for n, _ in shard if n in layer_of} for shard in shards]
     assert all(not (a & b) for i, a in enumerate(shard_layers) for b in shard_layers[i + 1 :])
 
 
 def test_synthetic_checkpoint_is_a_sharded_bf16_master_checkpoint(tmp_path: Path) -> None:
-    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0, max_bytes=100_000)
+    synthetic.write_synthetic_checkpoint(tmp_path, TINY, seed=0, max_bytes=100_000)
     checkpoint = open_checkpoint(tmp_path)
     assert checkpoint.layout is Layout.MASTER
     assert len(checkpoint.files) > 1
@@ -46,10 +47,10 @@ def test_synthetic_checkpoint_is_a_sharded_bf16_master_checkpoint(tmp_path: Path
     assert "lm_head.weight" not in checkpoint.names()
     up = checkpoint.tensor("model.layers.1.mlp.up_proj.weight")
     assert up.dtype == torch.bfloat16 and tuple(up.shape) == (128, 64)
-    assert abs(up.float().std().item() - bench.INIT_STD) < 0.002
+    assert abs(up.float().std().item() - synthetic.INIT_STD) < 0.002
     assert torch.equal(checkpoint.tensor("model.norm.weight"), torch.ones(64, dtype=torch.bfloat16))
-    index = json.loads((tmp_path / bench.INDEX_FILE).read_text())
-    assert index["metadata"]["total_size"] == bench.checkpoint_bytes(tmp_path) - _headers(checkpoint)
+    index = json.loads((tmp_path / synthetic.INDEX_FILE).read_text())
+    assert index["metadata"]["total_size"] == synthetic.checkpoint_bytes(tmp_path) - _headers(checkpoint)
 
 
 def _headers(checkpoint) -> int:
@@ -59,16 +60,16 @@ def _headers(checkpoint) -> int:
 
 def test_synthetic_weights_depend_on_the_seed_only(tmp_path: Path) -> None:
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        bench.write_synthetic_checkpoint(tmp_path / name, TINY, seed=seed)
+        synthetic.write_synthetic_checkpoint(tmp_path / name, TINY, seed=seed)
     read = {name: open_checkpoint(tmp_path / name).tensor("model.layers.0.self_attn.q_proj.weight") for name in "abc"}
     assert torch.equal(read["a"], read["b"])
     assert not torch.equal(read["a"], read["c"])
-    assert bench.synthetic_key(TINY, 0) != bench.synthetic_key(TINY, 1)
-    assert bench.synthetic_key(TINY, 0) != bench.synthetic_key(bench.ShapeConfig(layers=3, hidden=64), 0)
+    assert synthetic.synthetic_key(TINY, 0) != synthetic.synthetic_key(TINY, 1)
+    assert synthetic.synthetic_key(TINY, 0) != synthetic.synthetic_key(synthetic.ShapeConfig(layers=3, hidden=64), 0)
 
 
 def _job(**data: object) -> object:
-    return bench.JobResult(total_s=2.0, data={"peak_rss_bytes": 1000, "torch_threads": 1, **data})
+    return common.JobResult(total_s=2.0, data={"peak_rss_bytes": 1000, "torch_threads": 1, **data})
 
 
 QUANTIZED = {
@@ -85,7 +86,7 @@ STOCK = {"work_s": 1.0, "load_s": 0.5, "save_s": 0.5, "dtype": "bfloat16", "line
 
 
 def test_conversion_rows_compare_against_the_targets() -> None:
-    rows = {r.metric: r for r in bench.conversion_rows("m", 1000, _job(**QUANTIZED), _job(**STOCK))}
+    rows = {r.metric: r for r in conversion.conversion_rows("m", 1000, _job(**QUANTIZED), _job(**STOCK))}
     assert rows["wall time quantize / transformers"].value == 3.0
     assert rows["wall time quantize / transformers"].passed is False  # 3.0 > 1.5
     assert rows["quantize wall time"].passed is False
@@ -97,8 +98,8 @@ def test_conversion_rows_compare_against_the_targets() -> None:
 
 
 def test_a_failed_transformers_job_becomes_a_row() -> None:
-    failed = bench.JobResult(total_s=1.0, data={}, error="NotImplementedError: nope")
-    rows = {r.metric: r for r in bench.conversion_rows("m", 1000, _job(**QUANTIZED), failed)}
+    failed = common.JobResult(total_s=1.0, data={}, error="NotImplementedError: nope")
+    rows = {r.metric: r for r in conversion.conversion_rows("m", 1000, _job(**QUANTIZED), failed)}
     assert rows["transformers load+save wall time"].measured == "failed: NotImplementedError: nope"
     assert "wall time quantize / transformers" not in rows
     assert rows["quantize wall time"].passed is None
@@ -106,13 +107,13 @@ def test_a_failed_transformers_job_becomes_a_row() -> None:
 
 
 def test_markdown_table_escapes_pipes() -> None:
-    table = bench.markdown_table([bench.Row("b", "m", "x", "a | b", "≤ 1", passed=False)])
+    table = common.markdown_table([common.Row("b", "m", "x", "a | b", "≤ 1", passed=False)])
     assert table.splitlines()[2] == "| b | m | x | a \\| b | ≤ 1 | **FAIL** |"
 
 
 def test_conversion_benchmark_end_to_end_on_a_tiny_checkpoint(tmp_path: Path) -> None:
-    bench.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
-    rows = bench.compare_conversion("tiny", str(tmp_path / "ckpt"), tmp_path / "ckpt", bench.DEFAULT_RECIPE, 1)
+    synthetic.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
+    rows = conversion.compare_conversion("tiny", str(tmp_path / "ckpt"), tmp_path / "ckpt", bench.DEFAULT_RECIPE, 1)
     by_metric = {r.metric: r for r in rows}
     quantize = by_metric["quantize wall time"]
     assert quantize.details["torch_threads"] == 1
@@ -125,7 +126,7 @@ def test_conversion_benchmark_end_to_end_on_a_tiny_checkpoint(tmp_path: Path) ->
 
 def test_kv_memory_job_counts_the_bytes_of_both_caches() -> None:
     spec = {"layers": 2, "kv_heads": 5, "head_dim": 128, "tokens": 64, "kv_bits": 3, "bos_bits": 4}
-    data = bench._job_kv_memory(spec)
+    data = kv_cache._job_kv_memory(spec)
     assert data["dense_bytes"] == 2 * 2 * 5 * 64 * 128 * 2  # K and V, layers, heads, tokens, dim, bf16
     # 3-bit codes (48 B) + float16 scale and zero (4 B) per (token, head); the BOS position 4-bit (64 B + 4 B)
     assert data["packed_bytes"] == 2 * 2 * 5 * (63 * 52 + 68)
@@ -133,19 +134,19 @@ def test_kv_memory_job_counts_the_bytes_of_both_caches() -> None:
 
 
 def test_distill_job_runs_and_the_extrapolation_is_a_straight_line(tmp_path: Path) -> None:
-    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
-    data = bench._job_distill({"model": str(tmp_path), "steps": 3, "seq_len": 16, "trainable": ["norms", "linears"]})
+    synthetic.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
+    data = distill._job_distill({"model": str(tmp_path), "steps": 3, "seq_len": 16, "trainable": ["norms", "linears"]})
     per_layer = 64 * (64 + 2 * 32 + 64) + 3 * 128 * 64  # q, k, v, o + gate, up, down
     norms = 2 * (3 * 64 + 128) + 64
     assert data["trained_parameters"] == 2 * per_layer + norms
     assert 0 < data["step_s"] < data["work_s"]
     measured = {2: {"x": 10.0}, 4: {"x": 16.0}}
-    assert bench._extrapolate(measured, "x", 30) == 94.0
+    assert distill._extrapolate(measured, "x", 30) == 94.0
 
 
 def test_blockwise_job_runs_one_block_at_a_time(tmp_path: Path) -> None:
-    bench.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
-    data = bench._job_blockwise({"model": str(tmp_path), "steps": 2, "samples": 4, "seq_len": 16})
+    synthetic.write_synthetic_checkpoint(tmp_path, TINY, seed=0)
+    data = recovery._job_blockwise({"model": str(tmp_path), "steps": 2, "samples": 4, "seq_len": 16})
     assert data["blocks"] == TINY.layers
     assert 0 < data["block_step_s"] < data["block_s"] < data["work_s"]
 
@@ -155,7 +156,7 @@ def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
             "decode_128_zero_share": {"o": 0.5, "down": 0.7}}
     measured = {"native a48": fast, "reference backend a48": {"decode_128_tok_s": 1.0, "prefill_tok_s": 10.0},
                 "native b158": {"decode_128_tok_s": 10.0}}
-    rows = {row.metric: row for row in bench._runtime_targets(30, measured, int(4.8e9))}
+    rows = {row.metric: row for row in runtime._runtime_targets(30, measured, int(4.8e9))}
     assert rows["native a48 ÷ reference a48, decode after 128"].value == 12.0
     assert rows["native a48 ÷ reference a48, decode after 128"].passed
     assert rows["native a48 ÷ reference a48, prefill"].value == 6.0 and not rows[
@@ -164,13 +165,13 @@ def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
     assert sparse.value == pytest.approx(1.2) and sparse.passed and "o_proj 50.0%, down_proj 70.0%" in sparse.measured
     memory = rows["native a48 resident memory ÷ bf16 checkpoint"]
     assert memory.value == pytest.approx(1.5 / 4.8) and memory.passed
-    missing = bench._runtime_targets(30, {}, int(4.8e9))
+    missing = runtime._runtime_targets(30, {}, int(4.8e9))
     assert [row.passed for row in missing] == [False, False, False]
 
 
 def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
     shapes = {"dense": (256, 384, 0.0, False), "sparse": (256, 384, 0.75, True)}
-    data = bench._job_kernels({"shapes": shapes, "copy_bytes": 8_000_000, "working_set_bytes": 1_000_000})
+    data = runtime._job_kernels({"shapes": shapes, "copy_bytes": 8_000_000, "working_set_bytes": 1_000_000})
     assert data["copy_gb_s"] > 0
     assert data["linears"]["dense"]["active_share"] == 1.0 and data["linears"]["dense"]["packed_bytes"] == 256 * 96
     assert 0.1 < data["linears"]["sparse"]["active_share"] < 0.4
@@ -180,10 +181,10 @@ def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
 def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -> None:
     import bitnet_convert
 
-    bench.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
+    synthetic.write_synthetic_checkpoint(tmp_path / "ckpt", TINY, seed=0)
     bitnet_convert.quantize(bench.DEFAULT_RECIPE, model=str(tmp_path / "ckpt"), output=str(tmp_path / "a48"),
                             calibration__samples=0)
-    data = bench._job_runtime({"subject": "load", "model": str(tmp_path / "a48"), "backend": "native",
+    data = runtime._job_runtime({"subject": "load", "model": str(tmp_path / "a48"), "backend": "native",
                                "prefill": 16, "contexts": [8], "new_tokens": 4, "budget_s": 60})
     assert data["prefill_tokens"] == 16 and data["prefill_tok_s"] > 0 and data["decode_8_tokens"] == 4
     assert data["rss_after_load_bytes"] > 0 and data["dtype"] == "bfloat16"  # the embedding kept as exported
@@ -201,7 +202,7 @@ def test_a_hanging_job_is_killed_with_its_children_and_fails_its_row(monkeypatch
     code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
             f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
             "time.sleep(60)")
-    proc = bench.run_bounded([sys.executable, "-c", code])
+    proc = common.run_bounded([sys.executable, "-c", code])
     assert proc.returncode == 124 and proc.stdout == "started\n"
     assert proc.stderr.endswith("timed out after 2 s (BENCH_JOB_TIMEOUT)")
     child = int(pid_file.read_text())

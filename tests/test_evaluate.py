@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import bitnet_convert
 from bitnet_convert.cli import app
 from bitnet_convert.errors import DataError
-from bitnet_convert.evaluation.evaluate import TASKS_DIR, lm_eval_results, task_spec
+from bitnet_convert.evaluation.evaluate import TASKS_DIR, EvalSettings, lm_eval_results, task_spec
 
 
 def test_builtin_task_specs_point_at_committed_data():
@@ -119,7 +119,8 @@ def test_lm_eval_leaves_the_global_rng_alone(reference_dir):
     random.seed(7)
     torch.manual_seed(7)
     state = (random.getstate(), torch.get_rng_state())
-    results = lm_eval_results(model, bitnet_convert.load_tokenizer(reference_dir), ["reference_agreement"], limit=8)
+    results = lm_eval_results(model, bitnet_convert.load_tokenizer(reference_dir), ["reference_agreement"],
+                              EvalSettings(limit=8))
     assert set(results["reference_agreement"]) == {"acc", "acc_norm"}
     assert random.getstate() == state[0] and torch.equal(torch.get_rng_state(), state[1])
 

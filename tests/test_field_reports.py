@@ -289,10 +289,11 @@ def test_lm_eval_batching_does_not_change_kv3_results(kv3):
     alone."""
     from lm_eval.models.huggingface import HFLM
 
-    from bitnet_convert.evaluation.evaluate import lm_eval_results
+    from bitnet_convert.evaluation.evaluate import EvalSettings, lm_eval_results
 
     model, tokenizer = kv3
-    one, many = (lm_eval_results(model, tokenizer, ["reference_agreement"], limit=6, batch_size=b) for b in (1, 6))
+    one, many = (lm_eval_results(model, tokenizer, ["reference_agreement"], EvalSettings(limit=6, batch_size=b))
+                 for b in (1, 6))
     assert one == many
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
     prompts = ["Anna is a kind baker who lives in", "Tom"]
@@ -337,11 +338,11 @@ def test_generate_uses_the_current_cache_api(tmp_path):
 
 
 def test_lm_eval_prints_no_git_probe_and_no_bars_outside_a_checkout(tmp_path, capfd, monkeypatch):
-    from bitnet_convert.evaluation.evaluate import lm_eval_results
+    from bitnet_convert.evaluation.evaluate import EvalSettings, lm_eval_results
 
     monkeypatch.chdir(tmp_path)
     model = bitnet_convert.load(REFERENCE)
-    lm_eval_results(model, bitnet_convert.load_tokenizer(REFERENCE), ["reference_agreement"], limit=2)
+    lm_eval_results(model, bitnet_convert.load_tokenizer(REFERENCE), ["reference_agreement"], EvalSettings(limit=2))
     err = capfd.readouterr().err
     assert "fatal" not in err and "it/s]" not in err
 

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,48 +107,50 @@ def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
     return REFERENCE_TASKS if uses_reference_tokenizer(checkpoint.path) else HUB_TASKS
 
 
-def evaluate(
-    path: str | Path,
-    tasks: list[str] | None = None,
-    *,
-    limit: int | None = None,
-    batch_size: int = 16,
-    num_fewshot: int | None = None,
-    max_length: int | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    stats_chars: int = 120_000,
-    progress: Progress = SILENT,
-    backend: str = "reference",
-) -> dict:
-    """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
-    disk: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same documents.
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model is evaluated: at most ``limit`` documents per task (``None``: all; lm-eval's first ones),
+    ``batch_size``, ``num_fewshot`` (``None``: each task's own), ``max_length`` (context length in tokens;
+    ``None``: the model's), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``,
+    :func:`bitnet_convert.runtime.devices.resolve_device`), ``seed`` (every seed lm-eval takes) and ``backend``
+    (``reference``, ``native`` — integer CPU kernels, ``device`` must be ``cpu`` — or ``auto``, native when it can
+    run here; see :func:`bitnet_convert.io.load.load`)."""
 
-    ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (:func:`bitnet_convert.runtime.devices.resolve_device`).
-    ``backend``: ``reference``, ``native`` (integer CPU kernels, ``device`` must be ``cpu``) or ``auto`` (native
-    when it can run here, see :func:`bitnet_convert.io.load.load`); the report's ``settings.backend`` says which
-    ran. Returns the report ``bitnet-convert eval`` writes (``format``
+    limit: int | None = None
+    batch_size: int = 16
+    num_fewshot: int | None = None
+    max_length: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    backend: str = "reference"
+
+
+def evaluate(path: str | Path, tasks: list[str] | None = None, settings: EvalSettings = EvalSettings(), *,
+             stats_chars: int = 120_000, progress: Progress = SILENT) -> dict:
+    """Evaluate the model stored at ``path`` (a conversion, or an input checkpoint as b158) as it loads from
+    disk, as ``settings`` say: lm-eval results on ``tasks`` and the sparsity of its quantized inputs on the same
+    documents (about ``stats_chars`` characters of them). The report's ``settings.backend`` says which backend ran.
+    Returns the report ``bitnet-convert eval`` writes (``format``
     :data:`~bitnet_convert.evaluation.report.REPORT_FORMAT`).
     """
     from bitnet_convert.notes import collect
 
     with collect() as warnings:
-        report = _evaluate(path, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
-                           max_length=max_length, device=device, seed=seed, stats_chars=stats_chars,
-                           progress=progress, backend=backend)
+        report = _evaluate(path, tasks, settings, stats_chars, progress)
     report["warnings"] = warnings
     return report
 
 
-def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device, seed, stats_chars,
-              progress, backend) -> dict:
+def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: Progress) -> dict:
     from bitnet_convert import __version__
     from bitnet_convert.notes import warn
     from bitnet_convert.runtime.devices import resolve_device
 
     start = time.perf_counter()
-    device = str(resolve_device(device))
-    backend = backend_for_device(backend, device)
+    device = str(resolve_device(settings.device))
+    backend = backend_for_device(settings.backend, device)
+    settings = replace(settings, device=device, backend=backend)
+    limit, batch_size = settings.limit, settings.batch_size
     checkpoint = open_checkpoint(str(path))
     preset, roles, _ = resolve_scheme(checkpoint)
     attention = attention_of(checkpoint)
@@ -158,13 +161,12 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
              f"'{checkpoint.path}'")
     tokenizer = load_tokenizer(checkpoint.path)
     # loads every task's data and checks max_length against it: fails before the model is built
-    texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=max_length)
+    texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=settings.max_length)
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
         model = open_model(checkpoint, backend, on_linear=lambda _name: advance()).model
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
-        results = lm_eval_results(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
-                                  max_length=max_length, device=device, seed=seed, higher_is_better=higher_is_better)
+        results = lm_eval_results(model, tokenizer, tasks, settings, higher_is_better=higher_is_better)
     stats = None
     if texts:
         warn_no_bos(tokenizer, checkpoint.path, "the sparsity windows start mid-text")
@@ -183,8 +185,8 @@ def _evaluate(path, tasks, *, limit, batch_size, num_fewshot, max_length, device
         "tokenizer": tokenizer_fingerprint(checkpoint.path),
         "architecture": architecture_signature(checkpoint.path),
         "tasks": tasks,
-        "settings": {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "batch_size": batch_size,
-                     "device": device, "seed": seed, "backend": backend},
+        "settings": {"limit": limit, "num_fewshot": settings.num_fewshot, "max_length": settings.max_length,
+                     "batch_size": batch_size, "device": device, "seed": settings.seed, "backend": backend},
         "results": results,
         "higher_is_better": {t: {m: bool(higher_is_better.get(t, {}).get(m, True)) for m in r}
                              for t, r in results.items()},
@@ -258,20 +260,10 @@ def resolve_tasks(tasks: list[str]):
     return specs, manager
 
 
-def lm_eval_results(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: list[str],
-    *,
-    limit: int | None = None,
-    batch_size: int = 16,
-    num_fewshot: int | None = None,
-    max_length: int | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    higher_is_better: dict | None = None,
-) -> dict:
-    """Run lm-eval's ``simple_evaluate`` on an in-memory model; returns ``{task: {metric: value}}``.
+def lm_eval_results(model: torch.nn.Module, tokenizer, tasks: list[str], settings: EvalSettings = EvalSettings(),
+                    higher_is_better: dict | None = None) -> dict:
+    """Run lm-eval's ``simple_evaluate`` on an in-memory model as ``settings`` say (their ``backend`` is the model's
+    business, not used here); returns ``{task: {metric: value}}``.
 
     ``higher_is_better``, when given, is filled with lm-eval's ``{task: {metric: bool}}``.
     """
@@ -283,16 +275,16 @@ def lm_eval_results(
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)  # its warnings about an in-memory model are for launchers, not for us
     try:
-        lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  device=device)
+        lm = HFLM(pretrained=model.to(settings.device), tokenizer=tokenizer, batch_size=settings.batch_size,
+                  max_length=settings.max_length, device=settings.device)
     finally:
         hf_log.setLevel(level)
     # simple_evaluate seeds random, numpy and torch globally; its tqdm bars and git probe would interleave with ours
     with _global_rng_restored(), _dataset_errors(), _quiet_lm_eval():
         output = simple_evaluate(
-            model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot, bootstrap_iters=0,
-            log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            model=lm, tasks=specs, task_manager=manager, limit=settings.limit, num_fewshot=settings.num_fewshot,
+            bootstrap_iters=0, log_samples=False, random_seed=settings.seed, numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed, fewshot_random_seed=settings.seed,
         )
     if higher_is_better is not None:
         higher_is_better.update({t: dict(m) for t, m in output.get("higher_is_better", {}).items()})

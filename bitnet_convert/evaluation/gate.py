@@ -9,10 +9,11 @@ other tasks or settings. The limits come from the command line, else from the re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bitnet_convert.errors import DataError
+from bitnet_convert.evaluation.evaluate import EvalSettings, evaluate
 from bitnet_convert.evaluation.report import Thresholds, check_comparable, compare, gate, load_report, parse_threshold
 from bitnet_convert.io.checkpoint import (
     REPO_ROOT,
@@ -21,6 +22,7 @@ from bitnet_convert.io.checkpoint import (
     tokenizer_fingerprint,
     uses_reference_tokenizer,
 )
+from bitnet_convert.io.load import backend_for_device
 from bitnet_convert.notes import collect, warn
 from bitnet_convert.progress import Progress
 
@@ -53,28 +55,23 @@ class _Plan:
     thresholds: Thresholds
 
 
-def evaluate_and_compare(path: str, asked: Comparison, settings: dict, progress: Progress,
+def evaluate_and_compare(path: str, asked: Comparison, settings: EvalSettings, progress: Progress,
                          on_skip: Callable[[str], None] = warn) -> dict:
     """Evaluate the model at ``path`` (:func:`bitnet_convert.evaluation.evaluate.evaluate` with ``settings``),
     compare it with the baseline ``asked`` resolves to, and apply the gate. Returns the report with ``baseline``,
     ``comparison`` and ``gate`` (``failures``: one line per crossed limit) when it was compared, and the run's
-    ``warnings``. ``settings``: :func:`~bitnet_convert.evaluation.evaluate.evaluate`'s keywords (``backend``
-    resolved here for ``device``). ``on_skip`` receives the reason whenever the recipe's baseline is skipped. Raises
-    :class:`~bitnet_convert.errors.DataError` for a named baseline that cannot be compared, before any model is
-    built where it can be known then."""
-    from bitnet_convert.evaluation.evaluate import evaluate
-    from bitnet_convert.io.load import backend_for_device
-
+    ``warnings``. The backend is resolved once here, for ``settings.device``. ``on_skip`` receives the reason
+    whenever the recipe's baseline is skipped. Raises :class:`~bitnet_convert.errors.DataError` for a named
+    baseline that cannot be compared, before any model is built where it can be known then."""
     with collect() as notes:
         # once, here: a fallback warning is given once and recorded in this report
-        backend = backend_for_device(settings.get("backend", "reference"), settings.get("device", "cpu"))
+        settings = replace(settings, backend=backend_for_device(settings.backend, settings.device))
         plan = _plan(path, asked, on_skip)
-        with_base = {**settings, "backend": backend, "progress": progress}
         base, names = plan.base, plan.names
         if asked.baseline_model is not None:
-            base = evaluate(asked.baseline_model, names, **with_base)
+            base = evaluate(asked.baseline_model, names, settings, progress=progress)
             names = base["tasks"]
-        report = evaluate(path, names or (base["tasks"] if base else None), **with_base)
+        report = evaluate(path, names or (base["tasks"] if base else None), settings, progress=progress)
         if base is not None:
             try:
                 check_comparable(report, base, str(plan.baseline or asked.baseline_model))

@@ -6,12 +6,12 @@ Everything here is pure: it takes report dicts and returns numbers, failure line
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitnet_convert.errors import DataError
+from bitnet_convert.io.jsonfile import read_json
 
 REPORT_FORMAT = "bitnet-convert-eval/1"
 #: Settings that must match for two reports to be comparable.
@@ -20,13 +20,7 @@ COMPARABLE_SETTINGS = ("limit", "num_fewshot", "max_length")
 
 def load_report(path: str | Path) -> dict:
     """Read an evaluation report written by ``bitnet-convert eval --output``."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"baseline report '{path}' does not exist")
-    try:
-        report = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    report = read_json(Path(path), DataError, f"baseline report '{path}' does not exist", str(path))
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT or not isinstance(
         report.get("results"), dict
     ):

@@ -35,6 +35,7 @@ import torch
 
 from bitnet_convert.errors import CheckpointError
 from bitnet_convert.io.families import BITNET, Family, detect, role_of
+from bitnet_convert.io.jsonfile import read_json
 from bitnet_convert.quant.functional import ternary_absmean
 from bitnet_convert.quant.packing import unpack_ternary
 
@@ -549,12 +550,7 @@ def _bits_layout(path: Path, config: dict) -> Layout:
 
 def _read_config(path: Path) -> dict:
     file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({_first_line(exc)})") from None
+    config = read_json(file, CheckpointError, f"{path}: no config.json; expected a Hugging Face checkpoint directory")
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return config

@@ -8,7 +8,7 @@
 // over output rows (or 128-output blocks) with at::parallel_for; no reduction crosses a split, so results do not
 // depend on the thread count.
 //
-// Weight layouts (built by bitnet_convert/kernels/__init__.py from the checkpoint's packing):
+// Weight layouts (built by bitnet_convert/native/build.py from the checkpoint's packing):
 //   rows  [N, Kp/4] uint8: row n holds its Kp inputs in blocks of 128; byte i (0..31) of block b holds the weights
 //         of inputs b*128 + 32*p + i in bits 2p..2p+1 (p = 0..3), stored as value + 1 in {0, 1, 2}.
 //   cols  [Np/256, Kp, 64] uint8, block-major: for each block of 256 outputs, one 64-byte line per input column

@@ -1,0 +1,279 @@
+"""``runtime``: prefill/decode speed and memory of stock transformers, the reference backend and the native
+backend side by side, then the native kernels against this machine's memory bandwidth."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import GB, REFERENCE_MODEL, REPO_ROOT, Row, run_job
+from benchmarks.synthetic import ShapeConfig, checkpoint_bytes, ensure_synthetic_checkpoint
+
+MIN_NATIVE_SPEEDUP = 10.0  # native a48 ÷ reference backend a48, decode and prefill, full 2B-4T depth
+MIN_SPARSE_SPEEDUP = 1.15  # native a48 decode ÷ native b158 decode
+MIN_BANDWIDTH_SHARE = 0.5  # packed-linear decode GB/s ÷ measured copy bandwidth
+MAX_NATIVE_RSS = 0.40  # native a48 resident memory after load ÷ bf16 checkpoint size
+RUNTIME_SUBJECTS = (  # (label, job subject, export, backend)
+    ("stock transformers b1.58", "stock", "b158", None),
+    ("reference backend a48", "load", "a48", "reference"),
+    ("native b158", "load", "b158", "native"),
+    ("native a48", "load", "a48", "native"),
+)
+RUNTIME_PREFILL, RUNTIME_CONTEXTS, RUNTIME_NEW_TOKENS = 512, (128, 1024), 128
+
+
+def bench_runtime(args: argparse.Namespace) -> list[Row]:
+    """Prefill/decode speed and memory of the four subjects (stock transformers b1.58, reference backend a48,
+    native b158, native a48) side by side on 2B-4T shapes (2 layers and ``--layers``) and on the reference model;
+    then the kernels against this machine's memory bandwidth."""
+    rows: list[Row] = []
+    targets: list[tuple[int, dict[str, dict[str, Any]], int]] = []
+    for layers in sorted({min(2, args.layers), args.layers}):
+        shape = ShapeConfig(layers=layers)
+        synthetic = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), shape, args.seed)
+        subject = f"synthetic 2B-4T, {layers} layers"
+        measured = _runtime_subjects(args, str(synthetic), subject, rows, budget_s=args.runtime_budget)
+        targets.append((layers, measured, checkpoint_bytes(synthetic)))
+    if (REFERENCE_MODEL / "config.json").is_file():
+        _runtime_subjects(args, "builtin:reference", "reference model", rows, budget_s=args.runtime_budget)
+    layers, measured, size = targets[-1]
+    rows.extend(_runtime_targets(layers, measured, size))
+    rows.extend(_kernel_rows(args, measured.get("native a48")))
+    return rows
+
+
+def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: list[Row],
+                      budget_s: float) -> dict[str, dict[str, Any]]:
+    """Export ``model`` as b158 and a48 (no calibration), run every subject on the exports, add their rows."""
+    measured: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = {}
+        for recipe in ("b158", "a48"):
+            exports[recipe] = Path(tmp) / recipe
+            prepared = run_job("quantize", {"recipe": str(REPO_ROOT / "recipes" / f"{recipe}.yaml"), "model": model,
+                                            "output": str(exports[recipe]), "threads": args.threads},
+                               f"{subject}: export {recipe}")
+            if not prepared.ok:
+                rows.append(Row("runtime", subject, f"export {recipe}", f"failed: {prepared.error}", passed=False))
+                return measured
+        for label, kind, export, backend in RUNTIME_SUBJECTS:
+            spec = {"subject": kind, "model": str(exports[export]), "backend": backend, "prefill": RUNTIME_PREFILL,
+                    "contexts": list(RUNTIME_CONTEXTS), "new_tokens": RUNTIME_NEW_TOKENS, "budget_s": budget_s,
+                    "threads": args.threads}
+            result = run_job("runtime", spec, f"{subject}: {label}")
+            name = f"{subject}: {label}"
+            if not result.ok:
+                rows.append(Row("runtime", name, "run", f"failed: {result.error}", passed=False))
+                continue
+            data = measured[label] = result.data
+            rows.append(Row("runtime", name, f"prefill tok/s ({data['prefill_tokens']} tokens)",
+                            f"{data['prefill_tok_s']:.2f}", value=data["prefill_tok_s"], unit="tok/s", details=data))
+            for context in RUNTIME_CONTEXTS:
+                speed, done = data[f"decode_{context}_tok_s"], data[f"decode_{context}_tokens"]
+                note = "" if done == RUNTIME_NEW_TOKENS else f", stopped after {done} tokens ({budget_s:.0f} s budget)"
+                zeros = data.get(f"decode_{context}_zero_share")
+                if zeros:
+                    note += f"; zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}"
+                rows.append(Row("runtime", name, f"decode tok/s after {context} tokens", f"{speed:.2f}{note}",
+                                value=speed, unit="tok/s"))
+            rows.append(Row("runtime", name, "resident memory after load / peak",
+                            f"{data['rss_after_load_bytes'] / GB:.2f} GB / {data['peak_rss_bytes'] / GB:.2f} GB",
+                            value=data["rss_after_load_bytes"] / GB, unit="GB"))
+    return measured
+
+
+def _runtime_targets(layers: int, measured: dict[str, dict[str, Any]], size: int) -> list[Row]:
+    """The ratio targets on the deepest synthetic checkpoint; a missing subject makes its targets fail."""
+    subject = f"synthetic 2B-4T, {layers} layers"
+    fast, ref, b158 = (measured.get(k) for k in ("native a48", "reference backend a48", "native b158"))
+    rows = []
+
+    def ratio_row(metric: str, a: float | None, b: float | None, minimum: float, extra: str = "") -> None:
+        if a is None or b is None:
+            rows.append(Row("runtime", subject, metric, "not measured", f"≥ {minimum}×", False))
+            return
+        rows.append(Row("runtime", subject, metric, f"{a / b:.2f}×{extra}", f"≥ {minimum}×", a / b >= minimum,
+                        a / b, "ratio"))
+
+    ratio_row("native a48 ÷ reference a48, decode after 128", fast and fast["decode_128_tok_s"],
+              ref and ref["decode_128_tok_s"], MIN_NATIVE_SPEEDUP)
+    ratio_row("native a48 ÷ reference a48, prefill", fast and fast["prefill_tok_s"], ref and ref["prefill_tok_s"],
+              MIN_NATIVE_SPEEDUP)
+    zeros = (fast or {}).get("decode_128_zero_share") or {}
+    ratio_row("native a48 ÷ native b158, decode after 128", fast and fast["decode_128_tok_s"],
+              b158 and b158["decode_128_tok_s"], MIN_SPARSE_SPEEDUP,
+              f" (zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%})")
+    if fast is not None:
+        share = fast["rss_after_load_bytes"] / size
+        rows.append(Row("runtime", subject, "native a48 resident memory ÷ bf16 checkpoint",
+                        f"{fast['rss_after_load_bytes'] / GB:.2f} GB / {size / GB:.2f} GB = {share:.2f}",
+                        f"≤ {MAX_NATIVE_RSS}", share <= MAX_NATIVE_RSS, share, "ratio"))
+    return rows
+
+
+def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) -> list[Row]:
+    """Per-linear GEMV throughput next to the copy bandwidth; the o_proj/down_proj inputs take the zero shares
+    the native a48 model measured while decoding (50% and 80% when it was not measured)."""
+    zeros = ((native_a48 or {}).get("decode_128_zero_share")) or {}
+    o_zero, down_zero = zeros.get("o", 0.5), zeros.get("down", 0.8)
+    shape = ShapeConfig()
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    shapes = {
+        "q_proj": (q, shape.hidden, 0.0, False),
+        "k_proj/v_proj": (kv, shape.hidden, 0.0, False),
+        "o_proj (dense kernel, b158 and a48)": (shape.hidden, q, 0.0, False),
+        "o_proj (sparse-input kernel, opt-in)": (shape.hidden, q, o_zero, True),
+        "gate_proj/up_proj": (shape.intermediate, shape.hidden, 0.0, False),
+        "down_proj (dense kernel, b158)": (shape.hidden, shape.intermediate, 0.0, False),
+        "down_proj (sparse-input kernel, a48)": (shape.hidden, shape.intermediate, down_zero, True),
+    }
+    spec = {"shapes": shapes, "copy_bytes": 1_000_000_000, "working_set_bytes": 256_000_000, "threads": args.threads}
+    result = run_job("kernels", spec, "kernels")
+    if not result.ok:
+        return [Row("kernels", "2B-4T linears", "GEMV", f"failed: {result.error}", passed=False)]
+    data = result.data
+    copy = data["copy_gb_s"]
+    rows = [Row("kernels", "this machine", "memory bandwidth (STREAM-like copy, read + write)", f"{copy:.1f} GB/s",
+                value=copy, unit="GB/s", details=data)]
+    for name, linear in data["linears"].items():
+        active = f", {linear['active_share']:.0%} of columns read" if linear["sparse"] else ""
+        rows.append(Row("kernels", f"2B-4T {name} {linear['rows']}×{linear['cols']}", "GEMV (1 token)",
+                        f"{linear['seconds'] * 1e6:.0f} µs, {linear['gb_s']:.1f} GB/s of packed weights{active}, "
+                        f"{linear['int_ops_s'] / 1e9:.0f} G int-ops/s", value=linear["gb_s"], unit="GB/s"))
+    # the layer as the native a48 model runs it by default: o_proj dense, down_proj on the sparse-input kernel
+    layer = [data["linears"][k] for k in ("q_proj", "k_proj/v_proj", "k_proj/v_proj",
+                                           "o_proj (dense kernel, b158 and a48)", "gate_proj/up_proj",
+                                           "gate_proj/up_proj", "down_proj (sparse-input kernel, a48)")]
+    gb_s = sum(lin["bytes_read"] for lin in layer) / sum(lin["seconds"] for lin in layer) / GB
+    rows.append(Row("kernels", "2B-4T a48 decoder layer (7 linears)", "packed-linear decode throughput ÷ bandwidth",
+                    f"{gb_s:.1f} / {copy:.1f} GB/s = {gb_s / copy:.2f}", f"≥ {MIN_BANDWIDTH_SHARE}",
+                    gb_s / copy >= MIN_BANDWIDTH_SHARE, gb_s / copy, "ratio"))
+    return rows
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
+    """Prefill and greedy decode speed of one subject (``spec["subject"]``: ``stock`` = transformers'
+    ``from_pretrained`` with its defaults, else ``bitnet_convert.io.load`` with ``spec["backend"]``), resident memory
+    after load and at the peak, and (native) the zero share of the o_proj and down_proj input codes while
+    decoding. Each timed part stops early after ``spec["budget_s"]`` seconds, so the slowest subjects report
+    over fewer tokens (the counts are in the result)."""
+    import torch
+    from transformers import DynamicCache
+
+    start = time.perf_counter()
+    if spec["subject"] == "stock":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    else:
+        import bitnet_convert
+
+        model = bitnet_convert.load(spec["model"], backend=spec["backend"])
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_bytes()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, max(spec["prefill"], *spec["contexts"])), generator=generator)
+    budget = spec["budget_s"]
+    result: dict[str, Any] = {"load_s": load_s, "rss_after_load_bytes": rss_loaded,
+                              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    with torch.no_grad():
+        model(ids[:, :8], logits_to_keep=1)  # warm-up: allocators, lazy initialisation, kernel build/load
+        began = time.perf_counter()
+        model(ids[:, : spec["prefill"]], logits_to_keep=1)
+        result["prefill_tokens"] = spec["prefill"]
+        result["prefill_tok_s"] = spec["prefill"] / (time.perf_counter() - began)
+        native = spec.get("backend") == "native"
+        if native:
+            from bitnet_convert.native import backend as native_backend
+        for context in spec["contexts"]:
+            cache = DynamicCache()
+            out = model(ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            if native:
+                native_backend.record_zeros(model, True)
+            began, done = time.perf_counter(), 0
+            while done < spec["new_tokens"]:
+                out = model(token, cache=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                done += 1
+                if time.perf_counter() - began > budget and done >= 4:
+                    break
+            seconds = time.perf_counter() - began
+            result[f"decode_{context}_tokens"] = done
+            result[f"decode_{context}_tok_s"] = done / seconds
+            if native:
+                result[f"decode_{context}_zero_share"] = native_backend.linear_zero_shares(model)
+                native_backend.record_zeros(model, False)
+    result["work_s"] = time.perf_counter() - start
+    return result
+
+
+def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
+    """The machine's memory bandwidth (a STREAM-like copy of ``spec["copy_bytes"]``) and the native GEMV (one
+    token) of each 2B-4T linear shape, cycling through enough copies of the weight that it never sits in a
+    cache: GB/s of packed weight bytes read and effective int-ops/s (2 per weight used)."""
+    import torch
+
+    from bitnet_convert.native import build as kernels
+    from bitnet_convert.quant.packing import pack_ternary
+
+    kernels.ensure_built()
+    ops, isa = torch.ops.bitnet_convert, kernels.isa()
+    start = time.perf_counter()
+    n = spec["copy_bytes"] // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)
+    copies = []
+    for _ in range(5):
+        began = time.perf_counter()
+        dst.copy_(src)
+        copies.append(time.perf_counter() - began)
+    bandwidth = 2 * n * 4 / min(copies)  # bytes read + bytes written
+    del src, dst
+    generator = torch.Generator().manual_seed(0)
+    linears = {}
+    for name, (rows, cols, zero_share, sparse) in spec["shapes"].items():
+        packed = pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator, dtype=torch.int8))
+        layout = kernels.cols_layout(packed) if sparse else kernels.rows_layout(packed)
+        count = max(2, -(-spec["working_set_bytes"] // layout.numel()))
+        weights = [layout.clone() for _ in range(count)]
+        x = torch.randn(1, cols, generator=generator)
+        x = x * (torch.rand(1, cols, generator=generator) >= zero_share)
+        codes, s, sums = ops.quantize_absmax(x, 8, isa)
+        active = float((codes[0, :cols] != 0).float().mean()) if sparse else 1.0
+
+        def run(w, codes=codes, s=s, sums=sums, sparse=sparse, rows=rows):
+            if sparse:
+                return ops.ternary_gemm_sparse(codes, sums, s, w, rows, 1.0, False, isa)
+            return ops.ternary_gemm(codes, sums, s, w, 1.0, False, isa)
+
+        for w in weights:
+            run(w)
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            for w in weights:
+                run(w)
+            times.append((time.perf_counter() - began) / len(weights))
+        seconds = min(times)
+        read = layout.numel() * active
+        linears[name] = {"rows": rows, "cols": cols, "sparse": sparse, "active_share": active,
+                         "packed_bytes": layout.numel(), "bytes_read": read, "seconds": seconds,
+                         "gb_s": read / seconds / GB, "int_ops_s": 2 * rows * cols * active / seconds}
+        del weights
+    return {"work_s": time.perf_counter() - start, "copy_gb_s": bandwidth / GB, "linears": linears, "isa": isa}
+
+
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"runtime": _job_runtime, "kernels": _job_kernels}
