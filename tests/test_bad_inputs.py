@@ -9,44 +9,23 @@ the user's files at risk.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REFERENCE, REPO, write_tiny_checkpoint
+from helpers import (
+    REFERENCE,
+    REPO,
+    assert_user_error,
+    edit_config,
+    edit_tensors,
+    invoke,
+    quantization_config,
+    tiny,
+    write_tiny_checkpoint,
+)
 from safetensors.torch import load_file, save_file
-from test_cli import assert_user_error, invoke
-
-
-def tiny(tmp: Path, **changes) -> Path:
-    """A tiny b1.58 checkpoint with the reference tokenizer (so calibration text tokenizes into its vocabulary)."""
-    directory = write_tiny_checkpoint(tmp / "model", vocab_size=1024, **changes)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(REFERENCE / name, directory / name)
-    return directory
-
-
-def edit_config(directory: Path, **changes) -> Path:
-    config = json.loads((directory / "config.json").read_text())
-    config.update(changes)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def edit_tensors(directory: Path, edit: Callable[[dict], None]) -> Path:
-    tensors = load_file(directory / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
-def quantization_config(directory: Path, **changes) -> Path:
-    config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"].update(changes)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def sharded_with_wrong_index(tmp: Path) -> Path:

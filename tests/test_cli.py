@@ -1,4 +1,5 @@
-"""The command line: the quick start end to end, inspect, and one clear line for every kind of bad input."""
+"""The command line: the quick start end to end, inspect, generate, help a person can read, warnings in a real
+process, and one clear line for every kind of bad input."""
 
 from __future__ import annotations
 
@@ -6,35 +7,17 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from typer.testing import CliRunner
-
-from bitnet_convert.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    """Exit code 2, one ``error:`` line naming the problem (after any finished progress bars), no traceback."""
-    text = result.output.strip()
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text and isinstance(result.exception, SystemExit), text
-    errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and text.endswith(errors[0]), text
-    for fragment in fragments:
-        assert fragment in errors[0], text
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+from helpers import (
+    REPO,
+    assert_user_error,
+    invoke,
+    leftovers,
+)
 
 
 def test_quantize_reference_end_to_end(tmp_path):
@@ -50,7 +33,7 @@ def test_quantize_reference_end_to_end(tmp_path):
 
 
 def test_cli_flags_override_the_recipe(tmp_path):
-    from conftest import write_tiny_checkpoint
+    from helpers import write_tiny_checkpoint
 
     tiny_checkpoint = write_tiny_checkpoint(tmp_path / "tiny", vocab_size=2048)
     data = tmp_path / "calib.jsonl"
@@ -141,7 +124,7 @@ def test_corrupted_safetensors(tmp_path, tiny_checkpoint):
 
 
 def test_out_features_not_divisible_by_four(tmp_path):
-    from conftest import write_tiny_checkpoint
+    from helpers import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "odd", intermediate_size=50)
     out = tmp_path / "out"
@@ -233,3 +216,37 @@ def test_a_bad_keyword_of_the_python_api_names_the_keyword():
 
     with pytest.raises(RecipeError, match=r"^keyword device 'mps': expected cpu, cuda"):
         bitnet_convert.quantize(REPO / "recipes" / "a48.yaml", device="mps")
+
+
+def test_help_shows_defaults_and_no_markup_loss():
+    text = " ".join(invoke("calibrate", "--help").output.split())
+    assert "Report directory [default: <recipe output>-calibration]" in text and "<bool>" not in text
+    assert "Tokens per window. [default: 256; x>=2]" in " ".join(invoke("perplexity", "--help").output.split())
+
+
+def test_inspect_prints_whole_lines_when_piped(reference_dir):
+    result = invoke("inspect", reference_dir)
+    assert result.exit_code == 0 and "…" not in result.output
+    assert "model.layers.*.self_attn.q_proj.weight" in result.output
+
+
+def test_generate_uses_the_current_cache_api(tmp_path):
+    out = tmp_path / "a48"
+    assert invoke("quantize", "--output", out, "--set", "calibration.samples=0").exit_code == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = invoke("generate", out, "--prompt", "Anna is", "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert not [w for w in caught if "deprecated" in str(w.message)]
+
+
+def test_cli_end_to_end_warning_format_in_a_real_process(tmp_path):
+    """The installed command prints a warning as one ``warning:`` line on stderr (not a logging record)."""
+    data = tmp_path / "six.txt"
+    data.write_text("Anna bakes bread every day.\n" * 40)
+    done = subprocess.run([sys.executable, "-m", "bitnet_convert.cli", "calibrate", "-o", str(tmp_path / "cal"),
+                           "--calibration-data", str(data), "--set", "calibration.seq_len=64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert any(line.startswith("warning: calibration.data") and "samples asks for 16" in line
+               for line in done.stderr.splitlines()), done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 DOCS = REPO / "docs"
 PACKAGE = REPO / "bitnet_convert"
@@ -150,3 +150,19 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path: Path):
     assert result.returncode == 0, output
     assert "WARNING" not in output, output
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_the_tests_mirror_the_package():
+    """``tests/<folder>/`` exists only for a subpackage ``bitnet_convert/<folder>/``, and each ``test_<name>.py`` in it
+    tests the module ``<name>.py`` of that subpackage (``native/test_kernels.py``: the C++ kernels in ``csrc/``)."""
+    stray = []
+    for folder in sorted(p for p in (REPO / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"):
+        package = PACKAGE / folder.name
+        if not (package / "__init__.py").is_file():
+            stray.append(f"tests/{folder.name}/ (no bitnet_convert/{folder.name}/)")
+            continue
+        for test in sorted(folder.glob("test_*.py")):
+            module = test.stem.removeprefix("test_")
+            if not (package / f"{module}.py").is_file() and (folder.name, module) != ("native", "kernels"):
+                stray.append(f"tests/{folder.name}/{test.name} (no bitnet_convert/{folder.name}/{module}.py)")
+    assert not stray, stray

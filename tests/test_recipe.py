@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import (
+    REPO,
+    assert_user_error,
+    invoke,
+)
 
 from bitnet_convert.errors import RecipeError
 from bitnet_convert.quant.schemes import PRESETS
@@ -76,3 +80,10 @@ def test_every_shipped_recipe_is_valid_and_writes_its_own_output():
         assert (recipe.recovery.distill is not None) == file.stem.endswith("-kd"), file.name
         assert (recipe.recovery.qwt is not None) == ("qwt" in file.stem), file.name
         assert (recipe.recovery.blockwise is not None) == ("blockwise" in file.stem), file.name
+
+
+def test_recipe_error_names_the_cross_field_check_before_work(tmp_path):
+    result = invoke("quantize", "-r", REPO / "recipes/a48-qwt.yaml", "--set", "calibration.samples=0",
+                    "--output", tmp_path / "o")
+    assert_user_error(result, "recovery.qwt: fitted on calibration data")
+    assert "Open checkpoint" not in result.output

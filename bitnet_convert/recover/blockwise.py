@@ -115,10 +115,10 @@ def train_block(
     divides = {name: m.scale_divides for name, m in block.named_modules() if isinstance(m, QuantLinear)}
     tensors = training.trainable_tensors(block, list(spec.trainable), latent_init)
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
+    generator, state = torch.Generator().manual_seed(seed), (optimizer, tensors, _is_large(block))
     block.train()
     try:
-        losses = [_train_step(block, runner, inputs, targets, spec, step, (optimizer, tensors),
+        losses = [_train_step(block, runner, inputs, targets, spec, step, state,
                               [position[w] for w in torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
                                if w in position])
                   for step in range(spec.steps)]
@@ -140,6 +140,12 @@ def train_block(
             "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def _is_large(block: nn.Module) -> bool:
+    """Whether ``block`` has at least :data:`TRIM_MIN_WEIGHTS` linear weights."""
+    return sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
+        TRIM_MIN_WEIGHTS)
+
+
 def _held_out_error(runner: BlockRunner, block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                     tested: torch.Tensor) -> float:
     """``Σ‖block(x) − t‖² / Σ‖t‖²`` over the held-out rows ``tested`` of every process, summed in float64 in a
@@ -156,11 +162,12 @@ def _held_out_error(runner: BlockRunner, block: nn.Module, inputs: torch.Tensor,
 
 
 def _train_step(block: nn.Module, runner: BlockRunner, inputs: torch.Tensor, targets: torch.Tensor,
-                spec: BlockwiseSpec, step: int, state: tuple[torch.optim.Optimizer, dict[str, torch.Tensor]],
+                spec: BlockwiseSpec, step: int, state: tuple[torch.optim.Optimizer, dict[str, torch.Tensor], bool],
                 rows: list[int]) -> float:
-    """One optimizer step on this process's ``rows`` of the step's global batch; returns the global loss. A large
-    block gives the step's freed memory back to the system (:data:`TRIM_MIN_WEIGHTS`)."""
-    optimizer, tensors = state
+    """One optimizer step on this process's ``rows`` of the step's global batch; returns the global loss.
+    ``state``: the optimizer, its tensors by name, and whether the block is large (:func:`_is_large`), when the
+    step gives its freed memory back to the system."""
+    optimizer, tensors, large = state
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(spec, step)
     picked = torch.tensor(rows, dtype=torch.long)
@@ -175,8 +182,7 @@ def _train_step(block: nn.Module, runner: BlockRunner, inputs: torch.Tensor, tar
     else:
         loss = torch.zeros((), device=runner.device)
     global_loss = training.optimizer_step(optimizer, tensors, spec.max_grad_norm, loss)
-    if sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, QuantLinear)) >= (
-            TRIM_MIN_WEIGHTS):  # freed activations and gradients back to the system (the heap fragments otherwise)
+    if large:  # freed activations and gradients back to the system (the heap fragments otherwise)
         del loss, target
         output = None
         trim_heap()

@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.common import GB, Row, run_job
-from benchmarks.synthetic import ShapeConfig, checkpoint_bytes, ensure_synthetic_checkpoint
+from benchmarks.common import GB, Row
+from benchmarks.synthetic import ShapeConfig, jobs_by_depth
 
 MAX_CALIBRATION_RSS = 0.5  # peak RSS ÷ bf16 checkpoint size, full 2B-4T depth
 MAX_CALIBRATION_SPREAD = 0.10  # peak RSS across depths: (max − min) / min
@@ -18,18 +18,11 @@ CALIBRATION_DEPTHS = (8, 16, 30)
 def bench_calibration(args: argparse.Namespace) -> list[Row]:
     """Peak RSS and wall time of layer-by-layer calibration on 2B-4T-shaped checkpoints truncated to several
     depths (2 × 256 tokens, batch 1): the peak must not grow with depth."""
-    depths = sorted({min(d, args.layers) for d in CALIBRATION_DEPTHS})
-    rows, peaks = [], {}
-    for layers in depths:
-        shape = ShapeConfig(layers=layers)
-        checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), shape, args.seed)
-        size = checkpoint_bytes(checkpoint)
-        subject = f"synthetic 2B-4T, {layers} layers ({size / GB:.2f} GB)"
-        spec = {"model": str(checkpoint), "samples": 2, "seq_len": 256, "batch_size": 1, "threads": args.threads}
-        result = run_job("calibrate", spec, subject)
-        if not result.ok:
-            rows.append(Row("calibration", subject, "calibrate", f"failed: {result.error}", passed=False))
-            continue
+    rows, done = jobs_by_depth(
+        "calibration", args, CALIBRATION_DEPTHS, "calibrate", {"samples": 2, "seq_len": 256, "batch_size": 1},
+        lambda layers, size: f"synthetic 2B-4T, {layers} layers ({size / GB:.2f} GB)")
+    peaks = {}
+    for layers, (subject, size, result) in done.items():
         peak = result.data["peak_rss_bytes"]
         peaks[layers] = peak
         full = layers == ShapeConfig.layers

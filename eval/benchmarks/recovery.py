@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import GB, Row, run_bounded, run_job
+from benchmarks.common import GB, Row, run_bounded
 from benchmarks.distill import bench_distill
-from benchmarks.synthetic import ShapeConfig, ensure_synthetic_checkpoint
+from benchmarks.synthetic import ShapeConfig, jobs_by_depth
 
 RECOVERY_DEPTHS = (8, 30)
 MAX_BLOCKWISE_RSS_GB = 6.0  # block-wise recovery peak RSS, 30-layer 2B-4T shapes, CPU
@@ -79,15 +79,11 @@ def _ddp_rows(args: argparse.Namespace) -> list[Row]:
 
 def _blockwise_rows(args: argparse.Namespace) -> list[Row]:
     """Block-wise recovery peak RSS and seconds per block per step at the depths of :data:`RECOVERY_DEPTHS`."""
-    rows, peaks = [], {}
-    for layers in sorted({min(d, args.layers) for d in RECOVERY_DEPTHS}):
-        checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=layers), args.seed)
-        subject = f"synthetic 2B-4T, {layers} layers, block-wise (2 steps per block, 4 windows of 256)"
-        spec = {"model": str(checkpoint), "steps": 2, "samples": 4, "seq_len": 256, "threads": args.threads}
-        result = run_job("blockwise", spec, subject)
-        if not result.ok:
-            rows.append(Row("recovery", subject, "block-wise", f"failed: {result.error}", passed=False))
-            continue
+    rows, done = jobs_by_depth(
+        "recovery", args, RECOVERY_DEPTHS, "blockwise", {"steps": 2, "samples": 4, "seq_len": 256},
+        lambda layers, _size: f"synthetic 2B-4T, {layers} layers, block-wise (2 steps per block, 4 windows of 256)")
+    peaks = {}
+    for layers, (subject, _size, result) in done.items():
         peak = result.data["peak_rss_bytes"] / GB
         peaks[layers] = peak
         rows.append(Row("recovery", subject, "seconds per block per step", f"{result.data['block_step_s']:.1f} s",

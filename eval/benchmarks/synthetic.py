@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import GB, run_job
+from benchmarks.common import GB, JobResult, Row, run_job
 
 INDEX_FILE = "model.safetensors.index.json"  # written by save_shards next to the shards
 
@@ -170,6 +170,25 @@ def ensure_synthetic_checkpoint(cache_dir: Path, shape: ShapeConfig, seed: int) 
 def checkpoint_bytes(directory: Path) -> int:
     """Size of a checkpoint: the sum of its safetensors files."""
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def jobs_by_depth(benchmark: str, args: Any, depths: tuple[int, ...], kind: str, spec: dict[str, Any],
+                  subject: Callable[[int, int], str]) -> tuple[list[Row], dict[int, tuple[str, int, JobResult]]]:
+    """The child job ``kind`` on the synthetic 2B-4T checkpoint truncated to each of ``depths`` (capped at
+    ``args.layers``, each depth once, shallowest first), ``spec`` plus the checkpoint and ``args.threads``.
+    ``subject(layers, checkpoint bytes)`` labels a depth. Returns a failed row per job that failed, and
+    ``{layers: (subject, checkpoint bytes, result)}`` of those that ran."""
+    failed, done = [], {}
+    for layers in sorted({min(d, args.layers) for d in depths}):
+        checkpoint = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=layers), args.seed)
+        size = checkpoint_bytes(checkpoint)
+        label = subject(layers, size)
+        result = run_job(kind, {**spec, "model": str(checkpoint), "threads": args.threads}, label)
+        if result.ok:
+            done[layers] = (label, size, result)
+        else:
+            failed.append(Row(benchmark, label, kind, f"failed: {result.error}", passed=False))
+    return failed, done
 
 
 def _job_generate(spec: dict[str, Any]) -> dict[str, Any]:

@@ -344,12 +344,6 @@ def test_ste_blended_forward() -> None:
 # -------------------------------------------------------------------------------- transformers parity
 
 
-@pytest.fixture(scope="module")
-def hf_bitnet():
-    assert os.environ.get("TORCH_COMPILE_DISABLE") == "1", "set TORCH_COMPILE_DISABLE=1 before importing transformers"
-    from transformers.integrations import bitnet
-
-    return bitnet
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

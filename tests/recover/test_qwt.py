@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 import bitnet_convert
 from bitnet_convert.errors import RecipeError

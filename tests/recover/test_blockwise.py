@@ -107,7 +107,7 @@ def test_recipe_checks(changes, message):
 
 
 def test_the_recipe_runs_from_the_command_line_and_cleans_up(tmp_path):
-    from test_cli import invoke
+    from helpers import invoke
 
     from bitnet_convert.io.checkpoint import REPO_ROOT
 
@@ -134,7 +134,7 @@ def test_bfloat16_autocast_trains_too(first_block):
 
 
 def _quantize_cli(tmp_path, *extra):
-    from test_cli import invoke
+    from helpers import invoke
 
     from bitnet_convert.io.checkpoint import REPO_ROOT
 
@@ -159,7 +159,7 @@ def test_a_state_of_other_inputs_or_a_damaged_one_is_refused(tmp_path, reference
     """Field report: killed after block 0, the calibration file edited, the same command resumed block 0 (trained
     on the old text) with exit 0. The fingerprint covers the content of the model and the calibration windows,
     and each state file carries a checksum: a mismatch is one line and exit 2, never a resume."""
-    from test_cli import assert_user_error
+    from helpers import assert_user_error
 
     model = tmp_path / "model"
     shutil.copytree(reference_dir, model)
@@ -195,7 +195,7 @@ def test_a_state_of_other_inputs_or_a_damaged_one_is_refused(tmp_path, reference
 def test_an_unwritable_state_directory_is_one_line_before_any_work(tmp_path, reference_dir):
     """Field report: block 0 trained, then a torch serialization traceback. The state directory is checked with
     the output, before any work; a write that fails later is one line too."""
-    from test_cli import assert_user_error
+    from helpers import assert_user_error
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -217,7 +217,7 @@ def test_an_unwritable_state_directory_is_one_line_before_any_work(tmp_path, ref
 def test_a_state_that_cannot_be_written_is_one_line(tmp_path):
     """A full disk while block 0's state is saved (here: a file-size limit): one line naming the file and the
     recipe key, no traceback, no temporary left."""
-    from test_export import run_with_a_file_size_limit
+    from helpers import run_with_a_file_size_limit
 
     from bitnet_convert.io.checkpoint import REPO_ROOT
 
@@ -254,7 +254,7 @@ def test_a_killed_save_leaves_no_temporary_behind_on_the_next_run(tmp_path):
 def test_a_block_file_out_of_place_is_refused(tmp_path, reference_dir, change):
     """A saved block is block i's own, trained after block i-1 as it is now: a file copied over another block's,
     or a later block whose predecessor changed, is refused in one line (it resumed with exit 0)."""
-    from test_cli import assert_user_error
+    from helpers import assert_user_error
 
     first = _quantize_cli(tmp_path, "--model", reference_dir)
     assert first.exit_code == 0, first.output

@@ -1,4 +1,4 @@
-"""Calibration / evaluation text sources and token windows."""
+"""Calibration / evaluation text sources (a ``.txt`` is text as written) and token windows."""
 
 from __future__ import annotations
 
@@ -66,3 +66,17 @@ def test_token_stream_ends_every_document_with_eos(reference_dir):
     stream = token_stream(tokenizer, ["Anna is kind.", "Tom sleeps."])
     assert (stream == tokenizer.eos_token_id).sum().item() == 2 and stream[-1].item() == tokenizer.eos_token_id
     assert tokenizer.bos_token_id not in stream.tolist()
+
+
+def test_txt_is_text_as_written(tmp_path):
+    verse = "The sea is calm,\n  the moon is high.\n\n\nA second poem\nends here.\r\n \nLast."
+    file = tmp_path / "verse.txt"
+    file.write_bytes(verse.encode())
+    assert load_texts(str(file)) == ["The sea is calm,\n  the moon is high.", "A second poem\nends here.", "Last."]
+    assert load_texts(str(file), txt_documents="lines") == [
+        "The sea is calm,", "the moon is high.", "A second poem", "ends here.", "Last."]
+    file.write_bytes(b"\xef\xbb\xbfOne\rtwo\r\rThree")  # a byte-order mark and old Mac line ends
+    assert load_texts(str(file)) == ["One\ntwo", "Three"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "x"}\n')
+    assert load_texts(str(jsonl)) == ["x"]

@@ -32,12 +32,6 @@ def ternary_tensors(draw: st.DrawFn, max_ndim: int = 3) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).reshape(shape).to(dtype)
 
 
-@pytest.fixture(scope="module")
-def hf_bitnet():
-    assert os.environ.get("TORCH_COMPILE_DISABLE") == "1", "set TORCH_COMPILE_DISABLE=1 before importing transformers"
-    from transformers.integrations import bitnet
-
-    return bitnet
 
 
 # ---------------------------------------------------------------------------------------- round trip

@@ -1,20 +1,30 @@
-"""lm-eval evaluation of reloaded models on the offline reference tasks."""
+"""lm-eval evaluation of reloaded models on the offline reference tasks, perplexity and its warnings, and which
+tasks and baseline a model gets."""
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import (
+    REFERENCE,
+    REPO,
+    invoke,
+    other_tokenizer,
+    tiny,
+)
 from typer.testing import CliRunner
 
 import bitnet_convert
 from bitnet_convert.cli import app
 from bitnet_convert.errors import DataError
 from bitnet_convert.evaluation.evaluate import TASKS_DIR, EvalSettings, lm_eval_results, task_spec
+from bitnet_convert.io.checkpoint import open_checkpoint
+from bitnet_convert.io.data import load_texts
 
 
 def test_builtin_task_specs_point_at_committed_data():
@@ -130,3 +140,61 @@ def test_a_hub_task_without_the_hub_is_a_clear_error(converted, monkeypatch):
     code, output = _eval(converted, "--tasks", "arc_easy", "--limit", "2", "--no-baseline")
     assert code == 2 and "dataset could not be loaded (HF_HUB_OFFLINE is set)" in output, output
     assert "Traceback" not in output
+
+
+def test_perplexity_names_positions_beyond_training_and_files_without_splits(tmp_path, reference_dir):
+    data = tmp_path / "v.txt"
+    data.write_text("\n\n".join(load_texts("builtin:reference", "validation")[:60]))
+    result = invoke("perplexity", reference_dir, "--data", data, "--seq-len", "1024")
+    assert result.exit_code == 0, result.output
+    assert "--seq-len 1024 is longer than the model's max_position_embeddings (512)" in result.output
+    assert "v.txt perplexity" in " ".join(result.output.split()) and ":validation" not in result.output
+
+
+def test_a_tokenizer_without_bos_is_named_in_perplexity(tmp_path):
+    model = tmp_path / "nobos"
+    shutil.copytree(REFERENCE, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["bos_token"] = None
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    data = tmp_path / "v.txt"
+    data.write_text("\n".join(load_texts("builtin:reference", "validation")[:30]))
+    result = invoke("perplexity", model, "--data", data, "--seq-len", "64", "--txt-documents", "lines")
+    assert result.exit_code == 0, result.output
+    assert "warning: the tokenizer of" in result.output and "has no BOS token" in result.output
+    assert "windows without BOS" in result.output
+
+
+def test_lm_eval_prints_no_git_probe_and_no_bars_outside_a_checkout(tmp_path, capfd, monkeypatch):
+    from bitnet_convert.evaluation.evaluate import EvalSettings, lm_eval_results
+
+    monkeypatch.chdir(tmp_path)
+    model = bitnet_convert.load(REFERENCE)
+    lm_eval_results(model, bitnet_convert.load_tokenizer(REFERENCE), ["reference_agreement"], EvalSettings(limit=2))
+    err = capfd.readouterr().err
+    assert "fatal" not in err and "it/s]" not in err
+
+
+def test_default_tasks_follow_the_model_not_its_location(tmp_path):
+    from bitnet_convert.evaluation.evaluate import HUB_TASKS, REFERENCE_TASKS, default_tasks
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(REFERENCE, copy)
+    assert default_tasks(open_checkpoint(copy)) == REFERENCE_TASKS
+    tokenizer = json.loads((copy / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer, indent=1))  # re-saved: the same tokenizer
+    assert default_tasks(open_checkpoint(copy)) == REFERENCE_TASKS
+    other = tmp_path / "other"
+    shutil.copytree(REFERENCE, other)
+    assert default_tasks(open_checkpoint(other_tokenizer(other))) == HUB_TASKS
+
+
+def test_the_reference_models_baseline_is_not_used_for_another_model(tmp_path):
+    model = other_tokenizer(tiny(tmp_path))
+    report = tmp_path / "eval.json"
+    result = invoke("eval", model, "-r", REPO / "recipes/a48.yaml", "--tasks", "reference_agreement", "--limit", "2",
+                    "-o", report)
+    assert result.exit_code == 0, result.output
+    assert "warning: not comparing with the recipe's baseline eval/baselines/b158.json" in result.output
+    written = json.loads(report.read_text())
+    assert "comparison" not in written and "not comparing" in written["warnings"][0]

@@ -1,15 +1,12 @@
-"""The native backend: kernel codes equal the reference quantizers', scalar and AVX2 agree bit for bit, integer
-sums are exact for any thread count, and the native model computes the reference backend's numbers."""
+"""The native backend (``native/backend.py``): the native model computes the reference backend's numbers, every
+export runs on it, it falls back or refuses clearly without a compiler, and it streams in ``generate``."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import REFERENCE
-from test_cli import assert_user_error, invoke
-from test_field_reports import rms_norm_checkpoint
+from helpers import REFERENCE, assert_user_error, invoke, random_case, rms_norm_checkpoint
+from helpers import native_ops as ops
 
 import bitnet_convert
 from bitnet_convert.errors import BackendError
@@ -19,151 +16,37 @@ from bitnet_convert.io.data import load_texts, token_stream, windows
 from bitnet_convert.io.load import build_for_backend, load_tokenizer
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
-from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.linear import QuantLinear
-from bitnet_convert.quant.packing import pack_ternary
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 
-OPS = None
 REPO_RECIPE = str(REFERENCE.parents[2] / "recipes" / "a48.yaml")
-SPECS = {
-    "int8 absmax": ActivationSpec(method="absmax", bits=8),
-    "int4 absmax": ActivationSpec(method="absmax", bits=4),
-    "int4 absmean": ActivationSpec(method="absmean", bits=4),
-    "int6 absmean": ActivationSpec(method="absmean", bits=6),
-    "fp4 e2m1": ActivationSpec(method="fp4_e2m1"),
-    "top-50% int8": ActivationSpec(method="absmax", bits=8, topk=0.5),
-    "top-50% fp4": ActivationSpec(method="fp4_e2m1", topk=0.5),
-    "threshold int8": ActivationSpec(method="absmax", bits=8, threshold=0.3),
-}
+INT4_ABSMEAN = ActivationSpec(method="absmean", bits=4)
+TOP50_INT8 = ActivationSpec(method="absmax", bits=8, topk=0.5)
 
 
-def ops():
-    kernels.ensure_built()  # no skip: CI has a compiler, and a broken build must fail here
-    return torch.ops.bitnet_convert
 
 
-def isas() -> list[int]:
-    ops()
-    return [kernels.ISA_SCALAR] + ([kernels.ISA_AVX2] if torch.ops.bitnet_convert.cpu_has_avx2() else [])
 
 
-def reference_codes(x: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, s = spec.integer_codes(x)
-    return codes, s.reshape(-1)
 
 
-def with_ties(row: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
-    """``row`` with 45 entries moved onto (or one ulp beside) values whose product with the scale is exactly
-    ``k + 0.5`` — round-half-to-even decides their codes. Iterated to a fixed point, since the entries change an
-    absmean scale (a contraction: they are a small share of the row's mean)."""
-    row = row.clone()
-    n = 45
-    for _ in range(12):
-        s = reference_codes(row[None], spec)[1][0]
-        k = torch.arange(n, dtype=torch.float32) % 7 - 3
-        target = (k + 0.5) / s
-        nudged = torch.stack([torch.nextafter(target, -target.sign() * math.inf), target,
-                              torch.nextafter(target, target.sign() * math.inf)], dim=1).reshape(-1)[:n]
-        row[1 : n + 1] = nudged
-    return row
 
 
-def inputs(spec: ActivationSpec) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randn(6, 300, generator=g) * torch.tensor([[0.01], [1.0], [3.0], [50.0], [1e-4], [1.0]])
-    rows[1, ::3] = 0.0
-    zero = torch.zeros(1, 300)
-    tied = torch.full((1, 300), 0.75)  # top-K ties: every |x| equal
-    tied[0, ::2] = -0.75
-    return torch.cat([rows, zero, tied, with_ties(rows[1], spec)[None], with_ties(rows[3], spec)[None]])
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_kernel_codes_equal_the_reference_quantizer(name):
-    spec = SPECS[name]
-    x = inputs(spec)
-    want, s_want = reference_codes(x, spec)
-    if spec.method in ("absmax", "absmean") and spec.topk is None and spec.threshold is None:
-        t = x[-2:] * s_want[-2:, None]
-        assert ((t - t.floor()) == 0.5).sum() >= 5  # the tie rows do exercise round-half-to-even
-    for isa in isas():
-        codes, s, sums = native.quantize(x, spec, isa)
-        assert codes.dtype == torch.int8 and codes.shape == (x.shape[0], 384)  # 300 padded to 3 · 128
-        assert torch.equal(codes[:, :300].float(), want), name
-        assert not codes[:, 300:].any()
-        assert torch.equal(s, s_want)
-        assert torch.equal(sums, want.sum(-1).int())
 
 
-def random_case(n: int, k: int, t: int, seed: int, zero_share: float = 0.5):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
-    x = torch.randn(t, k, generator=g) * (torch.rand(t, k, generator=g) > zero_share)
-    return w, x
 
 
-@pytest.mark.parametrize(("n", "k", "t"), [(12, 20, 1), (192, 192, 3), (260, 520, 5), (64, 1000, 9)])
-def test_dense_and_sparse_gemm_are_exact_integer_sums(n, k, t):
-    w, x = random_case(n, k, t, seed=n + k + t)
-    packed = pack_ternary(w)
-    for isa in isas():
-        codes, s, sums = ops().quantize_absmax(x, 8, isa)
-        exact = (codes[:, :k].long() @ w.long().t()).float()  # int64: the true sums
-        for divide in (False, True):  # α that multiplies, or 1/α that divides (the bitlinear convention)
-            want = exact / (s[:, None] * 0.37) if divide else exact / s[:, None] * 0.37
-            dense = ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.37, divide, isa)
-            sparse = ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), n, 0.37, divide, isa)
-            assert torch.equal(dense, want) and torch.equal(sparse, want)
 
 
-def test_scalar_and_avx2_paths_agree_bit_for_bit():
-    if kernels.ISA_AVX2 not in isas():
-        pytest.skip("this CPU has no AVX2: only the scalar path exists here")
-    w, x = random_case(300, 700, 7, seed=1)
-    x[2] *= 1e3
-    packed = pack_ternary(w)
-    scale = F.absmean_scale(x, 4).reshape(-1)
-    wb = torch.randn(300, 704, generator=torch.Generator().manual_seed(2)).bfloat16()
-    xb = torch.randn(7, 704, generator=torch.Generator().manual_seed(3))
-    results = []
-    for isa in (kernels.ISA_SCALAR, kernels.ISA_AVX2):
-        codes, s, sums = ops().quantize_absmax(x, 8, isa)
-        codes4, sums4 = ops().quantize_scaled(x, scale, -8, 7, isa)
-        results.append([codes, s, sums, codes4, sums4,
-                        ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.5, False, isa),
-                        ops().ternary_gemm(codes[:1], sums[:1], s[:1], kernels.rows_layout(packed), 0.3, True, isa),
-                        ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 300, 0.5, False, isa),
-                        ops().bf16_gemm(xb, wb, isa), ops().bf16_gemm(xb[:1], wb, isa)])
-    for scalar, avx2 in zip(*results, strict=True):
-        assert torch.equal(scalar, avx2)
 
-
-def test_results_do_not_depend_on_the_thread_count():
-    w, x = random_case(520, 640, 6, seed=4)
-    packed = pack_ternary(w)
-    wb = torch.randn(520, 640, generator=torch.Generator().manual_seed(5)).bfloat16()
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            codes, s, sums = ops().quantize_absmax(x, 8, kernels.isa())
-            outputs.append([ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 1.0, False,
-                                               kernels.isa()),
-                            ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 520, 1.0, False,
-                                                      kernels.isa()),
-                            ops().bf16_gemm(x, wb, kernels.isa())])
-    finally:
-        torch.set_num_threads(threads)
-    for other in outputs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(outputs[0], other, strict=True))
 
 
 def test_native_linear_keeps_two_bits_per_weight_and_matches_quant_linear():
     w, x = random_case(200, 300, 4, seed=6)
-    for spec, sparse in ((SPECS["int4 absmean"], False), (SPECS["top-50% int8"], True)):
+    for spec, sparse in ((INT4_ABSMEAN, False), (TOP50_INT8, True)):
         reference = QuantLinear.from_ternary(w, torch.tensor([0.2]), spec)
         module = native.NativeLinear(reference, sparse)
         assert module.weight.dtype == torch.uint8
@@ -227,7 +110,7 @@ def test_every_export_dtype_and_shape_runs_on_the_default_backend(tmp_path, case
     """Field reports: an fp16 export of a tied model stopped in the lm_head (fp32 input, fp16 weight), and a hidden
     size the bf16 lm_head kernel does not take (not a multiple of 8) stopped with 'K must be a multiple of 8'.
     Both now run on the native backend and give the reference backend's logits."""
-    from conftest import write_tiny_checkpoint
+    from helpers import write_tiny_checkpoint
 
     shape = {"hidden_size": 100, "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 52} \
         if "100" in case else {}
@@ -250,9 +133,6 @@ def test_every_export_dtype_and_shape_runs_on_the_default_backend(tmp_path, case
     assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())
 
 
-def test_the_bf16_kernel_refuses_a_width_it_does_not_take():
-    with pytest.raises(ValueError, match=r"in_features a multiple of 8; got torch.bfloat16 \[4, 100\]"):
-        native.Bf16Linear(torch.zeros(4, 100, dtype=torch.bfloat16))
 
 
 # ------------------------------------------------------------------------------- selection and fallback
@@ -296,7 +176,7 @@ def test_generate_streams_with_the_native_backend():
 
 def test_sibling_linears_share_the_input_codes_and_in_place_changes_are_seen():
     w, x = random_case(64, 256, 3, seed=7)
-    spec = SPECS["int4 absmean"]
+    spec = INT4_ABSMEAN
     first = native.NativeLinear(QuantLinear.from_ternary(w, torch.tensor([0.5]), spec), False)
     second = QuantLinear.from_ternary(-w, torch.tensor([0.5]), spec)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Low-bit attention: bit packing, the K/V quantizer, fake quant in attention, the packed cache, generate."""
+"""Low-bit attention: bit packing, the K/V quantizer, fake quant in attention, the packed cache, generate, and
+left-padded batches."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import (
+    REPO,
+)
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
@@ -256,3 +259,82 @@ def test_kv_bits_out_of_range_and_unsupported_models_are_clear_errors():
         kv.install(gpt2, PAPER)
     with pytest.raises(ValueError, match="key_granularity 'channel' is for evaluation"):
         PackedKVCache.for_model(gpt2, AttentionSpec(k_bits=3, v_bits=3, key_granularity="channel"))
+
+
+@pytest.fixture(scope="module")
+def kv3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pad") / "kv3"
+    bitnet_convert.quantize(REPO / "recipes/a48-kv3.yaml", output=str(out), calibration__samples=0)
+    return bitnet_convert.load(out), bitnet_convert.load_tokenizer(out)
+
+
+def test_left_padded_batch_equals_single_prompts(kv3):
+    from bitnet_convert.quant.kv import PackedKVCache
+
+    model, tokenizer = kv3
+    prompts = ["Anna is a kind baker who", "Tom"]
+    rows = [tokenizer(p, return_tensors="pt").input_ids[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.full((width - len(r),), tokenizer.pad_token_id), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)])
+                        for r in rows])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=positions).logits
+        for i, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            assert (batch[i, width - len(row):] - alone).abs().max() <= 1e-4 * (alone.max() - alone.min())
+        for cache in (lambda: PackedKVCache.for_model(model), lambda: None):
+            padded = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache=cache(),
+                                    pad_token_id=tokenizer.pad_token_id)
+            for i, row in enumerate(rows):
+                single = model.generate(row[None], max_new_tokens=12, do_sample=False, cache=cache(),
+                                        pad_token_id=tokenizer.pad_token_id)
+                assert padded[i, width:].tolist() == single[0, len(row):].tolist()
+
+
+def test_left_padding_is_outside_per_channel_key_statistics_in_the_model(kv3):
+    from bitnet_convert.quant.kv import AttentionSpec, install, spec_of
+
+    model, tokenizer = kv3
+    paper = spec_of(model)
+    install(model, AttentionSpec(k_bits=3, v_bits=3, key_granularity="channel"))
+    try:
+        row = tokenizer("Anna is a kind baker who", return_tensors="pt").input_ids[0]
+        ids = torch.cat([torch.full((3,), tokenizer.pad_token_id), row])[None]
+        mask = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(len(row), dtype=torch.long)])[None]
+        with torch.no_grad():
+            padded = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[0, 3:]
+            alone = model(row[None]).logits[0]
+        assert (padded - alone).abs().max() <= 1e-4 * (alone.max() - alone.min())
+    finally:
+        install(model, paper)
+
+
+def test_lm_eval_batching_does_not_change_kv3_results(kv3):
+    """lm-eval's two batching paths: log-likelihood batches (right padding) give the results of batch size 1,
+    and its generation path (left padding through ``tok_batch_encode`` and ``generate``) the tokens of each prompt
+    alone."""
+    from lm_eval.models.huggingface import HFLM
+
+    from bitnet_convert.evaluation.evaluate import EvalSettings, lm_eval_results
+
+    model, tokenizer = kv3
+    one, many = (lm_eval_results(model, tokenizer, ["reference_agreement"], EvalSettings(limit=6, batch_size=b))
+                 for b in (1, 6))
+    assert one == many
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    prompts = ["Anna is a kind baker who lives in", "Tom"]
+
+    def generated(batch: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+        ids, mask = lm.tok_batch_encode(batch)
+        out = lm._model_generate(ids, max_length=ids.shape[1] + 10, stop=["\n\n\n"], attention_mask=mask,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return [row[ids.shape[1]:].tolist() for row in out.sequences], torch.stack(out.logits, dim=1)
+
+    tokens, scores = generated(prompts)
+    for i, prompt in enumerate(prompts):
+        alone_tokens, alone_scores = generated([prompt])
+        assert tokens[i] == alone_tokens[0]
+        span = alone_scores.max() - alone_scores.min()
+        assert (scores[i] - alone_scores[0]).abs().max() <= 1e-4 * span

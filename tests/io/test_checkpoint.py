@@ -1,67 +1,32 @@
-"""Checkpoint reading: the three HF BitNet layouts, sharding, and the errors for what is not a b1.58 LM."""
+"""Checkpoint reading: the three HF BitNet layouts, sharding, fields that change what the model computes
+(``use_rms_norm``, ``modules_to_not_convert``), and the errors for what is not a b1.58 LM."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_linears_match, assert_same_predictions
+from helpers import (
+    REPO,
+    assert_linears_match,
+    assert_same_predictions,
+    logits,
+    quantization_config,
+    rms_norm_checkpoint,
+    tiny,
+    write_packed,
+)
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+import bitnet_convert
 from bitnet_convert.errors import CheckpointError
-from bitnet_convert.io.checkpoint import Layout, open_checkpoint
-from bitnet_convert.quant.packing import pack_ternary
+from bitnet_convert.io.checkpoint import open_checkpoint
 from bitnet_convert.quant.schemes import PRESETS
 from bitnet_convert.runtime.modeling import build_model
-
-
-def write_packed(source: Path, target: Path, linear_class: str) -> Path:
-    """Re-store a master checkpoint packed: ``autobitlinear`` (scale = α) or ``bitlinear`` (scale = 1/α)."""
-    checkpoint = open_checkpoint(source)
-    tensors = dict(checkpoint.other_tensors())
-    for name in checkpoint.linear_names():
-        codes, alpha = checkpoint.ternary(name)
-        tensors[f"{name}.weight"] = pack_ternary(codes)
-        tensors[f"{name}.weight_scale"] = alpha if linear_class == "autobitlinear" else 1.0 / alpha
-    target.mkdir(parents=True)
-    save_file(tensors, target / "model.safetensors")
-    config = dict(checkpoint.config)
-    config["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class,
-                                     "quantization_mode": "offline"}
-    (target / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (source / name).exists():
-            shutil.copyfile(source / name, target / name)
-    return target
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def test_all_three_layouts_load_and_agree(tmp_path, reference_dir, reference_ids):
-    auto = write_packed(reference_dir, tmp_path / "auto", "autobitlinear")
-    bitlinear = write_packed(reference_dir, tmp_path / "bitlinear", "bitlinear")
-    checkpoints = [open_checkpoint(p) for p in (reference_dir, auto, bitlinear)]
-    assert [c.layout for c in checkpoints] == [Layout.MASTER, Layout.PACKED_AUTOBITLINEAR, Layout.PACKED_BITLINEAR]
-    master = checkpoints[0]
-    for name in master.linear_names():
-        codes, alpha = master.ternary(name)
-        for other in checkpoints[1:]:
-            other_codes, other_alpha = other.ternary(name)
-            assert torch.equal(other_codes, codes)
-            torch.testing.assert_close(other_alpha, alpha, rtol=1e-6, atol=0)
-    outputs = [logits(build_model(c, PRESETS["a48"]), reference_ids) for c in checkpoints]
-    assert torch.equal(outputs[0], outputs[1])
-    # bitlinear stores 1/α: α comes back within an ulp, and the activation quantizers' RoundClip turns such
-    # differences into a few whole quantization steps downstream — the models agree as predictors.
-    assert_same_predictions(outputs[2], outputs[0], reference_ids)
 
 
 def test_packed_bitlinear_linears_match_stock_transformers(tmp_path, reference_dir):
@@ -146,8 +111,43 @@ def test_directory_without_config(tmp_path):
 
 
 def test_out_features_not_divisible_by_four(tmp_path):
-    from conftest import write_tiny_checkpoint
+    from helpers import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "odd", intermediate_size=46)
     with pytest.raises(CheckpointError, match="out_features=46, not divisible by 4"):
         build_model(open_checkpoint(path), PRESETS["a48"])
+
+
+def test_use_rms_norm_matches_stock_transformers_online_and_packed(tmp_path):
+    source = rms_norm_checkpoint(tmp_path)
+    ids = torch.randint(4, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = bitnet_convert.load(source)
+    stock = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    assert stock.model.layers[0].mlp.up_proj.rms_norm is not None
+    assert_linears_match(ours, stock)  # every linear, RMSNorm included, to fp32 rounding
+    conversion = bitnet_convert.quantize(REPO / "recipes/b158.yaml", model=str(source), output=str(tmp_path / "b158"),
+                                         calibration__samples=0, export__dtype="float32")
+    exported = json.loads((conversion.output / "config.json").read_text())["quantization_config"]
+    assert exported["use_rms_norm"] is True and exported["rms_norm_eps"] == 1e-5
+    stock_packed = AutoModelForCausalLM.from_pretrained(conversion.output, dtype=torch.float32)
+    # the same predictor (stock sums dequantized floats, we sum exact integers; rounding flips a few codes)
+    assert_same_predictions(logits(stock_packed, ids), logits(conversion.model, ids), ids)
+    assert torch.equal(logits(bitnet_convert.load(conversion.output), ids), logits(conversion.model, ids))
+    # the a4.8 quantizers see the normalized input: the RMSNorm changes what is measured and computed
+    a48 = bitnet_convert.quantize(REPO / "recipes/a48.yaml", model=str(source), output=str(tmp_path / "a48"),
+                                  calibration__samples=0)
+    plain = build_model(open_checkpoint(tiny(tmp_path / "plain")), PRESETS["a48"])
+    assert (logits(a48.model, ids) - logits(plain, ids)).abs().max() > 0.1
+
+
+def test_use_rms_norm_without_tensors_uses_ones_as_transformers_does(tmp_path, caplog):
+    source = rms_norm_checkpoint(tmp_path, with_tensors=False)
+    with caplog.at_level("WARNING", logger="bitnet_convert"):
+        ours = bitnet_convert.load(source)
+    assert "use_rms_norm is true but 14 linear(s) have no rms_norm.weight" in caplog.text
+    assert_linears_match(ours, AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32))
+
+
+def test_lm_head_named_in_modules_to_not_convert_is_accepted(tmp_path):
+    source = quantization_config(tiny(tmp_path), modules_to_not_convert=["lm_head"])
+    assert open_checkpoint(source).input_norm_eps is None

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REFERENCE
 from filelock import FileLock
+from helpers import REFERENCE
 
 from bitnet_convert.native import build as kernels
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 import bitnet_convert
 from bitnet_convert.errors import RecipeError

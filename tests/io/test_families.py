@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, assert_same_predictions
+from helpers import REPO, assert_same_predictions, assert_user_error, invoke
 from safetensors.torch import load_file, save_file
-from test_cli import assert_user_error, invoke
 from transformers import AutoModelForCausalLM
 
 import bitnet_convert
 from bitnet_convert.evaluation.evaluate import perplexity
+from bitnet_convert.io import families
 from bitnet_convert.io.checkpoint import BUILTIN_MODELS, architecture_signature, open_checkpoint
 from bitnet_convert.io.data import load_texts, token_stream, windows
+from bitnet_convert.io.families import DECODER_LINEARS, role_of
 from bitnet_convert.io.load import build_for_backend, load_tokenizer
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.schemes import PRESETS, SWIGLU_DEFAULT, SWIGLU_DOWN, preset_roles
@@ -339,3 +340,53 @@ def test_bad_family_input_is_one_line(case, tmp_path):
     assert_user_error(invoke("quantize", "--model", model, "--output", out, "--set", "calibration.samples=0"),
                       *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("model.layers.0.self_attn.q_proj", "qkv"),
+        ("model.layers.0.self_attn.k_proj", "qkv"),
+        ("model.layers.0.self_attn.v_proj", "qkv"),
+        ("model.layers.29.self_attn.o_proj", "o"),
+        ("model.layers.3.mlp.gate_proj", "gate_up"),
+        ("model.layers.3.mlp.up_proj", "gate_up"),
+        ("model.layers.3.mlp.down_proj", "down"),
+        ("q_proj", "qkv"),
+        ("down_proj", "down"),
+        ("lm_head", None),
+        ("model.embed_tokens", None),
+        ("embed_tokens", None),
+        ("model.norm", None),
+        ("model.layers.0.input_layernorm", None),
+        ("model.layers.0.self_attn.attn_sub_norm", None),
+        ("model.layers.0.mlp.ffn_sub_norm", None),
+        ("model.layers.0.mlp", None),
+        ("model.layers.0.self_attn.q_proj.weight", None),
+        ("model.layers.0.self_attn.q_proj_extra", None),
+        ("", None),
+    ],
+)
+def test_role_of(name: str, role: str | None) -> None:
+    assert role_of(name) == role
+
+
+def test_role_table_is_exactly_the_seven_linears() -> None:
+    for family in families.FAMILIES:
+        assert family.linears == DECODER_LINEARS, family.name
+    assert [entry.path for entry in DECODER_LINEARS] == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert {entry.name: entry.table2 for entry in DECODER_LINEARS} == {
+        "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+        "down_proj": "down"}
+    assert [entry.name for entry in DECODER_LINEARS if entry.glu_gate] == ["up_proj"]
+    assert {entry.name: entry.role for entry in DECODER_LINEARS} == {
+        "q_proj": "qkv",
+        "k_proj": "qkv",
+        "v_proj": "qkv",
+        "o_proj": "o",
+        "gate_proj": "gate_up",
+        "up_proj": "gate_up",
+        "down_proj": "down",
+    }
