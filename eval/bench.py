@@ -60,6 +60,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "distill": distill.bench_distill,
     "recovery": recovery.bench_recovery,
     "runtime": runtime.bench_runtime,
+    "kernels": runtime.bench_kernels,
 }
 
 

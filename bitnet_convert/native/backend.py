@@ -9,10 +9,15 @@ What runs where:
   ``y = acc / s · α``. The reference backend computes the same ``(codes · T) / s · α`` in fp32, where the integer
   product is exact, so the linears agree bit for bit and the models differ only in the lm_head's summation order;
 * linears named by role in ``sparse_roles`` use the sparse-input kernel, which reads only the weight columns of
-  non-zero codes. Default: down_proj (relu²: 67–87% zero codes measured) in every a4.8 scheme, nothing for
-  ``b158``, which runs dense as b1.58 engines do. The top-K o_proj (50% zeros) runs dense by default: on the
-  benchmark machine the sparse kernel beats the dense one only above roughly 70–80% zeros
-  (``eval/bench.py --only runtime``), so at 50% skipping costs more than it saves;
+  non-zero codes (each column one contiguous run of bytes). Default in every a4.8 scheme: o_proj (top-K: 50% zero
+  codes) and down_proj (relu²: 67–87% zero codes measured); nothing for ``b158``, which runs dense as b1.58 engines
+  do. At 50% zeros the sparse kernel takes 0.7–0.9 of the dense kernel's time (``eval/bench.py --only kernels``);
+* a relu² FFN of an a4.8 scheme skips what relu² makes zero when few tokens go through it (decode: at most
+  :data:`GATED_MAX_TOKENS`): gate_proj runs whole, up_proj only for the outputs where relu²(gate) ≠ 0 for some
+  token (the dense kernel over those weight rows), and down_proj's sparse-input kernel reads only the columns of
+  those entries. A zero entry adds nothing to ffn_sub_norm's mean square or to the absmax of the down_proj input,
+  and the entries are the dense path's to the bit, so the output equals the dense FFN's exactly (tested). A
+  SwiGLU FFN has no exact zeros and keeps the dense path;
 * FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
   kernels with codes in [−12, 12];
 * embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
@@ -29,8 +34,11 @@ The native model is for inference: it has no gradients and no training forward.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
+from transformers.activations import ReLUSquaredActivation
 
 from bitnet_convert.io.families import ROLES, role_of
 from bitnet_convert.native import build as kernels
@@ -84,6 +92,8 @@ class NativeLinear(nn.Module):
         #: zero share of the quantized inputs seen since the last reset, as (zeros, total) when ``record_zeros``
         self.record_zeros = False
         self.zeros = [0, 0]
+        #: up_proj rows the gated relu² FFN did not compute, as (skipped, total) over tokens, when ``record_zeros``
+        self.skipped_rows = [0, 0]
 
     def quantizer_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the input quantizer sees of the module input ``x`` (after the optional input RMSNorm)."""
@@ -104,6 +114,18 @@ class NativeLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[..., rows]`` computed from those weight rows alone (dense kernel; ``rows`` int64 ``[R]``):
+        ``[..., K]`` → ``[..., R]`` in ``x``'s dtype. Raises ``ValueError`` on the sparse-input layout."""
+        if self.sparse:
+            raise ValueError("rows() needs the dense kernel's layout; this linear runs on the sparse-input kernel")
+        lead = x.shape[:-1]
+        codes, s, sums = _quantized_input(self, x)
+        y = _ops().ternary_gemm_rows(codes, sums, s, self.weight, rows, self.alpha, self.divides, self.isa)
+        if self.bias is not None:
+            y = y + self.bias[rows]
+        return y.reshape(*lead, rows.numel()).to(x.dtype)
 
     def extra_repr(self) -> str:
         kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
@@ -160,8 +182,37 @@ class UpcastEmbedding(nn.Embedding):
         return super().forward(ids).float()
 
 
-#: Roles on the sparse-input kernel by default (a4.8 schemes); see the module docstring for why not ``o``.
-SPARSE_ROLES: tuple[str, ...] = ("down",)
+#: Roles on the sparse-input kernel by default (a4.8 schemes on relu² models; see the module docstring).
+SPARSE_ROLES: tuple[str, ...] = ("o", "down")
+#: The most tokens a relu² FFN takes on its gated path (up_proj rows where relu²(gate) ≠ 0); more run dense. The
+#: union of the tokens' active rows is computed, which for many tokens is nearly every row.
+GATED_MAX_TOKENS = 8
+
+
+def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``BitNetMLP.forward`` (``down(ffn_sub_norm(relu²(gate(x)) · up(x)))``) with up_proj computed
+    only for the outputs where relu²(gate) ≠ 0 for some token; the other entries of the product are 0 as in the
+    dense path. ``x`` ``[..., hidden]`` → ``[..., hidden]``."""
+    if x.numel() // x.shape[-1] > GATED_MAX_TOKENS:
+        return type(mlp).forward(mlp, x)
+    act = mlp.act_fn(mlp.gate_proj(x))
+    rows = act.reshape(-1, act.shape[-1]).ne(0).any(0).nonzero().flatten()
+    product = torch.zeros_like(act)
+    product[..., rows] = act[..., rows] * mlp.up_proj.rows(x, rows)
+    up = mlp.up_proj
+    if up.record_zeros:
+        tokens = x.numel() // x.shape[-1]
+        up.skipped_rows[0] += (up.out_features - rows.numel()) * tokens
+        up.skipped_rows[1] += up.out_features * tokens
+    return mlp.down_proj(mlp.ffn_sub_norm(product))
+
+
+def _gateable(module: nn.Module) -> bool:
+    """Whether ``module`` is a relu² GLU FFN on the native kernels with the sub-norm layout of BitNet's MLP."""
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(isinstance(p, NativeLinear) for p in parts) and not parts[1].sparse
+            and isinstance(getattr(module, "ffn_sub_norm", None), nn.Module)
+            and isinstance(getattr(module, "act_fn", None), ReLUSquaredActivation))
 
 
 def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None) -> nn.Module:
@@ -174,9 +225,9 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
     the kernels cannot be built and ``ValueError`` for an unknown role.
     """
     kernels.ensure_built()
+    a48_relu2 = scheme != "b158" and getattr(model.config, "hidden_act", "relu2") in SPARSE_GLU
     if sparse_roles is None:  # a SwiGLU down_proj input is dense: the sparse-input kernel would only be slower
-        relu2 = getattr(model.config, "hidden_act", "relu2") in SPARSE_GLU
-        sparse_roles = SPARSE_ROLES if scheme != "b158" and relu2 else ()
+        sparse_roles = SPARSE_ROLES if a48_relu2 else ()
     unknown = sorted(set(sparse_roles) - set(ROLES))
     if unknown:
         raise ValueError(f"sparse_roles: unknown role '{unknown[0]}'; expected some of {', '.join(ROLES)}")
@@ -184,6 +235,10 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
         if not isinstance(module, QuantLinear) or METHODS[module.spec.method].native is None:
             continue
         model.set_submodule(name, NativeLinear(module, role_of(name) in sparse_roles))
+    if a48_relu2:
+        for module in model.modules():
+            if _gateable(module):
+                module.forward = types.MethodType(_gated_relu2_forward, module)
     _convert_embeddings(model)
     model.requires_grad_(False)
     trim_heap()  # the heap pages freed while repacking go back to the OS (else the resident size keeps the copies)
@@ -212,14 +267,19 @@ def _convert_embeddings(model: nn.Module) -> None:
 
 def linear_zero_shares(model: nn.Module) -> dict[str, float]:
     """Measured zero share of the quantized inputs per role (``o``, ``down``, …) since the last
-    :func:`record_zeros` ``(model, True)``."""
+    :func:`record_zeros` ``(model, True)``, and under ``"up rows skipped"`` the share of up_proj outputs the gated
+    relu² FFN did not compute (when it ran)."""
     totals: dict[str, list[int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, NativeLinear) and module.zeros[1]:
             acc = totals.setdefault(role_of(name) or name, [0, 0])
             acc[0] += module.zeros[0]
             acc[1] += module.zeros[1]
-    return {role: zeros / total for role, (zeros, total) in totals.items()}
+    shares = {role: zeros / total for role, (zeros, total) in totals.items()}
+    skipped = [sum(m.skipped_rows[i] for m in model.modules() if isinstance(m, NativeLinear)) for i in (0, 1)]
+    if skipped[1]:
+        shares["up rows skipped"] = skipped[0] / skipped[1]
+    return shares
 
 
 def record_zeros(model: nn.Module, on: bool) -> None:
@@ -229,3 +289,4 @@ def record_zeros(model: nn.Module, on: bool) -> None:
             module.record_zeros = on
             if on:
                 module.zeros = [0, 0]
+                module.skipped_rows = [0, 0]

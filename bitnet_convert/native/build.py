@@ -1,8 +1,9 @@
 """Native CPU kernels: build on first use, run-time ISA choice, weight repacking.
 
-The C++ source (``a48_kernels.cpp``) is compiled with ``torch.utils.cpp_extension`` the first time a native op is
-needed and cached in ``$XDG_CACHE_HOME/bitnet-convert/kernels/<key>`` (default ``~/.cache``), where the key hashes
-the source, torch's version, the Python version and the machine; a changed source or a different machine builds
+The C++ sources (``csrc/``: one file per kernel family and ``ops.cpp``, which registers them) are compiled with
+``torch.utils.cpp_extension`` the first time a native op is needed and cached in
+``$XDG_CACHE_HOME/bitnet-convert/kernels/<key>`` (default ``~/.cache``), where the key hashes the sources and
+headers, torch's version, the Python version and the machine; a changed source or a different machine builds
 anew. Concurrent first uses wait for one build, under a ``filelock`` lock the OS releases when its holder dies (a
 build killed half-way is started again, never waited on), for at most ``BITNET_CONVERT_BUILD_WAIT`` seconds; a
 finished build records its library's SHA-256, and a library that does not match it (a killed build's) is rebuilt.
@@ -34,7 +35,10 @@ from bitnet_convert.notes import warn
 from bitnet_convert.quant.packing import unpack_ternary
 from bitnet_convert.runtime.env import env_seconds
 
-SOURCE = Path(__file__).parent / "csrc" / "a48_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
+#: The translation units of the build, and every file the build key hashes (headers included).
+SOURCES = sorted(CSRC.glob("*.cpp"))
+BUILD_INPUTS = sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")])
 #: Inputs (or outputs) per packed block of the kernels' layouts; K and N are padded to a multiple of it.
 BLOCK = 128
 #: The bf16-weight GEMM (lm_head) reads 8 inputs per vector step: its K must be a multiple of this (see
@@ -64,8 +68,10 @@ def cache_root() -> Path:
 
 
 def build_key() -> str:
-    """Hash of everything a build depends on: source, flags, torch and Python versions, machine."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """Hash of everything a build depends on: sources and headers, flags, torch and Python versions, machine."""
+    digest = hashlib.sha256()
+    for path in BUILD_INPUTS:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     for part in (" ".join(CFLAGS), torch.__version__, sys.version, platform.machine(), platform.platform()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
@@ -175,7 +181,7 @@ def _build(name: str, directory: Path, library: Path) -> None:
     except OSError as exc:
         raise NativeUnavailable(f"native backend unavailable: cannot create {directory} ({exc.strerror})") from None
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
+        cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=OPENMP,
                            build_directory=str(directory), is_python_module=False, verbose=False)
     except (RuntimeError, OSError, ImportError, SystemExit) as exc:
         log = directory / "build.log"
@@ -267,12 +273,11 @@ def rows_layout(packed: torch.Tensor) -> torch.Tensor:
 
 
 def cols_layout(packed: torch.Tensor) -> torch.Tensor:
-    """The sparse-input kernel's layout: uint8 ``[N/4, K]`` → ``[Np/256, Kp, 64]`` (block-major columns: one
-    64-byte line holds one input's weights for 256 outputs; see the C++ file)."""
+    """The sparse-input kernel's layout: uint8 ``[N/4, K]`` → ``[Kp, Np/4]``, column-contiguous (input ``k``'s
+    weights for all outputs in one run of ``Np/4`` bytes, outputs in blocks of 128 as the rows layout holds inputs;
+    see ``csrc/ops.cpp``). Memory stays 2 bits per weight plus padding to multiples of 128."""
     u = (unpack_ternary(packed) + 1).view(torch.uint8)
     n, k = u.shape
-    n_pad = -(-n // (2 * BLOCK)) * 2 * BLOCK
-    full = torch.ones(padded(k), n_pad, dtype=torch.uint8)
+    full = torch.ones(padded(k), padded(n), dtype=torch.uint8)
     full[:k, :n] = u.t()
-    lines = _interleave(full).view(padded(k), n_pad // (2 * BLOCK), 2 * BLOCK // 4)  # [Kp, Np/256, 64]
-    return lines.transpose(0, 1).contiguous()
+    return _interleave(full)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import REFERENCE, assert_user_error, invoke, random_case, rms_norm_checkpoint
 from helpers import native_ops as ops
+from transformers import DynamicCache
 
 import bitnet_convert
 from bitnet_convert.errors import BackendError
@@ -93,6 +94,46 @@ def test_native_model_computes_the_reference_numbers(preset, validation_windows)
                                  pad_token_id=3)
         generated.append(out[0, 12:])
     assert generated[0].numel() == 200 and torch.equal(generated[0], generated[1])
+
+
+def _decode_through(model, mlps, forwards, ids):
+    """``ids[:, :32]`` as a prompt (more tokens than the gated path takes), then 1 token, then 3, with the FFNs'
+    forwards set to ``forwards``: layer 0's down_proj inputs and the logits of each call."""
+    for mlp, forward in zip(mlps, forwards, strict=True):
+        mlp.forward = forward
+    inputs, logits = [], []
+    hook = mlps[0].down_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            cache = DynamicCache()
+            for part in (ids[:, :32], ids[:, 32:33], ids[:, 33:36]):
+                logits.append(model(part, cache=cache, use_cache=True).logits)
+    finally:
+        hook.remove()
+    return inputs, logits
+
+
+def test_relu2_ffn_skips_what_relu2_makes_zero_and_equals_the_dense_path(validation_windows):
+    """At decode the a48 FFN computes up_proj only where relu²(gate) ≠ 0 (most rows skipped on the trained
+    reference model) and the sparse down_proj reads only those columns; the down_proj input, its codes and the
+    logits equal the dense FFN's to the bit, for one token and for a few together."""
+    _, fast = models("a48")
+    mlps = [layer.mlp for layer in fast.model.layers]
+    assert all("forward" in vars(mlp) for mlp in mlps), "every relu² FFN takes the gated path"
+    gated = [vars(mlp)["forward"] for mlp in mlps]
+    dense = [type(mlp).forward.__get__(mlp) for mlp in mlps]
+    native.record_zeros(fast, True)
+    gated_inputs, gated_logits = _decode_through(fast, mlps, gated, validation_windows[:1])
+    skipped = native.linear_zero_shares(fast)["up rows skipped"]
+    native.record_zeros(fast, False)
+    dense_inputs, dense_logits = _decode_through(fast, mlps, dense, validation_windows[:1])
+    spec = mlps[0].down_proj.spec
+    for a, b in zip(gated_inputs, dense_inputs, strict=True):
+        assert torch.equal(a, b)
+        codes = [native.quantize(x.reshape(-1, x.shape[-1]), spec, kernels.isa())[0] for x in (a, b)]
+        assert torch.equal(*codes)
+    assert all(torch.equal(a, b) for a, b in zip(gated_logits, dense_logits, strict=True))
+    assert 0.5 < skipped < 0.95, skipped
 
 
 def test_native_backend_honours_the_input_rms_norm(tmp_path):

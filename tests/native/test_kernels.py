@@ -134,11 +134,45 @@ def test_results_do_not_depend_on_the_thread_count():
                                                kernels.isa()),
                             ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 520, 1.0, False,
                                                       kernels.isa()),
+                            # one token: its active columns split over the threads, partial sums added
+                            ops().ternary_gemm_sparse(codes[:1], sums[:1], s[:1], kernels.cols_layout(packed), 520,
+                                                      1.0, False, kernels.isa()),
+                            ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed),
+                                                    torch.arange(519, -1, -3), 1.0, False, kernels.isa()),
                             ops().bf16_gemm(x, wb, kernels.isa())])
     finally:
         torch.set_num_threads(threads)
     for other in outputs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outputs[0], other, strict=True))
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_sparse_gemv_and_chosen_rows_on_edge_cases(tokens):
+    """Tokens with no, one, 5% and all non-zero codes (several accumulation groups of column pairs, an odd count),
+    alone and together; and the dense kernel over a chosen subset of rows (repeats, any order, none)."""
+    g = torch.Generator().manual_seed(7)
+    n, k = 300, 1100
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randn(4, k, generator=g)
+    x[0] = 0
+    x[1, :] = 0
+    x[1, 777] = -2.5
+    x[2] *= torch.rand(k, generator=g) < 0.05
+    packed = pack_ternary(w)
+    rows = torch.tensor([5, 0, 299, 17, 17, 123])
+    for isa in isas():
+        for first in range(0, 4, tokens):
+            codes, s, sums = ops().quantize_absmax(x[first:first + tokens].contiguous(), 8, isa)
+            exact = (codes[:, :k].long() @ w.long().t()).float() / s[:, None] * 0.25
+            sparse = ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), n, 0.25, False, isa)
+            assert torch.equal(sparse, exact)
+            chosen = ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed), rows, 0.25, False, isa)
+            assert torch.equal(chosen, exact[:, rows])
+            none = ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed), rows[:0], 0.25, False, isa)
+            assert none.shape == (tokens, 0)
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 300 is outside \[0, 300\)"):
+        ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed), torch.tensor([0, 300]), 1.0, False,
+                                kernels.isa())
 
 
 def test_the_bf16_kernel_refuses_a_width_it_does_not_take():

@@ -1,0 +1,30 @@
+// The ops bitnet-convert's native backend registers under torch.ops.bitnet_convert (see ops.cpp), one kernel
+// family per file.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace bitnet_convert {
+
+// quantize.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax(const at::Tensor& x, int64_t bits, int64_t isa);
+std::tuple<at::Tensor, at::Tensor> quantize_scaled(const at::Tensor& x, const at::Tensor& s, int64_t lo, int64_t hi,
+                                                   int64_t isa);
+double zero_share(const at::Tensor& codes, int64_t K);
+
+// ternary_dense.cpp
+at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale, const at::Tensor& w,
+                        double alpha, bool divide, int64_t isa);
+at::Tensor ternary_gemm_rows(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
+                             const at::Tensor& w, const at::Tensor& rows, double alpha, bool divide, int64_t isa);
+
+// ternary_sparse.cpp
+at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
+                               const at::Tensor& w, int64_t N, double alpha, bool divide, int64_t isa);
+
+// bf16_gemm.cpp
+at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, int64_t isa);
+
+}  // namespace bitnet_convert

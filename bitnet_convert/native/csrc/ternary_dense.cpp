@@ -1,0 +1,131 @@
+// The dense ternary GEMM/GEMV over the `rows` layout (see ops.cpp): every output row, or a chosen subset of rows
+// (the up_proj rows that relu²(gate) keeps at decode).
+
+#include "common.h"
+#include "ops.h"
+
+namespace bitnet_convert {
+namespace {
+
+int32_t dot_row_scalar(const uint8_t* w, const int8_t* x, int64_t Kp) {
+  int32_t acc = 0;
+  for (int64_t b = 0; b < Kp / kBlock; ++b) {
+    const uint8_t* wb = w + b * 32;
+    const int8_t* xb = x + b * kBlock;
+    for (int p = 0; p < 4; ++p)
+      for (int i = 0; i < 32; ++i) acc += static_cast<int32_t>((wb[i] >> (2 * p)) & 3) * xb[32 * p + i];
+  }
+  return acc;
+}
+
+#if BC_X86
+// sum_k u[n, k] · x[t, k] for one row n and TT tokens (TT = 1..4), int16 partial sums widened every 8 blocks
+// (8 blocks · 4 planes · 512 < 2^15).
+template <int TT>
+BC_AVX2 void dot_rows_avx2(const uint8_t* w, const int8_t* const* x, int64_t Kp, int32_t* out) {
+  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i acc32[TT];
+  for (int t = 0; t < TT; ++t) acc32[t] = _mm256_setzero_si256();
+  const int64_t nb = Kp / kBlock;
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t b1 = b0 + 8 < nb ? b0 + 8 : nb;
+    __m256i acc16[TT];
+    for (int t = 0; t < TT; ++t) acc16[t] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
+      const __m256i u0 = _mm256_and_si256(wv, m3);
+      const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), m3);
+      const __m256i u2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m3);
+      const __m256i u3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), m3);
+      for (int t = 0; t < TT; ++t) {
+        const int8_t* xb = x[t] + b * kBlock;
+        __m256i s0 = _mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+        __m256i s1 = _mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32)));
+        __m256i s2 = _mm256_maddubs_epi16(u2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64)));
+        __m256i s3 = _mm256_maddubs_epi16(u3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 96)));
+        acc16[t] = _mm256_add_epi16(acc16[t], _mm256_add_epi16(_mm256_add_epi16(s0, s1), _mm256_add_epi16(s2, s3)));
+      }
+    }
+    for (int t = 0; t < TT; ++t) acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+  }
+  for (int t = 0; t < TT; ++t) out[t] = hsum_epi32(acc32[t]);
+}
+#endif
+
+}  // namespace
+
+namespace {
+
+// y[t, j] for output rows rows[j] (j < R; rows == nullptr: row j), the input of the weights in the `rows` layout.
+at::Tensor gemm_rows(const QuantizedInput& in, const at::Tensor& w, const int64_t* rows, int64_t R, double alpha_d,
+                     bool divide, int64_t isa) {
+  const int64_t T = in.T, Kp = in.Kp;
+  const float alpha = static_cast<float>(alpha_d);
+  auto y = at::empty({T, R}, at::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  // 64 rows of weights (<= 64 · Kp/4 bytes) stay in L2 while a 4-token tile of codes sits in L1
+  constexpr int64_t kRowTile = 64;
+  const int64_t grain = T == 1 ? 64 : 16;
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
+      const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
+      for (int64_t t0 = 0; t0 < T; t0 += 4) {
+        const int64_t tt = T - t0 < 4 ? T - t0 : 4;
+        const int8_t* xs[4];
+        for (int64_t j = 0; j < 4; ++j) xs[j] = in.codes + (t0 + (j < tt ? j : 0)) * Kp;
+        for (int64_t r = r0; r < r1; ++r) {
+          const uint8_t* wr = wp + (rows ? rows[r] : r) * (Kp / 4);
+          int32_t acc[4];
+#if BC_X86
+          if (isa == 1) {
+            if (tt == 4) dot_rows_avx2<4>(wr, xs, Kp, acc);
+            else if (tt == 3) dot_rows_avx2<3>(wr, xs, Kp, acc);
+            else if (tt == 2) dot_rows_avx2<2>(wr, xs, Kp, acc);
+            else dot_rows_avx2<1>(wr, xs, Kp, acc);
+          } else
+#endif
+          {
+            for (int64_t j = 0; j < tt; ++j) acc[j] = dot_row_scalar(wr, xs[j], Kp);
+          }
+          for (int64_t j = 0; j < tt; ++j)
+            yp[(t0 + j) * R + r] = finish(acc[j] - in.sums[t0 + j], in.scale[t0 + j], alpha, divide);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+void check_rows_layout(const at::Tensor& w, int64_t Kp) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 4 == Kp,
+              "w must be contiguous uint8 [N, Kp/4] matching the codes");
+}
+
+}  // namespace
+
+// y[t, n] = ((sum_k T[n, k] · codes[t, k]) / scale[t]) · alpha with T the ternary weight in the `rows` layout
+// (with `divide`: / (scale[t] · alpha), see finish()).
+at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
+                        const at::Tensor& w, double alpha, bool divide, int64_t isa) {
+  check_isa(isa);
+  const QuantizedInput in(codes, sums, scale);
+  check_rows_layout(w, in.Kp);
+  return gemm_rows(in, w, nullptr, w.size(0), alpha, divide, isa);
+}
+
+// y[t, j] = ternary_gemm's y[t, rows[j]]: only the chosen output rows are read and computed (int64 [R], each in
+// [0, N)).
+at::Tensor ternary_gemm_rows(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
+                             const at::Tensor& w, const at::Tensor& rows, double alpha, bool divide, int64_t isa) {
+  check_isa(isa);
+  const QuantizedInput in(codes, sums, scale);
+  check_rows_layout(w, in.Kp);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be int64 [R]");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t j = 0; j < rows.numel(); ++j)
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < w.size(0), "rows[", j, "] = ", rp[j], " is outside [0, ", w.size(0), ")");
+  return gemm_rows(in, w, rp, rows.numel(), alpha, divide, isa);
+}
+
+}  // namespace bitnet_convert
