@@ -66,6 +66,7 @@ at::Tensor gemm_rows(const QuantizedInput& in, const at::Tensor& w, const int64_
   float* yp = y.data_ptr<float>();
   // 64 rows of weights (<= 64 · Kp/4 bytes) stay in L2 while a 4-token tile of codes sits in L1
   constexpr int64_t kRowTile = 64;
+  constexpr int64_t kAhead = 4;
   const int64_t grain = T == 1 ? 64 : 16;
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
@@ -76,6 +77,11 @@ at::Tensor gemm_rows(const QuantizedInput& in, const at::Tensor& w, const int64_
         for (int64_t j = 0; j < 4; ++j) xs[j] = in.codes + (t0 + (j < tt ? j : 0)) * Kp;
         for (int64_t r = r0; r < r1; ++r) {
           const uint8_t* wr = wp + (rows ? rows[r] : r) * (Kp / 4);
+          // chosen rows are scattered runs of Kp/4 bytes, which the hardware prefetcher does not follow: fetch the
+          // row kAhead rows on while this one is computed (first token tile only: later tiles find them cached)
+          if (rows && t0 == 0 && r + kAhead < end)
+            for (int64_t line = 0; line < Kp / 4; line += 64)
+              __builtin_prefetch(wp + rows[r + kAhead] * (Kp / 4) + line, 0, 3);
           int32_t acc[4];
 #if BC_X86
           if (isa == 1) {

@@ -103,8 +103,7 @@ BC_AVX2 void group_avx2(const uint8_t* w, int64_t Np, const Active& a, size_t j0
       const uint8_t* la = w + static_cast<int64_t>(a.col[2 * j]) * stride + 32 * c;
       const uint8_t* lb = w + static_cast<int64_t>(a.col[2 * j + 1]) * stride + 32 * c;
       if (j - j0 < ahead)  // one line of the next group per step: line c/2 of its column 2(j - j0) + c % 2
-        _mm_prefetch(reinterpret_cast<const char*>(w + a.col[2 * (next + j - j0) + (c & 1)] * stride + 64 * (c / 2)),
-                     _MM_HINT_T0);
+        __builtin_prefetch(w + a.col[2 * (next + j - j0) + (c & 1)] * stride + 64 * (c / 2), 0, 3);
       const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(la));
       const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lb));
       const __m256i il = _mm256_unpacklo_epi8(va, vb), ih = _mm256_unpackhi_epi8(va, vb);
@@ -132,7 +131,7 @@ BC_AVX2 void group_avx2(const uint8_t* w, int64_t Np, const Active& a, size_t j0
 void accumulate(const uint8_t* w, int64_t Np, const Active& a, size_t j0, size_t j1, int32_t* acc, int64_t isa) {
   // the first group has no group before it to prefetch it: start its first lines now
   for (size_t j = 2 * j0; j < 2 * std::min(j1, j0 + kGroup); ++j)
-    _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<int64_t>(a.col[j]) * (Np / 4)), _MM_HINT_T0);
+    __builtin_prefetch(w + static_cast<int64_t>(a.col[j]) * (Np / 4), 0, 3);
   for (size_t g = j0; g < j1; g += kGroup) {
     const size_t g1 = g + kGroup < j1 ? g + kGroup : j1;
 #if BC_X86
