@@ -153,6 +153,11 @@ BackendOption = Annotated[
     typer.Option(help="native (integer CPU kernels), reference (torch fake-quantization) or auto (native when its "
                  "kernels build here, else reference with a warning)."),
 ]
+LmHeadOption = Annotated[
+    str,
+    typer.Option(help="stored (the export's dtype) or int8 (per-row scale, half the bytes; native backend only; "
+                 "its perplexity cost is in docs/native.md)."),
+]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
 CalibrationDataOption = Annotated[
@@ -348,6 +353,7 @@ def perplexity(
     ] = "paragraphs",
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
+    lm_head: LmHeadOption = "stored",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
     from bitnet_convert.evaluation.evaluate import perplexity_of
@@ -356,7 +362,8 @@ def perplexity(
         _check_device(device)
         with RichProgress() as progress:
             result = perplexity_of(path, data, split, seq_len=seq_len, batch_size=batch_size, scheme=scheme,
-                                   txt_documents=txt_documents, backend=backend, device=device, progress=progress)
+                                   txt_documents=txt_documents, backend=backend, device=device, lm_head=lm_head,
+                                   progress=progress)
     no_bos = "" if result["bos"] else ", windows without BOS"
     out.print(f"{result['label']}\t{result['source']}\tperplexity {result['perplexity']:.4f}\t({result['tokens']} "
               f"tokens{no_bos})")
@@ -413,6 +420,7 @@ def eval_(
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
                            ] = False,
     backend: BackendOption = "auto",
+    lm_head: LmHeadOption = "stored",
 ) -> None:
     """Evaluate the exported (reloaded) model with lm-eval, compare with a baseline, gate on regressions.
 
@@ -430,7 +438,7 @@ def eval_(
         if output is not None:
             _check_report_path(output, [resolve_model_path(m) for m in (path, baseline_model) if m is not None])
         comparison = Comparison(tasks, recipe, baseline, baseline_model, max_ppl_increase, max_acc_drop, no_baseline)
-        settings = EvalSettings(limit, batch_size, num_fewshot, max_length, device, seed, backend)
+        settings = EvalSettings(limit, batch_size, num_fewshot, max_length, device, seed, backend, lm_head)
         with RichProgress() as progress:
             report = evaluate_and_compare(path, comparison, settings, progress, on_skip=_skip_recipe_baseline)
     _print_report(report)
@@ -471,6 +479,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the sampler (the global RNG is left as it was).")] = 0,
     device: DeviceOption = "cpu",
     backend: BackendOption = "auto",
+    lm_head: LmHeadOption = "stored",
 ) -> None:
     """Continue a prompt with the converted model, streaming tokens; K/V in a packed low-bit cache."""
     import time
@@ -485,7 +494,7 @@ def generate(
         device = _check_device(device)
         if bos_bits is not None and kv_bits is None:
             _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
-        model = load(path, backend=backend_for_device(backend, device)).to(device)
+        model = load(path, backend=backend_for_device(backend, device), lm_head=lm_head).to(device)
         tokenizer = load_tokenizer(path)
     cache, note = generation_cache(model, kv_bits, bos_bits)
     if note:

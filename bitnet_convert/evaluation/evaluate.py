@@ -30,7 +30,14 @@ from bitnet_convert.io.checkpoint import (
     uses_reference_tokenizer,
 )
 from bitnet_convert.io.data import token_stream, warn_no_bos, windows
-from bitnet_convert.io.load import attention_of, backend_for_device, load_tokenizer, open_model, resolve_scheme
+from bitnet_convert.io.load import (
+    attention_of,
+    backend_for_device,
+    check_lm_head,
+    load_tokenizer,
+    open_model,
+    resolve_scheme,
+)
 from bitnet_convert.progress import SILENT, Progress
 from bitnet_convert.runtime.devices import module_device
 
@@ -61,11 +68,12 @@ def perplexity(
 def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str = "validation", *,
                   seq_len: int = 256, batch_size: int = 8, scheme: str | None = None,
                   txt_documents: str = "paragraphs", backend: str = "auto", device: str = "cpu",
-                  progress: Progress = SILENT) -> dict:
+                  lm_head: str = "stored", progress: Progress = SILENT) -> dict:
     """Token-level perplexity of the model stored at ``path`` on held-out text (``bitnet-convert perplexity``):
     :func:`perplexity` over the non-overlapping ``seq_len`` windows of ``data``/``split``
     (:func:`bitnet_convert.io.data.load_texts`), the model built by :func:`~bitnet_convert.io.load.open_model` under the
-    scheme it declares or the preset ``scheme``. Returns ``{"perplexity", "nll", "tokens", "label", "source",
+    scheme it declares or the preset ``scheme``, its lm_head as ``lm_head`` says (:func:`~bitnet_convert.io.load.load`).
+    Returns ``{"perplexity", "nll", "tokens", "label", "source",
     "bos"}``: the label names the scheme (and attention), the source the data (a file has no splits), ``bos``
     whether the windows start with BOS. Raises the package's one-line errors for bad input, before any model is
     built."""
@@ -74,6 +82,7 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
 
     device = str(resolve_device(device))
     backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
+    check_lm_head(lm_head, backend)
     checkpoint = open_checkpoint(path)
     resolve_scheme(checkpoint, scheme)  # an unknown preset or an a4.8 model given a preset: refused first
     if txt_documents not in ("paragraphs", "lines"):
@@ -86,12 +95,13 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
     warn_positions(checkpoint.config, seq_len, f"--seq-len {seq_len}", ", so this perplexity is not the model's")
     warn_no_bos(tokenizer, checkpoint.path, "windows start mid-text, so this perplexity is not comparable with "
                 "one measured on windows that start with BOS")
-    opened = open_model(checkpoint, backend, scheme)
+    opened = open_model(checkpoint, backend, scheme, lm_head=lm_head)
     opened.model.to(device)
-    with progress.stage(f"Perplexity ({opened.label()})", -(-batches.shape[0] // batch_size)) as advance:
+    label = opened.label() + (f", {lm_head} lm_head" if lm_head != "stored" else "")
+    with progress.stage(f"Perplexity ({label})", -(-batches.shape[0] // batch_size)) as advance:
         result = perplexity(opened.model, batches, batch_size, on_batch=advance)
     source = f"{data}:{split}" if not Path(data).expanduser().is_file() else data
-    return {**result, "label": opened.label(), "source": source, "bos": tokenizer.bos_token_id is not None}
+    return {**result, "label": label, "source": source, "bos": tokenizer.bos_token_id is not None}
 
 
 #: Task YAMLs over local data that ship with the project (the defaults for the built-in reference model).
@@ -114,7 +124,7 @@ class EvalSettings:
     ``None``: the model's), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``,
     :func:`bitnet_convert.runtime.devices.resolve_device`), ``seed`` (every seed lm-eval takes) and ``backend``
     (``reference``, ``native`` — integer CPU kernels, ``device`` must be ``cpu`` — or ``auto``, native when it can
-    run here; see :func:`bitnet_convert.io.load.load`)."""
+    run here; see :func:`bitnet_convert.io.load.load`) and ``lm_head`` (``stored`` or ``int8``, native only)."""
 
     limit: int | None = None
     batch_size: int = 16
@@ -123,6 +133,7 @@ class EvalSettings:
     device: str = "cpu"
     seed: int = 0
     backend: str = "reference"
+    lm_head: str = "stored"
 
 
 def evaluate(path: str | Path, tasks: list[str] | None = None, settings: EvalSettings = EvalSettings(), *,
@@ -149,6 +160,7 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     start = time.perf_counter()
     device = str(resolve_device(settings.device))
     backend = backend_for_device(settings.backend, device)
+    check_lm_head(settings.lm_head, backend)
     settings = replace(settings, device=device, backend=backend)
     limit, batch_size = settings.limit, settings.batch_size
     checkpoint = open_checkpoint(str(path))
@@ -163,7 +175,7 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     # loads every task's data and checks max_length against it: fails before the model is built
     texts = eval_texts(tasks, limit, stats_chars, tokenizer=tokenizer, max_length=settings.max_length)
     with progress.stage("Load model", len(checkpoint.linear_names())) as advance:
-        model = open_model(checkpoint, backend, on_linear=lambda _name: advance()).model
+        model = open_model(checkpoint, backend, lm_head=settings.lm_head, on_linear=lambda _name: advance()).model
     higher_is_better: dict = {}
     with progress.stage(f"lm-eval, {len(tasks)} task(s)"):
         results = lm_eval_results(model, tokenizer, tasks, settings, higher_is_better=higher_is_better)
@@ -186,7 +198,8 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
         "architecture": architecture_signature(checkpoint.path),
         "tasks": tasks,
         "settings": {"limit": limit, "num_fewshot": settings.num_fewshot, "max_length": settings.max_length,
-                     "batch_size": batch_size, "device": device, "seed": settings.seed, "backend": backend},
+                     "batch_size": batch_size, "device": device, "seed": settings.seed, "backend": backend,
+                     "lm_head": settings.lm_head},
         "results": results,
         "higher_is_better": {t: {m: bool(higher_is_better.get(t, {}).get(m, True)) for m in r}
                              for t, r in results.items()},

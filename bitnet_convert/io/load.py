@@ -143,7 +143,7 @@ def resolve_scheme(checkpoint: Checkpoint, scheme: str | None = None
 
 def open_model(path: str | Path | Checkpoint, backend: Backend = "reference", scheme: str | None = None, *,
                dtype: str | torch.dtype = torch.float32, sparse_roles: tuple[str, ...] | None = None,
-               on_linear: Callable[[str], None] | None = None) -> OpenedModel:
+               lm_head: str = "stored", on_linear: Callable[[str], None] | None = None) -> OpenedModel:
     """Build the model stored at ``path`` (or an opened checkpoint) on ``backend``, under the scheme it declares
     or the preset ``scheme`` (:func:`resolve_scheme`); the one place ``load``, ``evaluate`` and ``perplexity``
     build a model. ``dtype``: a torch dtype or its name (``float32``…). Raises as :func:`load`."""
@@ -153,12 +153,12 @@ def open_model(path: str | Path | Checkpoint, backend: Backend = "reference", sc
     attention = attention_of(checkpoint)
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     model = build_for_backend(checkpoint, name, roles, backend, dtype=dtype, attention=attention,
-                              overrides=overrides, sparse_roles=sparse_roles, on_linear=on_linear)
+                              overrides=overrides, sparse_roles=sparse_roles, lm_head=lm_head, on_linear=on_linear)
     return OpenedModel(model, checkpoint, name, roles, attention)
 
 
 def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Backend = "reference",
-         sparse_roles: tuple[str, ...] | None = None) -> PreTrainedModel:
+         sparse_roles: tuple[str, ...] | None = None, lm_head: str = "stored") -> PreTrainedModel:
     """The model stored in ``path`` with the activation quantizers its config declares.
 
     For a bitnet-convert output this is the a4.8 model, numerically identical to the one that was exported.
@@ -167,11 +167,14 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     ``backend``: ``reference`` (torch, fake-quantized, trainable), ``native`` (the integer CPU kernels of
     :mod:`bitnet_convert.native.backend`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
     here, else reference with a warning). ``sparse_roles`` (native only): the roles whose linears run on the
-    sparse-input kernel (default: down_proj for a4.8 schemes, none for ``b158``; see
-    :mod:`bitnet_convert.native.backend`). Raises :class:`~bitnet_convert.errors.CheckpointError` for a
-    bad checkpoint and :class:`~bitnet_convert.native.build.NativeUnavailable` when ``native`` cannot run here.
+    sparse-input kernel (default: o_proj and down_proj for a4.8 schemes on relu² models, none for ``b158``; see
+    :mod:`bitnet_convert.native.backend`). ``lm_head`` (native only): ``stored`` (the export's dtype) or ``int8``
+    (per-row scale; half the bytes, :class:`~bitnet_convert.native.backend.Int8Linear`). Raises
+    :class:`~bitnet_convert.errors.CheckpointError` for a bad checkpoint,
+    :class:`~bitnet_convert.errors.BackendError` for an ``lm_head`` the backend does not offer and
+    :class:`~bitnet_convert.native.build.NativeUnavailable` when ``native`` cannot run here.
     """
-    return open_model(path, backend, dtype=dtype, sparse_roles=sparse_roles).model
+    return open_model(path, backend, dtype=dtype, sparse_roles=sparse_roles, lm_head=lm_head).model
 
 
 def backend_for_device(backend: str, device: str) -> Literal["native", "reference"]:
@@ -188,19 +191,33 @@ def build_for_backend(
     checkpoint: Checkpoint, scheme: str, roles: dict[Role, ActivationSpec], backend: Literal["native", "reference"],
     *, dtype: torch.dtype = torch.float32, attention: AttentionSpec | None = None,
     overrides: dict[str, ActivationSpec] | None = None, sparse_roles: tuple[str, ...] | None = None,
-    on_linear: Callable[[str], None] | None = None,
+    lm_head: str = "stored", on_linear: Callable[[str], None] | None = None,
 ) -> PreTrainedModel:
     """:func:`~bitnet_convert.runtime.modeling.build_model` for a resolved backend (see :func:`load`); ``scheme`` is the
     scheme's name (``b158`` runs every linear dense on the native backend)."""
     if backend == "native" and dtype != torch.float32:
         raise BackendError(f"the native backend computes in float32; got dtype {dtype}")
+    check_lm_head(lm_head, backend)
     model = build_model(checkpoint, roles, dtype, on_linear=on_linear, attention=attention, overrides=overrides,
                         embeddings_as_stored=backend == "native")
     if backend == "native":
         from bitnet_convert.native import backend as native
 
-        native.convert(model, scheme, sparse_roles)
+        native.convert(model, scheme, sparse_roles, lm_head)
     return model
+
+
+#: ``--lm-head`` choices: the export's stored dtype, or INT8 with a per-row scale (native backend only).
+LM_HEADS = ("stored", "int8")
+
+
+def check_lm_head(lm_head: str, backend: str) -> None:
+    """Raise :class:`~bitnet_convert.errors.BackendError` (one line) unless ``lm_head`` is one of
+    :data:`LM_HEADS` and the resolved ``backend`` offers it (``int8`` is a native kernel)."""
+    if lm_head not in LM_HEADS:
+        raise BackendError(f"--lm-head '{lm_head}' is unknown; expected one of {', '.join(LM_HEADS)}")
+    if lm_head != "stored" and backend != "native":
+        raise BackendError(f"--lm-head {lm_head} runs on the native backend; got --backend {backend}")
 
 
 def resolve_backend(backend: str) -> Literal["native", "reference"]:

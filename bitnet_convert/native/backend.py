@@ -41,6 +41,7 @@ from torch import nn
 from transformers.activations import ReLUSquaredActivation
 
 from bitnet_convert.io.families import ROLES, role_of
+from bitnet_convert.io.load import LM_HEADS
 from bitnet_convert.native import build as kernels
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
@@ -175,6 +176,27 @@ class Bf16Linear(nn.Module):
         return _ops().bf16_gemm(flat, self.weight, self.isa).reshape(*lead, self.weight.shape[0])
 
 
+class Int8Linear(nn.Module):
+    """A bias-free linear with an INT8 weight ``[N, K]`` and one fp32 scale per output row (absmax: ``scale =
+    max|W[n]| / 127``, ``W[n] ≈ scale · q``), run by the INT8-weight GEMM kernel: each token's input quantized to
+    int16 codes per token, exact int32 sums, ``y = acc / s_x · scale``. Input ``[..., K]``, output fp32
+    ``[..., N]``. Half the bytes of a bf16 lm_head; the explicit ``lm_head="int8"`` option of :func:`convert`
+    (its perplexity cost on the reference models is in docs/native.md)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.contiguous())
+        self.isa = kernels.isa()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        return _ops().int8_gemm(flat, self.weight, self.scale, self.isa).reshape(*lead, self.weight.shape[0])
+
+
 class UpcastEmbedding(nn.Embedding):
     """An embedding that stores its table in a narrow dtype and returns fp32 rows (exact for bf16/fp16)."""
 
@@ -215,19 +237,24 @@ def _gateable(module: nn.Module) -> bool:
             and isinstance(getattr(module, "act_fn", None), ReLUSquaredActivation))
 
 
-def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None) -> nn.Module:
+def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None,
+            lm_head: str = "stored") -> nn.Module:
     """Move a model from :func:`~bitnet_convert.runtime.modeling.build_model` onto the native kernels, in place.
 
     ``scheme``: the scheme name the checkpoint declares. ``sparse_roles``: roles (``qkv``, ``o``, ``gate_up``,
     ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes on relu²
     models and none for ``b158`` or a SwiGLU model (dense down_proj input). Each linear is replaced one at a time,
-    so the peak memory is the model plus one linear. Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when
-    the kernels cannot be built and ``ValueError`` for an unknown role.
+    so the peak memory is the model plus one linear. ``lm_head``: ``stored`` (the export's dtype; see the module
+    docstring) or ``int8`` (:class:`Int8Linear`, made from the stored weight; a tied embedding table is kept as
+    stored). Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when the kernels cannot be built and
+    ``ValueError`` for an unknown role or lm_head.
     """
     kernels.ensure_built()
     a48_relu2 = scheme != "b158" and getattr(model.config, "hidden_act", "relu2") in SPARSE_GLU
     if sparse_roles is None:  # a SwiGLU down_proj input is dense: the sparse-input kernel would only be slower
         sparse_roles = SPARSE_ROLES if a48_relu2 else ()
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head: unknown '{lm_head}'; expected one of {', '.join(LM_HEADS)}")
     unknown = sorted(set(sparse_roles) - set(ROLES))
     if unknown:
         raise ValueError(f"sparse_roles: unknown role '{unknown[0]}'; expected some of {', '.join(ROLES)}")
@@ -239,13 +266,13 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
         for module in model.modules():
             if _gateable(module):
                 module.forward = types.MethodType(_gated_relu2_forward, module)
-    _convert_embeddings(model)
+    _convert_embeddings(model, lm_head)
     model.requires_grad_(False)
     trim_heap()  # the heap pages freed while repacking go back to the OS (else the resident size keeps the copies)
     return model.eval()
 
 
-def _convert_embeddings(model: nn.Module) -> None:
+def _convert_embeddings(model: nn.Module, lm_head: str) -> None:
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
@@ -257,7 +284,9 @@ def _convert_embeddings(model: nn.Module) -> None:
     if head is None:
         return
     head_weight = weight if tied else head.weight
-    if head_weight.dtype == torch.bfloat16 and Bf16Linear.accepts(head_weight.shape[1]):
+    if lm_head == "int8":
+        model.set_output_embeddings(Int8Linear(head_weight))
+    elif head_weight.dtype == torch.bfloat16 and Bf16Linear.accepts(head_weight.shape[1]):
         model.set_output_embeddings(Bf16Linear(head_weight))
     else:  # fp16 (no fp16 kernel; a tied head shares the fp32 table made above) or a shape the bf16 kernel does
         # not take: torch's fp32 matmul, as the reference backend computes it

@@ -135,7 +135,8 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
         "down_proj (sparse-input kernel, a48)": (shape.hidden, shape.intermediate, down_zero, True),
         "down_proj (sparse-input kernel, 50% zeros)": (shape.hidden, shape.intermediate, 0.5, True),
     }
-    spec = {"shapes": shapes, "copy_bytes": 1_000_000_000, "working_set_bytes": 256_000_000, "threads": args.threads}
+    spec = {"shapes": shapes, "copy_bytes": 1_000_000_000, "working_set_bytes": 256_000_000, "threads": args.threads,
+            "lm_head": (shape.vocab, shape.hidden)}
     result = run_job("kernels", spec, "kernels")
     if not result.ok:
         return [Row("kernels", "2B-4T linears", "GEMV", f"failed: {result.error}", passed=False)]
@@ -148,6 +149,13 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
         rows.append(Row("kernels", f"2B-4T {name} {linear['rows']}×{linear['cols']}", "GEMV (1 token)",
                         f"{linear['seconds'] * 1e6:.0f} µs, {linear['gb_s']:.1f} GB/s of packed weights{active}, "
                         f"{linear['int_ops_s'] / 1e9:.0f} G int-ops/s", value=linear["gb_s"], unit="GB/s"))
+    heads = data["lm_heads"]
+    for name, head in heads.items():
+        rows.append(Row("kernels", f"2B-4T lm_head {shape.vocab}×{shape.hidden}, {name}", "GEMV (1 token)",
+                        f"{head['seconds'] * 1e3:.2f} ms, {head['gb_s']:.1f} GB/s of weights",
+                        value=head["seconds"] * 1e3, unit="ms"))
+    head_ratio = heads["int8"]["seconds"] / heads["bf16"]["seconds"]
+    rows.append(Row("kernels", "2B-4T lm_head", "INT8 ÷ bf16 time", f"{head_ratio:.2f}", value=head_ratio))
     for role, dense in (("o_proj", "o_proj (dense kernel, b158 and a48)"),
                         ("down_proj", "down_proj (dense kernel, b158)")):
         sparse, full = data["linears"][f"{role} (sparse-input kernel, 50% zeros)"], data["linears"][dense]
@@ -293,7 +301,33 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
                          "packed_bytes": layout.numel(), "bytes_read": read, "seconds": seconds,
                          "gb_s": read / seconds / GB, "int_ops_s": 2 * rows * cols * active / seconds}
         del weights
-    return {"work_s": time.perf_counter() - start, "copy_gb_s": bandwidth / GB, "linears": linears, "isa": isa}
+    heads = _lm_head_gemvs(ops, isa, spec["lm_head"], generator)
+    return {"work_s": time.perf_counter() - start, "copy_gb_s": bandwidth / GB, "linears": linears, "isa": isa,
+            "lm_heads": heads}
+
+
+def _lm_head_gemvs(ops: Any, isa: int, shape: tuple[int, int], generator: Any) -> dict[str, dict[str, float]]:
+    """One token through a ``shape`` lm_head as bf16 (the stored dtype) and as INT8 with per-row scales (the
+    ``--lm-head int8`` option): seconds (best of 3) and GB/s of weight bytes read."""
+    import torch
+
+    from bitnet_convert.native.backend import Int8Linear
+
+    weight = (torch.randn(*shape, generator=generator) * 0.02).bfloat16()
+    int8 = Int8Linear(weight)
+    x = torch.randn(1, shape[1], generator=generator)
+    runs = {"bf16": (lambda: ops.bf16_gemm(x, weight, isa), weight.numel() * 2),
+            "int8": (lambda: ops.int8_gemm(x, int8.weight, int8.scale, isa), int8.weight.numel())}
+    heads = {}
+    for name, (run, nbytes) in runs.items():
+        run()
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - began)
+        heads[name] = {"seconds": min(times), "gb_s": nbytes / min(times) / GB, "bytes": nbytes}
+    return heads
 
 
 JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"runtime": _job_runtime, "kernels": _job_kernels}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import REFERENCE, assert_user_error, invoke, random_case, rms_norm_checkpoint
+from helpers import REFERENCE, assert_same_predictions, assert_user_error, invoke, random_case, rms_norm_checkpoint
 from helpers import native_ops as ops
 from transformers import DynamicCache
 
@@ -134,6 +134,32 @@ def test_relu2_ffn_skips_what_relu2_makes_zero_and_equals_the_dense_path(validat
         assert torch.equal(*codes)
     assert all(torch.equal(a, b) for a, b in zip(gated_logits, dense_logits, strict=True))
     assert 0.5 < skipped < 0.95, skipped
+
+
+def test_int8_lm_head_is_an_explicit_option_close_to_the_stored_one(validation_windows):
+    """``lm_head="int8"`` puts the INT8-weight kernel under the lm_head (half the bytes of bf16) and changes the
+    logits by at most a small share of their range; the default keeps the stored lm_head."""
+    checkpoint = open_checkpoint(REFERENCE)
+    stored, int8 = (build_for_backend(checkpoint, "a48", PRESETS["a48"], "native", lm_head=head)
+                    for head in ("stored", "int8"))
+    assert isinstance(int8.get_output_embeddings(), native.Int8Linear)
+    assert not isinstance(stored.get_output_embeddings(), native.Int8Linear)
+    head = int8.get_output_embeddings()
+    assert head.weight.dtype == torch.int8 and head.weight.shape == stored.get_output_embeddings().weight.shape
+    ids = validation_windows[:2]
+    with torch.no_grad():
+        a, b = stored(ids).logits, int8(ids).logits
+    assert 0 < (a - b).abs().max() <= 0.01 * (a.max() - a.min())
+    assert_same_predictions(a, b, ids)  # the same next-token loss to 0.2%, ≥ 98% the same argmax
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "reference", "--lm-head", "int8"], "--lm-head int8 runs on the native backend; got --backend "
+                                                      "reference"),
+    (["--lm-head", "fp8"], "--lm-head 'fp8' is unknown; expected one of stored, int8"),
+])
+def test_bad_lm_head_choices_are_one_line(args, message):
+    assert_user_error(invoke("perplexity", "builtin:reference", *args), message)
 
 
 def test_native_backend_honours_the_input_rms_norm(tmp_path):

@@ -115,7 +115,8 @@ def test_scalar_and_avx2_paths_agree_bit_for_bit():
                         ops().ternary_gemm(codes, sums, s, kernels.rows_layout(packed), 0.5, False, isa),
                         ops().ternary_gemm(codes[:1], sums[:1], s[:1], kernels.rows_layout(packed), 0.3, True, isa),
                         ops().ternary_gemm_sparse(codes, sums, s, kernels.cols_layout(packed), 300, 0.5, False, isa),
-                        ops().bf16_gemm(xb, wb, isa), ops().bf16_gemm(xb[:1], wb, isa)])
+                        ops().bf16_gemm(xb, wb, isa), ops().bf16_gemm(xb[:1], wb, isa),
+                        ops().int8_gemm(xb, *int8_weight(wb), isa), ops().int8_gemm(xb[:1], *int8_weight(wb), isa)])
     for scalar, avx2 in zip(*results, strict=True):
         assert torch.equal(scalar, avx2)
 
@@ -139,7 +140,8 @@ def test_results_do_not_depend_on_the_thread_count():
                                                       1.0, False, kernels.isa()),
                             ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed),
                                                     torch.arange(519, -1, -3), 1.0, False, kernels.isa()),
-                            ops().bf16_gemm(x, wb, kernels.isa())])
+                            ops().bf16_gemm(x, wb, kernels.isa()),
+                            ops().int8_gemm(x, *int8_weight(wb), kernels.isa())])
     finally:
         torch.set_num_threads(threads)
     for other in outputs[1:]:
@@ -173,6 +175,27 @@ def test_sparse_gemv_and_chosen_rows_on_edge_cases(tokens):
     with pytest.raises(RuntimeError, match=r"rows\[1\] = 300 is outside \[0, 300\)"):
         ops().ternary_gemm_rows(codes, sums, s, kernels.rows_layout(packed), torch.tensor([0, 300]), 1.0, False,
                                 kernels.isa())
+
+
+def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 codes and per-row absmax scales of a weight ``[N, K]``, as the native INT8 lm_head makes them."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(5, 3, 1), (40, 100, 3), (33, 2560, 2)])
+def test_int8_gemm_is_the_exact_integer_formula(n, k, t):
+    """Per-token int16 codes of x (absmax, the largest code that keeps every int32 sum exact), exact integer sums
+    with the INT8 weight, then ``acc / s · scale``: the kernel's numbers are this formula's to the bit."""
+    g = torch.Generator().manual_seed(n + k)
+    w, scale = int8_weight(torch.randn(n, k, generator=g))
+    x = torch.randn(t, k, generator=g) * 3
+    qmax = min(32767, 2**31 // (127 * k) - 1)
+    s = (1.0 / x.abs().amax(dim=1).clamp(min=1e-5)) * qmax
+    codes = torch.round(x * s[:, None]).clamp(-qmax, qmax)
+    want = (codes.long() @ w.long().t()).float() / s[:, None] * scale
+    for isa in isas():
+        assert torch.equal(ops().int8_gemm(x, w, scale, isa), want)
 
 
 def test_the_bf16_kernel_refuses_a_width_it_does_not_take():

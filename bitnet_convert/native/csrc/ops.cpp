@@ -1,8 +1,9 @@
 // Integer CPU kernels of bitnet-convert's native backend: per-token activation quantizers (quantize.cpp), ternary
 // GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset of
 // them (ternary_dense.cpp), a sparse-input GEMV that reads only the weight columns of non-zero inputs
-// (ternary_sparse.cpp), and a bf16-weight GEMM for the embeddings/lm_head (bf16_gemm.cpp). This file registers
-// them under torch.ops.bitnet_convert and holds what they share.
+// (ternary_sparse.cpp), a bf16-weight GEMM for the embeddings/lm_head (bf16_gemm.cpp) and an INT8-weight GEMM
+// for the lm_head (int8_gemm.cpp). This file registers them under torch.ops.bitnet_convert and holds what they
+// share.
 //
 // Every operation has two paths chosen per call (`isa`: 0 = portable scalar C++, 1 = AVX2). Integer results are
 // exact in both; the float steps (quantizer scaling, final scaling, the bf16 GEMM's fp32 sums) are written so that
@@ -73,4 +74,5 @@ TORCH_LIBRARY(bitnet_convert, m) {
         &ternary_gemm_sparse);
   m.def("zero_share(Tensor codes, int k) -> float", &zero_share);
   m.def("bf16_gemm(Tensor x, Tensor w, int isa) -> Tensor", &bf16_gemm);
+  m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, int isa) -> Tensor", &int8_gemm);
 }

@@ -27,4 +27,7 @@ at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, 
 // bf16_gemm.cpp
 at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, int64_t isa);
 
+// int8_gemm.cpp
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t isa);
+
 }  // namespace bitnet_convert
