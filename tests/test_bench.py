@@ -153,9 +153,13 @@ def test_blockwise_job_runs_one_block_at_a_time(tmp_path: Path) -> None:
 
 def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
     fast = {"decode_128_tok_s": 12.0, "prefill_tok_s": 60.0, "rss_after_load_bytes": 1.5e9,
-            "decode_128_zero_share": {"o": 0.5, "down": 0.7}}
+            "decode_128_zero_share": {"o": 0.5, "down": 0.7, "up rows skipped": 0.6},
+            "decode_128_split": {"linears": 0.030, "lm_head": 0.020, "rest": 0.010, "token": 0.060},
+            "decode_128_bytes": {"linears": 1.0e9, "lm_head": 0.6e9, "kv_cache": 0.1e9}, "read_gb_s": 50.0}
     measured = {"native a48": fast, "reference backend a48": {"decode_128_tok_s": 1.0, "prefill_tok_s": 10.0},
-                "native b158": {"decode_128_tok_s": 10.0}}
+                "native b158": {"decode_128_tok_s": 10.0, "decode_128_split": {"lm_head": 0.020, "token": 0.080}},
+                "native a48, int8 lm_head": {"decode_128_tok_s": 15.0},
+                "native b158, int8 lm_head": {"decode_128_tok_s": 12.0}}
     rows = {row.metric: row for row in runtime._runtime_targets(30, measured, int(4.8e9))}
     assert rows["native a48 ÷ reference a48, decode after 128"].value == 12.0
     assert rows["native a48 ÷ reference a48, decode after 128"].passed
@@ -163,10 +167,18 @@ def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
         "native a48 ÷ reference a48, prefill"].passed
     sparse = rows["native a48 ÷ native b158, decode after 128"]
     assert sparse.value == pytest.approx(1.2) and sparse.passed and "o_proj 50.0%, down_proj 70.0%" in sparse.measured
+    assert "up_proj rows skipped 60.0%" in sparse.measured
+    assert rows["native a48 ÷ native b158, decode after 128, both int8 lm_head"].value == pytest.approx(1.25)
+    layers = rows["native a48 ÷ native b158, decoder layers (a decoded token minus its lm_head)"]
+    assert layers.value == pytest.approx(0.060 / 0.040) and layers.passed
+    bound = rows["native a48 decode time ÷ bandwidth bound (after 128)"]
+    assert bound.value == pytest.approx(0.060 / (1.7e9 / 50e9)) and not bound.passed  # 1.76× > 1.4×
+    rest = rows["native a48 non-linear work ÷ a decoded token"]
+    assert rest.value == pytest.approx(1 / 6) and not rest.passed
     memory = rows["native a48 resident memory ÷ bf16 checkpoint"]
     assert memory.value == pytest.approx(1.5 / 4.8) and memory.passed
     missing = runtime._runtime_targets(30, {}, int(4.8e9))
-    assert [row.passed for row in missing] == [False, False, False]
+    assert [row.passed for row in missing] == [False] * 6
 
 
 def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
@@ -187,11 +199,19 @@ def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -
     bitnet_convert.quantize(bench.DEFAULT_RECIPE, model=str(tmp_path / "ckpt"), output=str(tmp_path / "a48"),
                             calibration__samples=0)
     data = runtime._job_runtime({"subject": "load", "model": str(tmp_path / "a48"), "backend": "native",
-                               "prefill": 16, "contexts": [8], "new_tokens": 4, "budget_s": 60})
+                               "prefill": 16, "contexts": [8], "new_tokens": 4, "budget_s": 60,
+                               "read_bytes": 4_000_000})
     assert data["prefill_tokens"] == 16 and data["prefill_tok_s"] > 0 and data["decode_8_tokens"] == 4
     assert data["rss_after_load_bytes"] > 0 and data["dtype"] == "bfloat16"  # the embedding kept as exported
     zeros = data["decode_8_zero_share"]
     assert zeros["o"] == pytest.approx(0.5, abs=0.02) and 0 < zeros["down"] < 1  # top-50% o_proj; relu² down_proj
+    assert 0 < zeros["up rows skipped"] < 1  # the gated relu² FFN ran
+    split = data["decode_8_split"]
+    assert split["linears"] > 0 and split["lm_head"] > 0 and split["rest"] > 0
+    assert split["token"] == pytest.approx(split["linears"] + split["lm_head"] + split["rest"])
+    read = data["decode_8_bytes"]
+    assert read["lm_head"] == TINY.vocab * TINY.hidden * 2 and read["kv_cache"] > 0 and read["linears"] > 0
+    assert data["read_gb_s"] > 0
 
 
 def test_a_hanging_job_is_killed_with_its_children_and_fails_its_row(monkeypatch, tmp_path):

@@ -15,16 +15,23 @@ from benchmarks.common import GB, REFERENCE_MODEL, REPO_ROOT, Row, run_job
 from benchmarks.synthetic import ShapeConfig, checkpoint_bytes, ensure_synthetic_checkpoint
 
 MIN_NATIVE_SPEEDUP = 10.0  # native a48 ÷ reference backend a48, decode and prefill, full 2B-4T depth
-MIN_SPARSE_SPEEDUP = 1.15  # native a48 decode ÷ native b158 decode
+MIN_SPARSE_SPEEDUP = 1.2  # native a48 decode ÷ native b158 decode, the same lm_head for both
+MIN_LAYERS_SPEEDUP = 1.3  # native a48 ÷ native b158, a decoded token's time minus its lm_head (random weights)
+MAX_BOUND_RATIO = 1.4  # native a48 decode time ÷ (bytes the token reads ÷ read bandwidth)
+MAX_REST_SHARE = 0.15  # non-linear work (all but linears and lm_head) ÷ a decoded token's time, native a48
 MIN_BANDWIDTH_SHARE = 0.5  # packed-linear decode GB/s ÷ measured copy bandwidth
 MIN_SPARSE_KERNEL_SHARE = 0.70  # sparse-input GEMV at 50% zeros: active-column GB/s ÷ the dense kernel's GB/s
 MAX_NATIVE_RSS = 0.40  # native a48 resident memory after load ÷ bf16 checkpoint size
-RUNTIME_SUBJECTS = (  # (label, job subject, export, backend)
-    ("stock transformers b1.58", "stock", "b158", None),
-    ("reference backend a48", "load", "a48", "reference"),
-    ("native b158", "load", "b158", "native"),
-    ("native a48", "load", "a48", "native"),
+RUNTIME_SUBJECTS = (  # (label, job subject, export, backend, lm_head)
+    ("stock transformers b1.58", "stock", "b158", None, "stored"),
+    ("reference backend a48", "load", "a48", "reference", "stored"),
+    ("native b158", "load", "b158", "native", "stored"),
+    ("native a48", "load", "a48", "native", "stored"),
+    ("native b158, int8 lm_head", "load", "b158", "native", "int8"),
+    ("native a48, int8 lm_head", "load", "a48", "native", "int8"),
 )
+#: Decoded tokens timed part by part (linears, lm_head, the rest) after the decode measurement, native subjects.
+SPLIT_TOKENS = 16
 RUNTIME_PREFILL, RUNTIME_CONTEXTS, RUNTIME_NEW_TOKENS = 512, (128, 1024), 128
 
 
@@ -62,8 +69,9 @@ def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: 
             if not prepared.ok:
                 rows.append(Row("runtime", subject, f"export {recipe}", f"failed: {prepared.error}", passed=False))
                 return measured
-        for label, kind, export, backend in RUNTIME_SUBJECTS:
-            spec = {"subject": kind, "model": str(exports[export]), "backend": backend, "prefill": RUNTIME_PREFILL,
+        for label, kind, export, backend, lm_head in RUNTIME_SUBJECTS:
+            spec = {"subject": kind, "model": str(exports[export]), "backend": backend, "lm_head": lm_head,
+                    "prefill": RUNTIME_PREFILL,
                     "contexts": list(RUNTIME_CONTEXTS), "new_tokens": RUNTIME_NEW_TOKENS, "budget_s": budget_s,
                     "threads": args.threads}
             result = run_job("runtime", spec, f"{subject}: {label}")
@@ -82,6 +90,12 @@ def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: 
                     note += f"; zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}"
                 rows.append(Row("runtime", name, f"decode tok/s after {context} tokens", f"{speed:.2f}{note}",
                                 value=speed, unit="tok/s"))
+            split = data.get(f"decode_{RUNTIME_CONTEXTS[0]}_split")
+            if split:
+                rows.append(Row("runtime", name, f"one decoded token after {RUNTIME_CONTEXTS[0]}: linears / lm_head "
+                                "/ rest", " / ".join(f"{split[k] * 1e3:.2f}" for k in ("linears", "lm_head", "rest"))
+                                + f" ms of {split['token'] * 1e3:.2f} ms", value=split["token"] * 1e3, unit="ms",
+                                details=split))
             rows.append(Row("runtime", name, "resident memory after load / peak",
                             f"{data['rss_after_load_bytes'] / GB:.2f} GB / {data['peak_rss_bytes'] / GB:.2f} GB",
                             value=data["rss_after_load_bytes"] / GB, unit="GB"))
@@ -108,13 +122,41 @@ def _runtime_targets(layers: int, measured: dict[str, dict[str, Any]], size: int
     zeros = (fast or {}).get("decode_128_zero_share") or {}
     ratio_row("native a48 ÷ native b158, decode after 128", fast and fast["decode_128_tok_s"],
               b158 and b158["decode_128_tok_s"], MIN_SPARSE_SPEEDUP,
-              f" (zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%})")
+              f" (zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}; up_proj "
+              f"rows skipped {zeros.get('up rows skipped', 0):.1%})")
+    fast8, b158_8 = measured.get("native a48, int8 lm_head"), measured.get("native b158, int8 lm_head")
+    ratio_row("native a48 ÷ native b158, decode after 128, both int8 lm_head", fast8 and fast8["decode_128_tok_s"],
+              b158_8 and b158_8["decode_128_tok_s"], MIN_SPARSE_SPEEDUP)
+    split, split_b = ((s or {}).get("decode_128_split") for s in (fast, b158))
+    ratio_row("native a48 ÷ native b158, decoder layers (a decoded token minus its lm_head)",
+              split_b and split_b["token"] - split_b["lm_head"], split and split["token"] - split["lm_head"],
+              MIN_LAYERS_SPEEDUP)
+    rows.extend(_bound_rows(subject, fast))
     if fast is not None:
         share = fast["rss_after_load_bytes"] / size
         rows.append(Row("runtime", subject, "native a48 resident memory ÷ bf16 checkpoint",
                         f"{fast['rss_after_load_bytes'] / GB:.2f} GB / {size / GB:.2f} GB = {share:.2f}",
                         f"≤ {MAX_NATIVE_RSS}", share <= MAX_NATIVE_RSS, share, "ratio"))
     return rows
+
+
+def _bound_rows(subject: str, fast: dict[str, Any] | None) -> list[Row]:
+    """Native a48's decoded token against its bandwidth bound (the bytes it must read ÷ the read bandwidth
+    measured in the same job) and the share of non-linear work in it."""
+    split, read = ((fast or {}).get(f"decode_128_{k}") for k in ("split", "bytes"))
+    if not split or not read:
+        return [Row("runtime", subject, "native a48 bandwidth bound", "not measured", f"≤ {MAX_BOUND_RATIO}×", False)]
+    bound = sum(read.values()) / (fast["read_gb_s"] * GB)
+    ratio, rest = split["token"] / bound, split["rest"] / split["token"]
+    return [
+        Row("runtime", subject, "native a48 decode time ÷ bandwidth bound (after 128)",
+            f"{split['token'] * 1e3:.1f} ms ÷ ({sum(read.values()) / 1e6:.0f} MB ÷ {fast['read_gb_s']:.1f} GB/s = "
+            f"{bound * 1e3:.1f} ms) = {ratio:.2f}× (linears {read['linears'] / 1e6:.0f} MB, lm_head "
+            f"{read['lm_head'] / 1e6:.0f} MB, KV cache {read['kv_cache'] / 1e6:.0f} MB)", f"≤ {MAX_BOUND_RATIO}×",
+            ratio <= MAX_BOUND_RATIO, ratio, "ratio", details={"bytes": read, "read_gb_s": fast["read_gb_s"]}),
+        Row("runtime", subject, "native a48 non-linear work ÷ a decoded token", f"{rest:.0%}",
+            f"≤ {MAX_REST_SHARE:.0%}", rest <= MAX_REST_SHARE, rest, "ratio"),
+    ]
 
 
 def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) -> list[Row]:
@@ -207,7 +249,7 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         import bitnet_convert
 
-        model = bitnet_convert.load(spec["model"], backend=spec["backend"])
+        model = bitnet_convert.load(spec["model"], backend=spec["backend"], lm_head=spec.get("lm_head", "stored"))
     load_s = time.perf_counter() - start
     rss_loaded = _rss_bytes()
     vocab = model.config.vocab_size
@@ -242,10 +284,85 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
             result[f"decode_{context}_tokens"] = done
             result[f"decode_{context}_tok_s"] = done / seconds
             if native:
-                result[f"decode_{context}_zero_share"] = native_backend.linear_zero_shares(model)
+                shares = result[f"decode_{context}_zero_share"] = native_backend.linear_zero_shares(model)
                 native_backend.record_zeros(model, False)
+                result[f"decode_{context}_split"] = _decode_split(model, token, cache, SPLIT_TOKENS)
+                result[f"decode_{context}_bytes"] = _decode_bytes(model, shares, cache)
+    if native:
+        result["read_gb_s"] = _read_bandwidth(spec.get("read_bytes", 1_000_000_000))
     result["work_s"] = time.perf_counter() - start
     return result
+
+
+def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, float]:
+    """Seconds per decoded token in the native linears (quantizer included), in the lm_head, and the rest
+    (attention, norms, RoPE, the KV cache, Python and module calls), over ``tokens`` more greedy tokens."""
+    from bitnet_convert.native import backend as native_backend
+
+    spent = {"linears": 0.0, "lm_head": 0.0}
+    head = model.get_output_embeddings()
+
+    def timed(function, key):
+        def run(*args, **kwargs):
+            began = time.perf_counter()
+            out = function(*args, **kwargs)
+            spent[key] += time.perf_counter() - began
+            return out
+        return run
+
+    linears = [m for m in model.modules() if isinstance(m, native_backend.NativeLinear)]
+    for module in linears:
+        module.forward, module.rows = timed(module.forward, "linears"), timed(module.rows, "linears")
+    head.forward = timed(head.forward, "lm_head")
+    try:
+        began = time.perf_counter()
+        for _ in range(tokens):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        total = (time.perf_counter() - began) / tokens
+    finally:
+        for module in [*linears, head]:
+            for name in ("forward", "rows"):
+                vars(module).pop(name, None)
+    split = {key: value / tokens for key, value in spent.items()}
+    return {**split, "rest": total - sum(split.values()), "token": total}
+
+
+def _decode_bytes(model: Any, shares: dict[str, float], cache: Any) -> dict[str, float]:
+    """Bytes one decoded token must read: the packed weights of the linears (the sparse-input ones only the
+    columns of non-zero inputs, up_proj only the rows relu² keeps, at the measured shares), the lm_head, and the
+    KV cache at its current length."""
+    import torch
+
+    from bitnet_convert.io.families import role_of
+    from bitnet_convert.native import backend as native_backend
+
+    linears = 0.0
+    for name, module in model.named_modules():
+        if isinstance(module, native_backend.NativeLinear):
+            share = 1.0 - shares.get(role_of(name), 0.0) if module.sparse else 1.0
+            if name.endswith("up_proj") and "up rows skipped" in shares:
+                share = 1.0 - shares["up rows skipped"]
+            linears += module.weight.numel() * module.weight.element_size() * share
+    head = model.get_output_embeddings().weight
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+             if isinstance(t, torch.Tensor))
+    return {"linears": linears, "lm_head": float(head.numel() * head.element_size()), "kv_cache": float(kv)}
+
+
+def _read_bandwidth(nbytes: int) -> float:
+    """This machine's read bandwidth in GB/s: the best of three sums over ``nbytes`` of fp32 (torch's threads)."""
+    import torch
+
+    data = torch.ones(nbytes // 4)
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(3))
+    return data.numel() * 4 / best / GB
+
+
+def _timed(function: Callable[[], Any]) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
 
 
 def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
