@@ -11,7 +11,7 @@ What runs where:
 * linears named by role in ``sparse_roles`` use the sparse-input kernel, which reads only the weight columns of
   non-zero codes (each column one contiguous run of bytes). Default in every a4.8 scheme: o_proj (top-K: 50% zero
   codes) and down_proj (relu²: 67–87% zero codes measured); nothing for ``b158``, which runs dense as b1.58 engines
-  do. At 50% zeros the sparse kernel takes 0.7–0.9 of the dense kernel's time (``eval/bench.py --only kernels``);
+  do. At 50% zeros the sparse kernel takes 0.76–0.89 of the dense kernel's time (``eval/bench.py --only kernels``);
 * a relu² FFN of an a4.8 scheme skips what relu² makes zero when few tokens go through it (decode: at most
   :data:`GATED_MAX_TOKENS`): gate_proj runs whole, up_proj only for the outputs where relu²(gate) ≠ 0 for some
   token (the dense kernel over those weight rows), and down_proj's sparse-input kernel reads only the columns of
