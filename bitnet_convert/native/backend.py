@@ -215,7 +215,8 @@ def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' ``BitNetMLP.forward`` (``down(ffn_sub_norm(relu²(gate(x)) · up(x)))``) with up_proj computed
     only for the outputs where relu²(gate) ≠ 0 for some token; the other entries of the product are 0 as in the
     dense path. ``x`` ``[..., hidden]`` → ``[..., hidden]``."""
-    if x.numel() // x.shape[-1] > GATED_MAX_TOKENS:
+    tokens = x.numel() // x.shape[-1]
+    if tokens > GATED_MAX_TOKENS:
         return type(mlp).forward(mlp, x)
     act = mlp.act_fn(mlp.gate_proj(x))
     rows = act.reshape(-1, act.shape[-1]).ne(0).any(0).nonzero().flatten()
@@ -223,7 +224,6 @@ def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     product[..., rows] = act[..., rows] * mlp.up_proj.rows(x, rows)
     up = mlp.up_proj
     if up.record_zeros:
-        tokens = x.numel() // x.shape[-1]
         up.skipped_rows[0] += (up.out_features - rows.numel()) * tokens
         up.skipped_rows[1] += up.out_features * tokens
     return mlp.down_proj(mlp.ffn_sub_norm(product))

@@ -354,15 +354,18 @@ def _read_bandwidth(nbytes: int) -> float:
     import torch
 
     data = torch.ones(nbytes // 4)
-    data.sum()
-    best = min(_timed(data.sum) for _ in range(3))
-    return data.numel() * 4 / best / GB
+    return data.numel() * 4 / _best_seconds(data.sum, 3) / GB
 
 
-def _timed(function: Callable[[], Any]) -> float:
-    began = time.perf_counter()
+def _best_seconds(function: Callable[[], Any], repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``function``, after one untimed warm-up call."""
     function()
-    return time.perf_counter() - began
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - began)
+    return min(times)
 
 
 def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
@@ -379,13 +382,7 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     n = spec["copy_bytes"] // 4
     src, dst = torch.ones(n), torch.empty(n)
-    dst.copy_(src)
-    copies = []
-    for _ in range(5):
-        began = time.perf_counter()
-        dst.copy_(src)
-        copies.append(time.perf_counter() - began)
-    bandwidth = 2 * n * 4 / min(copies)  # bytes read + bytes written
+    bandwidth = 2 * n * 4 / _best_seconds(lambda src=src, dst=dst: dst.copy_(src), 5)  # bytes read + bytes written
     del src, dst
     generator = torch.Generator().manual_seed(0)
     linears = {}
@@ -404,15 +401,7 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
                 return ops.ternary_gemm_sparse(codes, sums, s, w, rows, 1.0, False, isa)
             return ops.ternary_gemm(codes, sums, s, w, 1.0, False, isa)
 
-        for w in weights:
-            run(w)
-        times = []
-        for _ in range(3):
-            began = time.perf_counter()
-            for w in weights:
-                run(w)
-            times.append((time.perf_counter() - began) / len(weights))
-        seconds = min(times)
+        seconds = _best_seconds(lambda weights=weights, run=run: [run(w) for w in weights], 3) / len(weights)
         read = layout.numel() * active
         linears[name] = {"rows": rows, "cols": cols, "sparse": sparse, "active_share": active,
                          "packed_bytes": layout.numel(), "bytes_read": read, "seconds": seconds,
@@ -437,13 +426,8 @@ def _lm_head_gemvs(ops: Any, isa: int, shape: tuple[int, int], generator: Any) -
             "int8": (lambda: ops.int8_gemm(x, int8.weight, int8.scale, isa), int8.weight.numel())}
     heads = {}
     for name, (run, nbytes) in runs.items():
-        run()
-        times = []
-        for _ in range(3):
-            began = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - began)
-        heads[name] = {"seconds": min(times), "gb_s": nbytes / min(times) / GB, "bytes": nbytes}
+        seconds = _best_seconds(run, 3)
+        heads[name] = {"seconds": seconds, "gb_s": nbytes / seconds / GB, "bytes": nbytes}
     return heads
 
 

@@ -12,6 +12,7 @@ from helpers import random_case
 
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
+from bitnet_convert.native.backend import Int8Linear
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.packing import pack_ternary
 from bitnet_convert.quant.schemes import ActivationSpec
@@ -178,9 +179,9 @@ def test_sparse_gemv_and_chosen_rows_on_edge_cases(tokens):
 
 
 def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8 codes and per-row absmax scales of a weight ``[N, K]``, as the native INT8 lm_head makes them."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    """INT8 codes and per-row absmax scales of a weight ``[N, K]``, made by the native INT8 lm_head."""
+    head = Int8Linear(w)
+    return head.weight, head.scale
 
 
 @pytest.mark.parametrize(("n", "k", "t"), [(5, 3, 1), (40, 100, 3), (33, 2560, 2)])

@@ -82,29 +82,20 @@ at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
   const float* xp = x.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  constexpr int64_t kRowTile = 16;
-  at::parallel_for(0, N, T == 1 ? 256 : kRowTile, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
-      const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
-      for (int64_t t0 = 0; t0 < T; t0 += 2) {  // 2 tokens × 4 accumulators fill the 16 vector registers
-        const int64_t tt = T - t0 < 2 ? T - t0 : 2;
-        const float* xs[2];
-        for (int64_t j = 0; j < 2; ++j) xs[j] = xp + (t0 + (j < tt ? j : 0)) * K;
-        for (int64_t n = r0; n < r1; ++n) {
-          float out[2];
+  // 2 tokens × 4 accumulators fill the 16 vector registers
+  for_rows_by_token_pairs(N, T, [&](int64_t n, int64_t t0, int64_t tt) {
+    const float* xs[2] = {xp + t0 * K, xp + (t0 + tt - 1) * K};
+    float out[2];
 #if BC_X86
-          if (isa == 1) {
-            if (tt == 2) dot_bf16_avx2<2>(wp + n * K, xs, K, out);
-            else dot_bf16_avx2<1>(wp + n * K, xs, K, out);
-          } else
+    if (isa == 1) {
+      if (tt == 2) dot_bf16_avx2<2>(wp + n * K, xs, K, out);
+      else dot_bf16_avx2<1>(wp + n * K, xs, K, out);
+    } else
 #endif
-          {
-            for (int64_t j = 0; j < tt; ++j) out[j] = dot_bf16_scalar(wp + n * K, xs[j], K);
-          }
-          for (int64_t j = 0; j < tt; ++j) yp[(t0 + j) * N + n] = out[j];
-        }
-      }
+    {
+      for (int64_t j = 0; j < tt; ++j) out[j] = dot_bf16_scalar(wp + n * K, xs[j], K);
     }
+    for (int64_t j = 0; j < tt; ++j) yp[(t0 + j) * N + n] = out[j];
   });
   return y;
 }

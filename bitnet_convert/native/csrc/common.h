@@ -48,6 +48,24 @@ struct QuantizedInput {
   QuantizedInput(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale);
 };
 
+// Calls tile(n, t0, tt) for every output row n < N and every tile of tt <= 2 tokens starting at t0 < T: the loop
+// order of the float-input GEMMs of the lm_head (bf16_gemm.cpp, int8_gemm.cpp), whose per-row work keeps two
+// tokens' accumulators in registers. Rows go to the threads in tiles of 16 (256 at one token); each output is
+// computed by one thread, so the results do not depend on the thread count.
+template <class Tile>
+void for_rows_by_token_pairs(int64_t N, int64_t T, const Tile& tile) {
+  constexpr int64_t kRowTile = 16;
+  at::parallel_for(0, N, T == 1 ? 256 : kRowTile, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
+      const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
+      for (int64_t t0 = 0; t0 < T; t0 += 2) {
+        const int64_t tt = T - t0 < 2 ? T - t0 : 2;
+        for (int64_t n = r0; n < r1; ++n) tile(n, t0, tt);
+      }
+    }
+  });
+}
+
 #if BC_X86
 BC_AVX2 inline int32_t hsum_epi32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -79,29 +79,19 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* scp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t kRowTile = 16;
-  at::parallel_for(0, N, T == 1 ? 256 : kRowTile, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
-      const int64_t r1 = r0 + kRowTile < end ? r0 + kRowTile : end;
-      for (int64_t t0 = 0; t0 < T; t0 += 2) {
-        const int64_t tt = T - t0 < 2 ? T - t0 : 2;
-        const int16_t* xs[2];
-        for (int64_t j = 0; j < 2; ++j) xs[j] = codes.data() + (t0 + (j < tt ? j : 0)) * K;
-        for (int64_t n = r0; n < r1; ++n) {
-          int32_t acc[2];
+  for_rows_by_token_pairs(N, T, [&](int64_t n, int64_t t0, int64_t tt) {
+    const int16_t* xs[2] = {codes.data() + t0 * K, codes.data() + (t0 + tt - 1) * K};
+    int32_t acc[2];
 #if BC_X86
-          if (isa == 1) {
-            if (tt == 2) dot_int8_avx2<2>(wp + n * K, xs, K, acc);
-            else dot_int8_avx2<1>(wp + n * K, xs, K, acc);
-          } else
+    if (isa == 1) {
+      if (tt == 2) dot_int8_avx2<2>(wp + n * K, xs, K, acc);
+      else dot_int8_avx2<1>(wp + n * K, xs, K, acc);
+    } else
 #endif
-          {
-            for (int64_t j = 0; j < tt; ++j) acc[j] = dot_int8_scalar(wp + n * K, xs[j], K);
-          }
-          for (int64_t j = 0; j < tt; ++j) yp[(t0 + j) * N + n] = static_cast<float>(acc[j]) / sx[t0 + j] * scp[n];
-        }
-      }
+    {
+      for (int64_t j = 0; j < tt; ++j) acc[j] = dot_int8_scalar(wp + n * K, xs[j], K);
     }
+    for (int64_t j = 0; j < tt; ++j) yp[(t0 + j) * N + n] = static_cast<float>(acc[j]) / sx[t0 + j] * scp[n];
   });
   return y;
 }
