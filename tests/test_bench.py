@@ -212,6 +212,9 @@ def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -
     read = data["decode_8_bytes"]
     assert read["lm_head"] == TINY.vocab * TINY.hidden * 2 and read["kv_cache"] > 0 and read["linears"] > 0
     assert data["read_gb_s"] > 0
+    busy = runtime._job_neighbour({"model": str(tmp_path / "a48"), "tokens": 2, "thread_counts": [1]})["runs"]
+    assert set(busy) == {"1"} and set(busy["1"]) == {"quiet", "fixed", "free-cores"}
+    assert all(speed > 0 for speed in busy["1"].values())
 
 
 def test_a_hanging_job_is_killed_with_its_children_and_fails_its_row(monkeypatch, tmp_path):

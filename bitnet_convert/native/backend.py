@@ -26,6 +26,9 @@ What runs where:
   fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
   stays fp32 (torch's BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch,
   fp32, as in the reference backend;
+* each forward call runs on as many threads as there are free cores, at most ``torch.get_num_threads()``
+  (:func:`bitnet_convert.runtime.threads.set_thread_policy`; ``fixed`` turns it off): a busy neighbour process
+  otherwise stalls every op's barrier;
 * a linear whose input method has no native path (``method: none``, full precision) stays on the reference code
   path.
 
@@ -47,6 +50,7 @@ from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
 from bitnet_convert.quant.schemes import SPARSE_GLU, ActivationSpec
 from bitnet_convert.runtime.memory import trim_heap
+from bitnet_convert.runtime.threads import set_thread_policy
 
 
 def _ops():
@@ -246,7 +250,8 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
     models and none for ``b158`` or a SwiGLU model (dense down_proj input). Each linear is replaced one at a time,
     so the peak memory is the model plus one linear. ``lm_head``: ``stored`` (the export's dtype; see the module
     docstring) or ``int8`` (:class:`Int8Linear`, made from the stored weight; a tied embedding table is kept as
-    stored). Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when the kernels cannot be built and
+    stored). The model's forward calls follow the free cores (``set_thread_policy(model, "fixed")`` undoes it).
+    Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when the kernels cannot be built and
     ``ValueError`` for an unknown role or lm_head.
     """
     kernels.ensure_built()
@@ -267,6 +272,7 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
             if _gateable(module):
                 module.forward = types.MethodType(_gated_relu2_forward, module)
     _convert_embeddings(model, lm_head)
+    set_thread_policy(model, "free-cores")
     model.requires_grad_(False)
     trim_heap()  # the heap pages freed while repacking go back to the OS (else the resident size keeps the copies)
     return model.eval()

@@ -22,6 +22,9 @@ MAX_REST_SHARE = 0.15  # non-linear work (all but linears and lm_head) ÷ a deco
 MIN_BANDWIDTH_SHARE = 0.5  # packed-linear decode GB/s ÷ measured copy bandwidth
 MIN_SPARSE_KERNEL_SHARE = 0.70  # sparse-input GEMV at 50% zeros: active-column GB/s ÷ the dense kernel's GB/s
 MAX_NATIVE_RSS = 0.40  # native a48 resident memory after load ÷ bf16 checkpoint size
+MIN_NEIGHBOUR_SHARE = 0.4  # native a48 decode with a busy neighbour process ÷ quiet, 2 threads
+#: Decoded tokens (after a 128-token prompt) per measurement of the busy-neighbour job.
+NEIGHBOUR_TOKENS = 32
 RUNTIME_SUBJECTS = (  # (label, job subject, export, backend, lm_head)
     ("stock transformers b1.58", "stock", "b158", None, "stored"),
     ("reference backend a48", "load", "a48", "reference", "stored"),
@@ -47,6 +50,8 @@ def bench_runtime(args: argparse.Namespace) -> list[Row]:
         subject = f"synthetic 2B-4T, {layers} layers"
         measured = _runtime_subjects(args, str(synthetic), subject, rows, budget_s=args.runtime_budget)
         targets.append((layers, measured, checkpoint_bytes(synthetic)))
+        if layers == args.layers:
+            rows.extend(_neighbour_rows(args, str(synthetic), subject))
     if (REFERENCE_MODEL / "config.json").is_file():
         _runtime_subjects(args, "builtin:reference", "reference model", rows, budget_s=args.runtime_budget)
     layers, measured, size = targets[-1]
@@ -100,6 +105,33 @@ def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: 
                             f"{data['rss_after_load_bytes'] / GB:.2f} GB / {data['peak_rss_bytes'] / GB:.2f} GB",
                             value=data["rss_after_load_bytes"] / GB, unit="GB"))
     return measured
+
+
+def _neighbour_rows(args: argparse.Namespace, model: str, subject: str) -> list[Row]:
+    """Native a48 decode with a busy neighbour process (one CPU-bound Python loop) against the quiet figure, at 1
+    and 2 threads, with the thread count fixed and following the free cores (the default)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export = Path(tmp) / "a48"
+        prepared = run_job("quantize", {"recipe": str(REPO_ROOT / "recipes" / "a48.yaml"), "model": model,
+                                        "output": str(export), "threads": args.threads}, f"{subject}: export a48")
+        if not prepared.ok:
+            return [Row("runtime", subject, "busy neighbour", f"failed: {prepared.error}", passed=False)]
+        result = run_job("neighbour", {"model": str(export), "tokens": NEIGHBOUR_TOKENS,
+                                         "thread_counts": [1, 2]},
+                         f"{subject}: native a48 with a busy neighbour")
+    if not result.ok:
+        return [Row("runtime", subject, "busy neighbour", f"failed: {result.error}", passed=False)]
+    rows = []
+    for threads, runs in result.data["runs"].items():
+        quiet = runs["quiet"]
+        for policy in ("fixed", "free-cores"):
+            share = runs[policy] / quiet
+            gated = policy == "free-cores" and threads == "2"
+            rows.append(Row("runtime", f"{subject}: native a48, {threads} thread(s), thread policy {policy}",
+                            "decode with a busy neighbour ÷ quiet", f"{runs[policy]:.2f} ÷ {quiet:.2f} tok/s = "
+                            f"{share:.2f}", f"≥ {MIN_NEIGHBOUR_SHARE}" if gated else "",
+                            share >= MIN_NEIGHBOUR_SHARE if gated else None, share, "ratio", details=runs))
+    return rows
 
 
 def _runtime_targets(layers: int, measured: dict[str, dict[str, Any]], size: int) -> list[Row]:
@@ -294,6 +326,51 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _job_neighbour(spec: dict[str, Any]) -> dict[str, Any]:
+    """Greedy decode speed of the native model at ``spec["model"]`` (``spec["tokens"]`` tokens after a 128-token
+    prompt) for each thread count in ``spec["thread_counts"]``: quiet (thread policy ``free-cores``, which is ``fixed``
+    on an idle machine), then with a busy neighbour process under each thread policy."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import DynamicCache
+
+    import bitnet_convert
+    from bitnet_convert.runtime.threads import set_thread_policy
+
+    model = bitnet_convert.load(spec["model"], backend="native")
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+
+    def decode() -> float:
+        cache = DynamicCache()
+        with torch.no_grad():
+            token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            began = time.perf_counter()
+            for _ in range(spec["tokens"]):
+                token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        return spec["tokens"] / (time.perf_counter() - began)
+
+    runs: dict[str, dict[str, float]] = {}
+    start = time.perf_counter()
+    for threads in spec["thread_counts"]:
+        torch.set_num_threads(threads)
+        set_thread_policy(model, "free-cores")
+        decode()  # warm-up
+        runs[str(threads)] = {"quiet": decode()}
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.5)
+            for policy in ("fixed", "free-cores"):
+                set_thread_policy(model, policy)
+                decode()  # warm-up: the policy's first window
+                runs[str(threads)][policy] = decode()
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+    return {"runs": runs, "work_s": time.perf_counter() - start}
+
+
 def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, float]:
     """Seconds per decoded token in the native linears (quantizer included), in the lm_head, and the rest
     (attention, norms, RoPE, the KV cache, Python and module calls), over ``tokens`` more greedy tokens."""
@@ -431,4 +508,5 @@ def _lm_head_gemvs(ops: Any, isa: int, shape: tuple[int, int], generator: Any) -
     return heads
 
 
-JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"runtime": _job_runtime, "kernels": _job_kernels}
+JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"runtime": _job_runtime, "kernels": _job_kernels,
+                                                                  "neighbour": _job_neighbour}

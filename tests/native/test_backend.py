@@ -20,6 +20,7 @@ from bitnet_convert.native import build as kernels
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
+from bitnet_convert.runtime.threads import thread_policy
 
 REPO_RECIPE = str(REFERENCE.parents[2] / "recipes" / "a48.yaml")
 INT4_ABSMEAN = ActivationSpec(method="absmean", bits=4)
@@ -80,6 +81,7 @@ def test_native_model_computes_the_reference_numbers(preset, validation_windows)
     reference, fast = models(preset)
     assert any(isinstance(m, native.NativeLinear) for m in fast.modules())
     assert not any(isinstance(m, QuantLinear) for m in fast.modules())
+    assert thread_policy(fast) == "free-cores"  # the numbers below hold whatever count it chooses
     with torch.no_grad():
         a, b = reference(validation_windows[:2]).logits, fast(validation_windows[:2]).logits
     assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())
