@@ -15,8 +15,9 @@ from benchmarks.common import GB, REFERENCE_MODEL, REPO_ROOT, Row, run_job
 from benchmarks.synthetic import ShapeConfig, checkpoint_bytes, ensure_synthetic_checkpoint
 
 MIN_NATIVE_SPEEDUP = 10.0  # native a48 ÷ reference backend a48, decode and prefill, full 2B-4T depth
-MIN_SPARSE_SPEEDUP = 1.2  # native a48 decode ÷ native b158 decode, the same lm_head for both
+MIN_SPARSE_SPEEDUP = 1.2  # native a48 decode ÷ native b158 decode, the same lm_head, trained-sparsity checkpoint
 MIN_LAYERS_SPEEDUP = 1.3  # native a48 ÷ native b158, a decoded token's time minus its lm_head (random weights)
+MIN_TRAINED_LAYERS_SPEEDUP = 1.6  # the same on the trained-sparsity checkpoint
 MAX_BOUND_RATIO = 1.4  # native a48 decode time ÷ (bytes the token reads ÷ read bandwidth)
 MAX_REST_SHARE = 0.15  # non-linear work (all but linears and lm_head) ÷ a decoded token's time, native a48
 MIN_BANDWIDTH_SHARE = 0.5  # packed-linear decode GB/s ÷ measured copy bandwidth
@@ -33,36 +34,43 @@ RUNTIME_SUBJECTS = (  # (label, job subject, export, backend, lm_head)
     ("native b158, int8 lm_head", "load", "b158", "native", "int8"),
     ("native a48, int8 lm_head", "load", "a48", "native", "int8"),
 )
+#: The subjects run on the trained-sparsity checkpoint (the native backend's a48 against b158).
+TRAINED_SUBJECTS = ("native b158", "native a48", "native b158, int8 lm_head", "native a48, int8 lm_head")
 #: Decoded tokens timed part by part (linears, lm_head, the rest) after the decode measurement, native subjects.
 SPLIT_TOKENS = 16
 RUNTIME_PREFILL, RUNTIME_CONTEXTS, RUNTIME_NEW_TOKENS = 512, (128, 1024), 128
 
 
 def bench_runtime(args: argparse.Namespace) -> list[Row]:
-    """Prefill/decode speed and memory of the four subjects (stock transformers b1.58, reference backend a48,
-    native b158, native a48) side by side on 2B-4T shapes (2 layers and ``--layers``) and on the reference model;
-    the kernels alone are the ``kernels`` benchmark."""
+    """Prefill/decode speed and memory of the subjects (stock transformers b1.58, reference backend a48, native
+    b158 and a48 with each lm_head) side by side on 2B-4T shapes (2 layers and ``--layers``, random weights), the
+    native subjects on the ``--layers`` checkpoint with a trained model's relu² sparsity
+    (:class:`~benchmarks.synthetic.TrainedSparsity`), native a48 with a busy neighbour process, and the subjects on
+    the reference model; then the targets. The kernels alone are the ``kernels`` benchmark."""
     rows: list[Row] = []
-    targets: list[tuple[int, dict[str, dict[str, Any]], int]] = []
+    measured: dict[str, dict[str, dict[str, Any]]] = {}
     for layers in sorted({min(2, args.layers), args.layers}):
-        shape = ShapeConfig(layers=layers)
-        synthetic = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), shape, args.seed)
+        synthetic = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=layers), args.seed)
         subject = f"synthetic 2B-4T, {layers} layers"
-        measured = _runtime_subjects(args, str(synthetic), subject, rows, budget_s=args.runtime_budget)
-        targets.append((layers, measured, checkpoint_bytes(synthetic)))
-        if layers == args.layers:
-            rows.extend(_neighbour_rows(args, str(synthetic), subject))
+        measured["random"] = _runtime_subjects(args, str(synthetic), subject, rows, budget_s=args.runtime_budget)
+    size = checkpoint_bytes(synthetic)
+    trained = ensure_synthetic_checkpoint(args.cache_dir.expanduser(), ShapeConfig(layers=args.layers), args.seed,
+                                          sparsity="trained")
+    trained_subject = f"synthetic 2B-4T, {args.layers} layers, trained relu² sparsity"
+    measured["trained"] = _runtime_subjects(args, str(trained), trained_subject, rows, budget_s=args.runtime_budget,
+                                            labels=TRAINED_SUBJECTS, neighbour=True)
     if (REFERENCE_MODEL / "config.json").is_file():
         _runtime_subjects(args, "builtin:reference", "reference model", rows, budget_s=args.runtime_budget)
-    layers, measured, size = targets[-1]
-    rows.extend(_runtime_targets(layers, measured, size))
-    args.native_a48_decode = measured.get("native a48")  # its zero shares, for the kernels benchmark that follows
+    rows.extend(_runtime_targets(args.layers, measured["random"], size))
+    rows.extend(_trained_targets(trained_subject, measured["trained"]))
+    args.native_a48_decode = measured["random"].get("native a48")  # its zero shares, for the kernels benchmark
     return rows
 
 
-def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: list[Row],
-                      budget_s: float) -> dict[str, dict[str, Any]]:
-    """Export ``model`` as b158 and a48 (no calibration), run every subject on the exports, add their rows."""
+def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: list[Row], budget_s: float,
+                      labels: tuple[str, ...] | None = None, neighbour: bool = False) -> dict[str, dict[str, Any]]:
+    """Export ``model`` as b158 and a48 (no calibration), run every subject (those of ``labels`` when given) on the
+    exports, add their rows; with ``neighbour``, also native a48 with a busy neighbour process."""
     measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         exports = {}
@@ -75,6 +83,8 @@ def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: 
                 rows.append(Row("runtime", subject, f"export {recipe}", f"failed: {prepared.error}", passed=False))
                 return measured
         for label, kind, export, backend, lm_head in RUNTIME_SUBJECTS:
+            if labels is not None and label not in labels:
+                continue
             spec = {"subject": kind, "model": str(exports[export]), "backend": backend, "lm_head": lm_head,
                     "prefill": RUNTIME_PREFILL,
                     "contexts": list(RUNTIME_CONTEXTS), "new_tokens": RUNTIME_NEW_TOKENS, "budget_s": budget_s,
@@ -84,41 +94,45 @@ def _runtime_subjects(args: argparse.Namespace, model: str, subject: str, rows: 
             if not result.ok:
                 rows.append(Row("runtime", name, "run", f"failed: {result.error}", passed=False))
                 continue
-            data = measured[label] = result.data
-            rows.append(Row("runtime", name, f"prefill tok/s ({data['prefill_tokens']} tokens)",
-                            f"{data['prefill_tok_s']:.2f}", value=data["prefill_tok_s"], unit="tok/s", details=data))
-            for context in RUNTIME_CONTEXTS:
-                speed, done = data[f"decode_{context}_tok_s"], data[f"decode_{context}_tokens"]
-                note = "" if done == RUNTIME_NEW_TOKENS else f", stopped after {done} tokens ({budget_s:.0f} s budget)"
-                zeros = data.get(f"decode_{context}_zero_share")
-                if zeros:
-                    note += f"; zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}"
-                rows.append(Row("runtime", name, f"decode tok/s after {context} tokens", f"{speed:.2f}{note}",
-                                value=speed, unit="tok/s"))
-            split = data.get(f"decode_{RUNTIME_CONTEXTS[0]}_split")
-            if split:
-                rows.append(Row("runtime", name, f"one decoded token after {RUNTIME_CONTEXTS[0]}: linears / lm_head "
-                                "/ rest", " / ".join(f"{split[k] * 1e3:.2f}" for k in ("linears", "lm_head", "rest"))
-                                + f" ms of {split['token'] * 1e3:.2f} ms", value=split["token"] * 1e3, unit="ms",
-                                details=split))
-            rows.append(Row("runtime", name, "resident memory after load / peak",
-                            f"{data['rss_after_load_bytes'] / GB:.2f} GB / {data['peak_rss_bytes'] / GB:.2f} GB",
-                            value=data["rss_after_load_bytes"] / GB, unit="GB"))
+            measured[label] = result.data
+            rows.extend(_subject_rows(name, result.data, budget_s))
+        if neighbour:
+            rows.extend(_neighbour_rows(str(exports["a48"]), subject))
     return measured
 
 
-def _neighbour_rows(args: argparse.Namespace, model: str, subject: str) -> list[Row]:
-    """Native a48 decode with a busy neighbour process (one CPU-bound Python loop) against the quiet figure, at 1
-    and 2 threads, with the thread count fixed and following the free cores (the default)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        export = Path(tmp) / "a48"
-        prepared = run_job("quantize", {"recipe": str(REPO_ROOT / "recipes" / "a48.yaml"), "model": model,
-                                        "output": str(export), "threads": args.threads}, f"{subject}: export a48")
-        if not prepared.ok:
-            return [Row("runtime", subject, "busy neighbour", f"failed: {prepared.error}", passed=False)]
-        result = run_job("neighbour", {"model": str(export), "tokens": NEIGHBOUR_TOKENS,
-                                         "thread_counts": [1, 2]},
-                         f"{subject}: native a48 with a busy neighbour")
+def _subject_rows(name: str, data: dict[str, Any], budget_s: float) -> list[Row]:
+    """The rows of one runtime subject: prefill, decode at each context, the time split, memory."""
+    rows = [Row("runtime", name, f"prefill tok/s ({data['prefill_tokens']} tokens)", f"{data['prefill_tok_s']:.2f}",
+                value=data["prefill_tok_s"], unit="tok/s", details=data)]
+    for context in RUNTIME_CONTEXTS:
+        speed, done = data[f"decode_{context}_tok_s"], data[f"decode_{context}_tokens"]
+        note = "" if done == RUNTIME_NEW_TOKENS else f", stopped after {done} tokens ({budget_s:.0f} s budget)"
+        zeros = data.get(f"decode_{context}_zero_share")
+        if zeros:
+            note += f"; zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}"
+            if "up rows skipped" in zeros:
+                note += f"; up_proj rows skipped {zeros['up rows skipped']:.1%}"
+        rows.append(Row("runtime", name, f"decode tok/s after {context} tokens", f"{speed:.2f}{note}", value=speed,
+                        unit="tok/s"))
+    split = data.get(f"decode_{RUNTIME_CONTEXTS[0]}_split")
+    if split:
+        rows.append(Row("runtime", name, f"one decoded token after {RUNTIME_CONTEXTS[0]}: linears / lm_head / rest",
+                        " / ".join(f"{split[k] * 1e3:.2f}" for k in ("linears", "lm_head", "rest"))
+                        + f" ms of {split['token'] * 1e3:.2f} ms", value=split["token"] * 1e3, unit="ms",
+                        details=split))
+    rows.append(Row("runtime", name, "resident memory after load / peak",
+                    f"{data['rss_after_load_bytes'] / GB:.2f} GB / {data['peak_rss_bytes'] / GB:.2f} GB",
+                    value=data["rss_after_load_bytes"] / GB, unit="GB"))
+    return rows
+
+
+def _neighbour_rows(model: str, subject: str) -> list[Row]:
+    """Native a48 decode of the export at ``model`` with a busy neighbour process (one CPU-bound Python loop)
+    against the quiet figure, at 1 and 2 threads, with the thread count fixed and following the free cores (the
+    default)."""
+    result = run_job("neighbour", {"model": model, "tokens": NEIGHBOUR_TOKENS, "thread_counts": [1, 2]},
+                     f"{subject}: native a48 with a busy neighbour")
     if not result.ok:
         return [Row("runtime", subject, "busy neighbour", f"failed: {result.error}", passed=False)]
     rows = []
@@ -135,41 +149,58 @@ def _neighbour_rows(args: argparse.Namespace, model: str, subject: str) -> list[
 
 
 def _runtime_targets(layers: int, measured: dict[str, dict[str, Any]], size: int) -> list[Row]:
-    """The ratio targets on the deepest synthetic checkpoint; a missing subject makes its targets fail."""
+    """The targets on the deepest random-weight checkpoint; a missing subject makes its targets fail."""
     subject = f"synthetic 2B-4T, {layers} layers"
-    fast, ref, b158 = (measured.get(k) for k in ("native a48", "reference backend a48", "native b158"))
-    rows = []
-
-    def ratio_row(metric: str, a: float | None, b: float | None, minimum: float, extra: str = "") -> None:
-        if a is None or b is None:
-            rows.append(Row("runtime", subject, metric, "not measured", f"≥ {minimum}×", False))
-            return
-        rows.append(Row("runtime", subject, metric, f"{a / b:.2f}×{extra}", f"≥ {minimum}×", a / b >= minimum,
-                        a / b, "ratio"))
-
-    ratio_row("native a48 ÷ reference a48, decode after 128", fast and fast["decode_128_tok_s"],
-              ref and ref["decode_128_tok_s"], MIN_NATIVE_SPEEDUP)
-    ratio_row("native a48 ÷ reference a48, prefill", fast and fast["prefill_tok_s"], ref and ref["prefill_tok_s"],
-              MIN_NATIVE_SPEEDUP)
-    zeros = (fast or {}).get("decode_128_zero_share") or {}
-    ratio_row("native a48 ÷ native b158, decode after 128", fast and fast["decode_128_tok_s"],
-              b158 and b158["decode_128_tok_s"], MIN_SPARSE_SPEEDUP,
-              f" (zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}; up_proj "
-              f"rows skipped {zeros.get('up rows skipped', 0):.1%})")
-    fast8, b158_8 = measured.get("native a48, int8 lm_head"), measured.get("native b158, int8 lm_head")
-    ratio_row("native a48 ÷ native b158, decode after 128, both int8 lm_head", fast8 and fast8["decode_128_tok_s"],
-              b158_8 and b158_8["decode_128_tok_s"], MIN_SPARSE_SPEEDUP)
-    split, split_b = ((s or {}).get("decode_128_split") for s in (fast, b158))
-    ratio_row("native a48 ÷ native b158, decoder layers (a decoded token minus its lm_head)",
-              split_b and split_b["token"] - split_b["lm_head"], split and split["token"] - split["lm_head"],
-              MIN_LAYERS_SPEEDUP)
-    rows.extend(_bound_rows(subject, fast))
+    fast, ref = measured.get("native a48"), measured.get("reference backend a48")
+    rows = [_ratio_row(subject, "native a48 ÷ reference a48, decode after 128", fast and fast["decode_128_tok_s"],
+                       ref and ref["decode_128_tok_s"], MIN_NATIVE_SPEEDUP),
+            _ratio_row(subject, "native a48 ÷ reference a48, prefill", fast and fast["prefill_tok_s"],
+                       ref and ref["prefill_tok_s"], MIN_NATIVE_SPEEDUP)]
+    rows.extend(_sparsity_rows(subject, measured, whole_token=None, layers=MIN_LAYERS_SPEEDUP))
     if fast is not None:
         share = fast["rss_after_load_bytes"] / size
         rows.append(Row("runtime", subject, "native a48 resident memory ÷ bf16 checkpoint",
                         f"{fast['rss_after_load_bytes'] / GB:.2f} GB / {size / GB:.2f} GB = {share:.2f}",
                         f"≤ {MAX_NATIVE_RSS}", share <= MAX_NATIVE_RSS, share, "ratio"))
     return rows
+
+
+def _trained_targets(subject: str, measured: dict[str, dict[str, Any]]) -> list[Row]:
+    """The targets on the trained-sparsity checkpoint: a48 over b158 (whole token with the same lm_head, decoder
+    layers), the bandwidth bound and the non-linear share."""
+    rows = _sparsity_rows(subject, measured, whole_token=MIN_SPARSE_SPEEDUP, layers=MIN_TRAINED_LAYERS_SPEEDUP)
+    return rows + _bound_rows(subject, measured.get("native a48"))
+
+
+def _ratio_row(subject: str, metric: str, a: float | None, b: float | None, minimum: float | None,
+               extra: str = "") -> Row:
+    """``a ÷ b`` against ``minimum`` (no target when ``None``); "not measured" (failed) when either is missing."""
+    target = "" if minimum is None else f"≥ {minimum}×"
+    if a is None or b is None:
+        return Row("runtime", subject, metric, "not measured", target, False)
+    passed = None if minimum is None else a / b >= minimum
+    return Row("runtime", subject, metric, f"{a / b:.2f}×{extra}", target, passed, a / b, "ratio")
+
+
+def _sparsity_rows(subject: str, measured: dict[str, dict[str, Any]], whole_token: float | None,
+                   layers: float) -> list[Row]:
+    """Native a48 over native b158 after 128 tokens: the whole decoded token with the stored lm_head and with both
+    int8 (target ``whole_token``), and the decoder layers alone (a token minus its lm_head; target ``layers``)."""
+    fast, b158 = measured.get("native a48"), measured.get("native b158")
+    zeros = (fast or {}).get("decode_128_zero_share") or {}
+    fast8, b158_8 = measured.get("native a48, int8 lm_head"), measured.get("native b158, int8 lm_head")
+    split, split_b = ((s or {}).get("decode_128_split") for s in (fast, b158))
+    return [
+        _ratio_row(subject, "native a48 ÷ native b158, decode after 128", fast and fast["decode_128_tok_s"],
+                   b158 and b158["decode_128_tok_s"], whole_token,
+                   f" (zero input codes: o_proj {zeros.get('o', 0):.1%}, down_proj {zeros.get('down', 0):.1%}; "
+                   f"up_proj rows skipped {zeros.get('up rows skipped', 0):.1%})"),
+        _ratio_row(subject, "native a48 ÷ native b158, decode after 128, both int8 lm_head",
+                   fast8 and fast8["decode_128_tok_s"], b158_8 and b158_8["decode_128_tok_s"], whole_token),
+        _ratio_row(subject, "native a48 ÷ native b158, decoder layers (a decoded token minus its lm_head)",
+                   split_b and split_b["token"] - split_b["lm_head"], split and split["token"] - split["lm_head"],
+                   layers),
+    ]
 
 
 def _bound_rows(subject: str, fast: dict[str, Any] | None) -> list[Row]:
