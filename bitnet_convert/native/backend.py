@@ -46,6 +46,7 @@ from transformers.activations import ReLUSquaredActivation
 from bitnet_convert.io.families import ROLES, role_of
 from bitnet_convert.io.load import LM_HEADS
 from bitnet_convert.native import build as kernels
+from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
 from bitnet_convert.quant.schemes import SPARSE_GLU, ActivationSpec
@@ -69,7 +70,19 @@ def quantize(x: torch.Tensor, spec: ActivationSpec, isa: int) -> tuple[torch.Ten
     native = METHODS[spec.method].native
     if native is None:
         raise ValueError(f"no integer codes for activation method {spec.method!r}")
-    return native(_ops(), spec.sparsify(x), spec.bits, isa)
+    return native(_ops(), _sparsify(spec, x), spec.bits, isa)
+
+
+def _sparsify(spec: ActivationSpec, x: torch.Tensor) -> torch.Tensor:
+    """``spec.sparsify(x)`` for fp32 ``x [T, K]``; top-K on the kernel (``topk_sparsify``) for every token whose
+    kept set is unique, and from torch's top-K for a token whose K-th largest ``|x|`` is tied with an entry left out
+    (which of the tied entries is kept is torch's choice) or that holds a NaN."""
+    if spec.topk is None or spec.topk >= 1.0:
+        return spec.sparsify(x)
+    y, exact = _ops().topk_sparsify(x, F.topk_count(x.shape[-1], spec.topk))
+    if not bool(exact.all()):
+        y[~exact] = spec.sparsify(x[~exact])
+    return y
 
 
 class NativeLinear(nn.Module):
@@ -217,26 +230,26 @@ GATED_MAX_TOKENS = 8
 
 def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' ``BitNetMLP.forward`` (``down(ffn_sub_norm(relu²(gate(x)) · up(x)))``) with up_proj computed
-    only for the outputs where relu²(gate) ≠ 0 for some token; the other entries of the product are 0 as in the
-    dense path. ``x`` ``[..., hidden]`` → ``[..., hidden]``."""
+    only for the outputs where relu²(gate) ≠ 0 for some token (the kernel's ``relu2_gated_up``); the other entries
+    of the product are 0 as in the dense path. ``x`` ``[..., hidden]`` → ``[..., hidden]``."""
     tokens = x.numel() // x.shape[-1]
     if tokens > GATED_MAX_TOKENS:
         return type(mlp).forward(mlp, x)
-    act = mlp.act_fn(mlp.gate_proj(x))
-    rows = act.reshape(-1, act.shape[-1]).ne(0).any(0).nonzero().flatten()
-    product = torch.zeros_like(act)
-    product[..., rows] = act[..., rows] * mlp.up_proj.rows(x, rows)
     up = mlp.up_proj
+    gate = mlp.gate_proj(x)
+    codes, s, sums = _quantized_input(up, x)  # the codes gate_proj just made (same tensor, same spec)
+    product, rows = _ops().relu2_gated_up(gate.reshape(tokens, -1).float().contiguous(), codes, sums, s, up.weight,
+                                          up.alpha, up.divides, up.isa)
     if up.record_zeros:
         up.skipped_rows[0] += (up.out_features - rows.numel()) * tokens
         up.skipped_rows[1] += up.out_features * tokens
-    return mlp.down_proj(mlp.ffn_sub_norm(product))
+    return mlp.down_proj(mlp.ffn_sub_norm(product.reshape(gate.shape).to(x.dtype)))
 
 
 def _gateable(module: nn.Module) -> bool:
     """Whether ``module`` is a relu² GLU FFN on the native kernels with the sub-norm layout of BitNet's MLP."""
     parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return (all(isinstance(p, NativeLinear) for p in parts) and not parts[1].sparse
+    return (all(isinstance(p, NativeLinear) for p in parts) and not parts[1].sparse and parts[1].bias is None
             and isinstance(getattr(module, "ffn_sub_norm", None), nn.Module)
             and isinstance(getattr(module, "act_fn", None), ReLUSquaredActivation))
 

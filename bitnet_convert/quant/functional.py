@@ -180,10 +180,14 @@ def int4_absmean(x: torch.Tensor) -> torch.Tensor:
     return absmean_int(x, 4)
 
 
+def topk_count(d: int, ratio: float) -> int:
+    """``K = round(ratio · d)``, at least 1 and at most ``d``: how many entries of a ``d``-wide token top-K keeps."""
+    return max(1, min(d, round(ratio * d)))
+
+
 def topk_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean mask of the ``K = round(ratio · d)`` largest ``|x|`` per token (a4.8 Eq. 1, ``M = TopK(|X|)``)."""
-    d = x.shape[-1]
-    k = max(1, min(d, round(ratio * d)))
+    k = topk_count(x.shape[-1], ratio)
     idx = x.abs().topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
 

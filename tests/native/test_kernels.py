@@ -178,6 +178,52 @@ def test_sparse_gemv_and_chosen_rows_on_edge_cases(tokens):
                                 kernels.isa())
 
 
+def test_topk_kernel_keeps_a_unique_top_k_and_leaves_ties_to_torch():
+    """``topk_sparsify`` equals torch's top-K on every row whose kept set is unique (ties inside the kept set
+    included) and flags, untouched, a row whose K-th largest |x| ties with an entry left out, or that holds a NaN."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=g)
+    x[1, :4] = torch.tensor([9.0, -9.0, 8.0, 8.0])  # ties among the kept entries only
+    x[2, :] = 0.0
+    x[2, :21] = torch.linspace(1, 2, 21)  # K = 20 of 40: the 20th largest ties with nothing
+    x[3, :] = 0.5  # the 20th largest |x| ties with entries left out
+    x[4, 7] = math.nan
+    x[5, :] = 0.0  # all tied
+    y, exact = ops().topk_sparsify(x, 20)
+    assert exact.tolist() == [True, True, True, False, False, False]
+    assert torch.equal(y[exact], F.topk_sparsify(x[exact], 0.5))
+    torch.testing.assert_close(y[~exact], x[~exact], rtol=0, atol=0, equal_nan=True)
+    assert (y[0] != 0).sum() == 20 and torch.equal(y[2, :21].ne(0), torch.arange(21) >= 1)
+    spec = ActivationSpec(method="absmax", bits=8, topk=0.5)
+    assert torch.equal(native._sparsify(spec, x).isnan(), spec.sparsify(x).isnan())
+    assert torch.equal(native._sparsify(spec, x).nan_to_num(), spec.sparsify(x).nan_to_num())
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_relu2_gated_up_is_the_dense_product_computed_on_the_kept_rows(tokens):
+    """``relu2_gated_up`` gives relu²(gate) · up with up_proj computed only on the rows some token keeps, equal to
+    torch's dense product bit for bit (a NaN gate kept as NaN), scalar and AVX2 alike."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 200, 300
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    x = torch.randn(tokens, k, generator=g)
+    gate = torch.randn(tokens, n, generator=g) - 1.5
+    gate[0, 5] = math.nan
+    gate[:, 7] = -0.0
+    layout = kernels.rows_layout(pack_ternary(w))
+    act = torch.square(torch.relu(gate))
+    kept = act.ne(0).any(0).nonzero().flatten()
+    for isa in isas():
+        codes, s, sums = ops().quantize_absmax(x, 8, isa)
+        up = ops().ternary_gemm(codes, sums, s, layout, 0.3, False, isa)
+        want = torch.zeros(tokens, n)
+        want[:, kept] = act[:, kept] * up[:, kept]
+        product, rows = ops().relu2_gated_up(gate, codes, sums, s, layout, 0.3, False, isa)
+        assert torch.equal(rows, kept) and 5 in rows.tolist() and 7 not in rows.tolist()
+        torch.testing.assert_close(product, want, rtol=0, atol=0, equal_nan=True)
+        assert 0 < rows.numel() < 0.5 * n  # most rows skipped: the gate is mostly negative
+
+
 def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 codes and per-row absmax scales of a weight ``[N, K]``, made by the native INT8 lm_head."""
     head = Int8Linear(w)

@@ -1,6 +1,6 @@
-// Integer CPU kernels of bitnet-convert's native backend: per-token activation quantizers (quantize.cpp), ternary
-// GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset of
-// them (ternary_dense.cpp), a sparse-input GEMV that reads only the weight columns of non-zero inputs
+// Integer CPU kernels of bitnet-convert's native backend: per-token activation quantizers and top-K (quantize.cpp),
+// ternary GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset
+// of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), a sparse-input GEMV that reads only the weight columns of non-zero inputs
 // (ternary_sparse.cpp), a bf16-weight GEMM for the embeddings/lm_head (bf16_gemm.cpp) and an INT8-weight GEMM
 // for the lm_head (int8_gemm.cpp). This file registers them under torch.ops.bitnet_convert and holds what they
 // share.
@@ -72,6 +72,10 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("ternary_gemm_sparse(Tensor codes, Tensor sums, Tensor scale, Tensor w, int n, float alpha, bool divide, "
         "int isa) -> Tensor",
         &ternary_gemm_sparse);
+  m.def("relu2_gated_up(Tensor gate, Tensor codes, Tensor sums, Tensor scale, Tensor w, float alpha, bool divide, "
+        "int isa) -> (Tensor, Tensor)",
+        &relu2_gated_up);
+  m.def("topk_sparsify(Tensor x, int k) -> (Tensor, Tensor)", &topk_sparsify);
   m.def("zero_share(Tensor codes, int k) -> float", &zero_share);
   m.def("bf16_gemm(Tensor x, Tensor w, int isa) -> Tensor", &bf16_gemm);
   m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, int isa) -> Tensor", &int8_gemm);

@@ -12,6 +12,7 @@ namespace bitnet_convert {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_absmax(const at::Tensor& x, int64_t bits, int64_t isa);
 std::tuple<at::Tensor, at::Tensor> quantize_scaled(const at::Tensor& x, const at::Tensor& s, int64_t lo, int64_t hi,
                                                    int64_t isa);
+std::tuple<at::Tensor, at::Tensor> topk_sparsify(const at::Tensor& x, int64_t k);
 double zero_share(const at::Tensor& codes, int64_t K);
 
 // ternary_dense.cpp
@@ -19,6 +20,9 @@ at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const a
                         double alpha, bool divide, int64_t isa);
 at::Tensor ternary_gemm_rows(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
                              const at::Tensor& w, const at::Tensor& rows, double alpha, bool divide, int64_t isa);
+std::tuple<at::Tensor, at::Tensor> relu2_gated_up(const at::Tensor& gate, const at::Tensor& codes,
+                                                  const at::Tensor& sums, const at::Tensor& scale, const at::Tensor& w,
+                                                  double alpha, bool divide, int64_t isa);
 
 // ternary_sparse.cpp
 at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,

@@ -137,6 +137,46 @@ std::tuple<at::Tensor, at::Tensor> quantize_scaled(const at::Tensor& x, const at
   return {codes, sums};
 }
 
+// Top-K per token (a4.8 Eq. 1): y[t] keeps the k largest |x[t, j]| and zeroes the rest, for every row where that set
+// is unique: the k-th largest |x| (found with nth_element) is not tied with an entry left out. Where it is tied, or
+// the row holds a NaN, the set depends on torch.topk's tie-break: exact[t] is false, y[t] is left as x[t], and the
+// caller takes that row from torch. Returns (y fp32 [T, K], exact bool [T]).
+std::tuple<at::Tensor, at::Tensor> topk_sparsify(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 [T, K]");
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= K, "k must be in 1..K, got ", k);
+  auto y = x.clone();
+  auto exact = at::empty({T}, at::kBool);
+  float* yp = y.data_ptr<float>();
+  bool* ep = exact.data_ptr<bool>();
+  std::vector<float> magnitude(K);
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = yp + t * K;
+    bool nan = false;
+    for (int64_t j = 0; j < K; ++j) {
+      magnitude[j] = std::fabs(row[j]);
+      nan = nan || std::isnan(row[j]);
+    }
+    if (nan) {
+      ep[t] = false;
+      continue;
+    }
+    std::nth_element(magnitude.begin(), magnitude.begin() + (k - 1), magnitude.end(), std::greater<float>());
+    const float kth = magnitude[k - 1];
+    int64_t above = 0, tied = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const float m = std::fabs(row[j]);
+      above += m > kth;
+      tied += m == kth;
+    }
+    ep[t] = above + tied == k;
+    if (!ep[t]) continue;
+    for (int64_t j = 0; j < K; ++j)
+      if (std::fabs(row[j]) < kth) row[j] = 0.0f;
+  }
+  return {y, exact};
+}
+
 // Share of zero codes over the first K columns (diagnostics for the benchmark).
 double zero_share(const at::Tensor& codes, int64_t K) {
   TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.is_contiguous(), "int8 [T, Kp]");

@@ -120,6 +120,49 @@ at::Tensor ternary_gemm(const at::Tensor& codes, const at::Tensor& sums, const a
   return gemm_rows(in, w, nullptr, w.size(0), alpha, divide, isa);
 }
 
+// The gated relu² FFN's product at decode (transformers' BitNetMLP: relu²(gate_proj(x)) · up_proj(x)) with up_proj
+// computed only where it is needed: act[t, i] = relu(gate[t, i])² (one fp32 multiply, as torch.square; relu keeps
+// NaN, as torch.relu does); the rows i with act[t, i] != 0 for some token t are the only up_proj rows read; the
+// product is act · up there and 0 elsewhere — the same IEEE multiplies as the dense path, so equal to it bit for
+// bit. gate fp32 [T, I]; the up_proj input codes as for ternary_gemm and its weight w in the `rows` layout
+// [I, Kp/4]. Returns (product fp32 [T, I], rows int64 [R]: the up_proj rows computed, ascending).
+std::tuple<at::Tensor, at::Tensor> relu2_gated_up(const at::Tensor& gate, const at::Tensor& codes,
+                                                  const at::Tensor& sums, const at::Tensor& scale, const at::Tensor& w,
+                                                  double alpha, bool divide, int64_t isa) {
+  check_isa(isa);
+  const QuantizedInput in(codes, sums, scale);
+  check_rows_layout(w, in.Kp);
+  TORCH_CHECK(gate.dim() == 2 && gate.scalar_type() == at::kFloat && gate.is_contiguous() && gate.size(0) == in.T &&
+                  gate.size(1) == w.size(0),
+              "gate must be contiguous fp32 [T, N] for the codes' T and the weight's N");
+  const int64_t T = in.T, I = gate.size(1);
+  auto act = at::empty({T, I}, at::kFloat);
+  const float* gp = gate.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  std::vector<int64_t> chosen;
+  chosen.reserve(I);
+  for (int64_t i = 0; i < I; ++i) {
+    bool active = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const float g = gp[t * I + i];
+      const float r = g <= 0.0f ? 0.0f : g;  // NaN stays NaN
+      ap[t * I + i] = r * r;
+      active = active || ap[t * I + i] != 0.0f;
+    }
+    if (active) chosen.push_back(i);
+  }
+  const int64_t R = static_cast<int64_t>(chosen.size());
+  auto rows = at::empty({R}, at::kLong);
+  std::copy(chosen.begin(), chosen.end(), rows.data_ptr<int64_t>());
+  const at::Tensor up = gemm_rows(in, w, chosen.data(), R, alpha, divide, isa);
+  auto product = at::zeros({T, I}, at::kFloat);
+  const float* upp = up.data_ptr<float>();
+  float* pp = product.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < R; ++j) pp[t * I + chosen[j]] = ap[t * I + chosen[j]] * upp[t * R + j];
+  return {product, rows};
+}
+
 // y[t, j] = ternary_gemm's y[t, rows[j]]: only the chosen output rows are read and computed (int64 [R], each in
 // [0, N)).
 at::Tensor ternary_gemm_rows(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
