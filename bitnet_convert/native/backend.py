@@ -25,7 +25,8 @@ What runs where:
   arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel; a tied lm_head shares that
   fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
   stays fp32 (torch's BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch,
-  fp32, as in the reference backend;
+  fp32, as in the reference backend; a ``DynamicCache`` appends in place instead of concatenating
+  (:mod:`bitnet_convert.native.cache`);
 * each forward call runs on as many threads as there are free cores, at most ``torch.get_num_threads()``
   (:func:`bitnet_convert.runtime.threads.set_thread_policy`; ``fixed`` turns it off): a busy neighbour process
   otherwise stalls every op's barrier;
@@ -46,6 +47,7 @@ from transformers.activations import ReLUSquaredActivation
 from bitnet_convert.io.families import ROLES, role_of
 from bitnet_convert.io.load import LM_HEADS
 from bitnet_convert.native import build as kernels
+from bitnet_convert.native.cache import preallocate_caches
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
@@ -228,6 +230,13 @@ SPARSE_ROLES: tuple[str, ...] = ("o", "down")
 GATED_MAX_TOKENS = 8
 
 
+def relu2_gated_up(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's ``relu2_gated_up`` (``csrc/ternary_dense.cpp``): relu²(gate) · up_proj(x) with up_proj computed
+    on the kept rows only; ``(product fp32 [T, I], rows int64 [R])``. A module function, so that the runtime
+    benchmark can time it with the linears."""
+    return _ops().relu2_gated_up(*args)
+
+
 def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """transformers' ``BitNetMLP.forward`` (``down(ffn_sub_norm(relu²(gate(x)) · up(x)))``) with up_proj computed
     only for the outputs where relu²(gate) ≠ 0 for some token (the kernel's ``relu2_gated_up``); the other entries
@@ -238,8 +247,8 @@ def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     up = mlp.up_proj
     gate = mlp.gate_proj(x)
     codes, s, sums = _quantized_input(up, x)  # the codes gate_proj just made (same tensor, same spec)
-    product, rows = _ops().relu2_gated_up(gate.reshape(tokens, -1).float().contiguous(), codes, sums, s, up.weight,
-                                          up.alpha, up.divides, up.isa)
+    product, rows = relu2_gated_up(gate.reshape(tokens, -1).float().contiguous(), codes, sums, s, up.weight,
+                                   up.alpha, up.divides, up.isa)
     if up.record_zeros:
         up.skipped_rows[0] += (up.out_features - rows.numel()) * tokens
         up.skipped_rows[1] += up.out_features * tokens
@@ -286,6 +295,7 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
                 module.forward = types.MethodType(_gated_relu2_forward, module)
     _convert_embeddings(model, lm_head)
     set_thread_policy(model, "free-cores")
+    preallocate_caches(model)
     model.requires_grad_(False)
     trim_heap()  # the heap pages freed while repacking go back to the OS (else the resident size keeps the copies)
     return model.eval()

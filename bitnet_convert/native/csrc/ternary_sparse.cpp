@@ -90,7 +90,9 @@ void group_scalar(const uint8_t* w, int64_t Np, const Active& a, size_t j0, size
 // pair of columns are interleaved (vpunpck{l,h}bw: bytes 0–7 and 16–23, 8–15 and 24–31), each 2-bit plane masked
 // out and multiplied with the pair of codes (vpmaddubsw: 16 sums of two products per instruction), then widened to
 // int32 into acc. While a group is computed, the columns of the group that follows (pairs from `next`) are
-// prefetched into L2, one line per column at each even chunk, so the next group streams in meanwhile.
+// prefetched into L2 (prefetcht1, which keeps the L1 miss buffers free: 85% zero inputs, cold 2B-4T down_proj
+// weights, 0.26-0.28 of the dense kernel's time against 0.42-0.50 with prefetcht0), one line per column at each even
+// chunk, so the next group streams in meanwhile.
 BC_AVX2 void group_avx2(const uint8_t* w, int64_t Np, const Active& a, size_t j0, size_t j1, size_t next,
                         int32_t* acc) {
   const __m256i m3 = _mm256_set1_epi8(3);
@@ -103,7 +105,7 @@ BC_AVX2 void group_avx2(const uint8_t* w, int64_t Np, const Active& a, size_t j0
       const uint8_t* la = w + static_cast<int64_t>(a.col[2 * j]) * stride + 32 * c;
       const uint8_t* lb = w + static_cast<int64_t>(a.col[2 * j + 1]) * stride + 32 * c;
       if (j - j0 < ahead)  // one line of the next group per step: line c/2 of its column 2(j - j0) + c % 2
-        __builtin_prefetch(w + a.col[2 * (next + j - j0) + (c & 1)] * stride + 64 * (c / 2), 0, 3);
+        __builtin_prefetch(w + a.col[2 * (next + j - j0) + (c & 1)] * stride + 64 * (c / 2), 0, 2);
       const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(la));
       const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lb));
       const __m256i il = _mm256_unpacklo_epi8(va, vb), ih = _mm256_unpackhi_epi8(va, vb);
