@@ -11,13 +11,14 @@ What runs where:
 * linears named by role in ``sparse_roles`` use the sparse-input kernel, which reads only the weight columns of
   non-zero codes (each column one contiguous run of bytes). Default in every a4.8 scheme: o_proj (top-K: 50% zero
   codes) and down_proj (relu²: 67–87% zero codes measured); nothing for ``b158``, which runs dense as b1.58 engines
-  do. At 50% zeros the sparse kernel takes 0.76–0.89 of the dense kernel's time (``eval/bench.py --only kernels``);
+  do. At 50% zeros the sparse kernel takes 0.76–0.89 of the dense kernel's time (``eval/bench.py --only kernels``,
+  two runs);
 * a relu² FFN of an a4.8 scheme skips what relu² makes zero when few tokens go through it (decode: at most
-  :data:`GATED_MAX_TOKENS`): gate_proj runs whole, up_proj only for the outputs where relu²(gate) ≠ 0 for some
-  token (the dense kernel over those weight rows), and down_proj's sparse-input kernel reads only the columns of
-  those entries. A zero entry adds nothing to ffn_sub_norm's mean square or to the absmax of the down_proj input,
-  and the entries are the dense path's to the bit, so the output equals the dense FFN's exactly (tested). A
-  SwiGLU FFN has no exact zeros and keeps the dense path;
+  :data:`GATED_MAX_TOKENS`): gate_proj runs whole, up_proj (one kernel call, :func:`relu2_gated_up`) only for the
+  outputs where relu²(gate) ≠ 0 for some token (the dense kernel over those weight rows), and down_proj's
+  sparse-input kernel reads only the columns of those entries. A zero entry adds nothing to ffn_sub_norm's mean
+  square or to the absmax of the down_proj input, and the entries are the dense path's to the bit, so the output
+  equals the dense FFN's exactly (tested). A SwiGLU FFN has no exact zeros and keeps the dense path;
 * FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
   kernels with codes in [−12, 12];
 * embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
