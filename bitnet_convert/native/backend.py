@@ -247,7 +247,7 @@ def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(mlp).forward(mlp, x)
     up = mlp.up_proj
     gate = mlp.gate_proj(x)
-    codes, s, sums = _quantized_input(up, x)  # the codes gate_proj just made (same tensor, same spec)
+    codes, s, sums = _quantized_input(up, x)  # gate_proj's codes when it quantized this tensor with up's spec
     product, rows = relu2_gated_up(gate.reshape(tokens, -1).float().contiguous(), codes, sums, s, up.weight,
                                    up.alpha, up.divides, up.isa)
     if up.record_zeros:
