@@ -155,8 +155,8 @@ BackendOption = Annotated[
 ]
 LmHeadOption = Annotated[
     str,
-    typer.Option(help="stored (the export's dtype) or int8 (per-row scale, half the bytes; native backend only; "
-                 "its perplexity cost is in docs/native.md)."),
+    typer.Option(help="stored (the export's dtype) or int8 (per-row scale, half the bytes; the same numbers on "
+                 "both backends; its perplexity cost is in docs/native.md)."),
 ]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]

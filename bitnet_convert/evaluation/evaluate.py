@@ -82,7 +82,7 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
 
     device = str(resolve_device(device))
     backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
-    check_lm_head(lm_head, backend)
+    check_lm_head(lm_head)
     checkpoint = open_checkpoint(path)
     resolve_scheme(checkpoint, scheme)  # an unknown preset or an a4.8 model given a preset: refused first
     if txt_documents not in ("paragraphs", "lines"):
@@ -124,7 +124,7 @@ class EvalSettings:
     ``None``: the model's), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``,
     :func:`bitnet_convert.runtime.devices.resolve_device`), ``seed`` (every seed lm-eval takes) and ``backend``
     (``reference``, ``native`` — integer CPU kernels, ``device`` must be ``cpu`` — or ``auto``, native when it can
-    run here; see :func:`bitnet_convert.io.load.load`) and ``lm_head`` (``stored`` or ``int8``, native only)."""
+    run here; see :func:`bitnet_convert.io.load.load`) and ``lm_head`` (``stored`` or ``int8``)."""
 
     limit: int | None = None
     batch_size: int = 16
@@ -160,7 +160,7 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     start = time.perf_counter()
     device = str(resolve_device(settings.device))
     backend = backend_for_device(settings.backend, device)
-    check_lm_head(settings.lm_head, backend)
+    check_lm_head(settings.lm_head)
     settings = replace(settings, device=device, backend=backend)
     limit, batch_size = settings.limit, settings.batch_size
     checkpoint = open_checkpoint(str(path))

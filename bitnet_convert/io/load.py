@@ -15,6 +15,7 @@ from bitnet_convert.io.checkpoint import Checkpoint, open_checkpoint, resolve_mo
 from bitnet_convert.io.families import Role
 from bitnet_convert.notes import warn
 from bitnet_convert.quant.kv import AttentionSpec
+from bitnet_convert.quant.linear import Int8Head
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec, preset_roles
 from bitnet_convert.runtime.modeling import DTYPES, build_model
 
@@ -168,10 +169,11 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     :mod:`bitnet_convert.native.backend`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
     here, else reference with a warning). ``sparse_roles`` (native only): the roles whose linears run on the
     sparse-input kernel (default: o_proj and down_proj for a4.8 schemes on relu² models, none for ``b158``; see
-    :mod:`bitnet_convert.native.backend`). ``lm_head`` (native only): ``stored`` (the export's dtype) or ``int8``
-    (per-row scale; half the bytes, :class:`~bitnet_convert.native.backend.Int8Linear`). Raises
+    :mod:`bitnet_convert.native.backend`). ``lm_head``: ``stored`` (the export's dtype) or ``int8``
+    (per-row scale; half the bytes, :class:`~bitnet_convert.native.backend.Int8Linear` on the native backend,
+    :class:`~bitnet_convert.quant.linear.Int8Head` with the same numbers on the reference one). Raises
     :class:`~bitnet_convert.errors.CheckpointError` for a bad checkpoint,
-    :class:`~bitnet_convert.errors.BackendError` for an ``lm_head`` the backend does not offer and
+    :class:`~bitnet_convert.errors.BackendError` for an unknown ``lm_head`` and
     :class:`~bitnet_convert.native.build.NativeUnavailable` when ``native`` cannot run here.
     """
     return open_model(path, backend, dtype=dtype, sparse_roles=sparse_roles, lm_head=lm_head).model
@@ -197,27 +199,28 @@ def build_for_backend(
     scheme's name (``b158`` runs every linear dense on the native backend)."""
     if backend == "native" and dtype != torch.float32:
         raise BackendError(f"the native backend computes in float32; got dtype {dtype}")
-    check_lm_head(lm_head, backend)
+    check_lm_head(lm_head)
     model = build_model(checkpoint, roles, dtype, on_linear=on_linear, attention=attention, overrides=overrides,
                         embeddings_as_stored=backend == "native")
     if backend == "native":
         from bitnet_convert.native import backend as native
 
         native.convert(model, scheme, sparse_roles, lm_head)
+    elif lm_head == "int8" and model.get_output_embeddings() is not None:
+        model.set_output_embeddings(Int8Head(model.get_output_embeddings().weight))
     return model
 
 
-#: ``--lm-head`` choices: the export's stored dtype, or INT8 with a per-row scale (native backend only).
+#: ``--lm-head`` choices: the export's stored dtype, or INT8 with a per-row scale (both backends).
 LM_HEADS = ("stored", "int8")
 
 
-def check_lm_head(lm_head: str, backend: str) -> None:
+def check_lm_head(lm_head: str) -> None:
     """Raise :class:`~bitnet_convert.errors.BackendError` (one line) unless ``lm_head`` is one of
-    :data:`LM_HEADS` and the resolved ``backend`` offers it (``int8`` is a native kernel)."""
+    :data:`LM_HEADS` (both backends offer each: ``int8`` is the native kernel or its torch reference,
+    :class:`~bitnet_convert.quant.linear.Int8Head`)."""
     if lm_head not in LM_HEADS:
         raise BackendError(f"--lm-head '{lm_head}' is unknown; expected one of {', '.join(LM_HEADS)}")
-    if lm_head != "stored" and backend != "native":
-        raise BackendError(f"--lm-head {lm_head} runs on the native backend; got --backend {backend}")
 
 
 def resolve_backend(backend: str) -> Literal["native", "reference"]:

@@ -201,14 +201,14 @@ class Int8Linear(nn.Module):
     max|W[n]| / 127``, ``W[n] ≈ scale · q``), run by the INT8-weight GEMM kernel: each token's input quantized to
     int16 codes per token, exact int32 sums, ``y = acc / s_x · scale``. Input ``[..., K]``, output fp32
     ``[..., N]``. Half the bytes of a bf16 lm_head; the explicit ``lm_head="int8"`` option of :func:`convert`
-    (its perplexity cost on the reference models is in docs/native.md)."""
+    (its perplexity cost on the reference models is in docs/native.md). The reference backend's
+    :class:`~bitnet_convert.quant.linear.Int8Head` computes the same numbers in torch."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.contiguous())
+        q, scale = F.int8_rows(weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
         self.isa = kernels.isa()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

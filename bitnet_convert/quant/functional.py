@@ -226,3 +226,38 @@ def fp4_e2m1_minmax(x: torch.Tensor, exp_bits: int = 2, man_bits: int = 1) -> to
 def int8_absmax_ste(x: torch.Tensor) -> torch.Tensor:
     """:func:`int8_absmax` with a straight-through gradient."""
     return ste(x, int8_absmax(x))
+
+
+# ----------------------------------------------------------------------------------- the INT8 lm_head
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 weight codes with one absmax scale per output row, for the INT8 lm_head: ``scale = max(max|W[n]|,
+    1e-12) / 127`` and ``q = RoundClip(W / scale, −127, 127)``, so ``W[n] ≈ scale[n] · q[n]``. ``w`` ``[N, K]`` of
+    any float dtype → ``(q int8 [N, K], scale fp32 [N])``."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return round_clip(wf / scale[:, None], -127, 127).to(torch.int8), scale.contiguous()
+
+
+def int16_code_max(k: int) -> int:
+    """The largest int16 input code of the INT8 lm_head for an input width ``k``: no int32 sum of ``k`` products
+    with ``|w| ≤ 127`` can overflow (``k · 127 · q_max < 2^31``), at most 32767. The native kernel's bound."""
+    return min(32767, (1 << 31) // (127 * max(k, 1)) - 1)
+
+
+def int8_lm_head(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows_per_step: int = 8192) -> torch.Tensor:
+    """The INT8 lm_head in torch, the numbers of the native ``int8_gemm`` kernel: each token's input quantized per
+    token to int16 codes (absmax, ``s = q_max / max(max|x|, EPS)`` with :func:`int16_code_max`), the integer sums
+    computed exactly (float64 products of integers, every partial sum below 2^53), then ``y = (float)acc / s ·
+    scale[n]`` in fp32 — the kernel's operations in its order. ``x`` fp32 ``[T, K]``, ``q`` int8 ``[N, K]``,
+    ``scale`` fp32 ``[N]`` → fp32 ``[T, N]``, computed ``rows_per_step`` weight rows at a time (the float64 copy
+    of the weight is made a slice at a time)."""
+    qmax = int16_code_max(x.shape[-1])
+    s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    codes = round_clip(x * s, -qmax, qmax).double()
+    out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32, device=x.device)
+    for n0 in range(0, q.shape[0], rows_per_step):
+        n1 = min(n0 + rows_per_step, q.shape[0])
+        out[:, n0:n1] = (codes @ q[n0:n1].double().T).float() / s * scale[n0:n1]
+    return out

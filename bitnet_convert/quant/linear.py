@@ -151,3 +151,20 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}"
+
+
+class Int8Head(nn.Module):
+    """The INT8 lm_head on the reference backend (``lm_head="int8"``): the weight as int8 codes with one absmax
+    scale per row (:func:`~bitnet_convert.quant.functional.int8_rows`), computed in torch as the native backend's
+    INT8 kernel computes it (:func:`~bitnet_convert.quant.functional.int8_lm_head`), so that both backends give the
+    same numbers. Input ``[..., K]``, output ``[..., N]`` in the input's dtype (computed in fp32). Inference only."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        q, scale = F.int8_rows(weight)
+        self.register_buffer("weight", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return F.int8_lm_head(flat, self.weight, self.scale).reshape(*x.shape[:-1], -1).to(x.dtype)

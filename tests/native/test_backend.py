@@ -18,7 +18,7 @@ from bitnet_convert.io.load import build_for_backend, load_tokenizer
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache
-from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.quant.linear import Int8Head, QuantLinear
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 from bitnet_convert.runtime.threads import thread_policy
 
@@ -155,13 +155,23 @@ def test_int8_lm_head_is_an_explicit_option_close_to_the_stored_one(validation_w
     assert_same_predictions(a, b, ids)  # the same next-token loss to 0.2%, ≥ 98% the same argmax
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--backend", "reference", "--lm-head", "int8"], "--lm-head int8 runs on the native backend; got --backend "
-                                                      "reference"),
-    (["--lm-head", "fp8"], "--lm-head 'fp8' is unknown; expected one of stored, int8"),
-])
-def test_bad_lm_head_choices_are_one_line(args, message):
-    assert_user_error(invoke("perplexity", "builtin:reference", *args), message)
+def test_int8_lm_head_gives_the_same_numbers_on_both_backends(validation_windows):
+    """The reference backend's INT8 lm_head (torch, ``Int8Head``) computes what the native kernel computes: the same
+    logits to the bit on the reference model (the hidden states are the same, and so are the lm_head's integer
+    sums and fp32 steps), hence the same perplexity and greedy tokens."""
+    checkpoint = open_checkpoint(REFERENCE)
+    reference, fast = (build_for_backend(checkpoint, "a48", PRESETS["a48"], backend, lm_head="int8")
+                       for backend in ("reference", "native"))
+    assert isinstance(reference.get_output_embeddings(), Int8Head)
+    assert torch.equal(reference.get_output_embeddings().weight, fast.get_output_embeddings().weight)
+    with torch.no_grad():
+        a, b = reference(validation_windows[:2]).logits, fast(validation_windows[:2]).logits
+    assert torch.equal(a, b)
+
+
+def test_an_unknown_lm_head_is_one_line():
+    assert_user_error(invoke("perplexity", "builtin:reference", "--lm-head", "fp8"),
+                      "--lm-head 'fp8' is unknown; expected one of stored, int8")
 
 
 def test_native_backend_honours_the_input_rms_norm(tmp_path):

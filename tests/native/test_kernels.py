@@ -243,6 +243,7 @@ def test_int8_gemm_is_the_exact_integer_formula(n, k, t):
     want = (codes.long() @ w.long().t()).float() / s[:, None] * scale
     for isa in isas():
         assert torch.equal(ops().int8_gemm(x, w, scale, isa), want)
+    assert torch.equal(F.int8_lm_head(x, w, scale, rows_per_step=16), want)  # the reference backend's INT8 lm_head
 
 
 def test_the_bf16_kernel_refuses_a_width_it_does_not_take():
