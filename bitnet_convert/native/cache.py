@@ -44,7 +44,7 @@ def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tenso
     this one — replaced by a crop's or a batch selection's result — or when it is full). Returns (view, buffer)."""
     length = current.shape[-2] if current.dim() == 4 else 0
     ours = (buffer is not None and length > 0 and current.data_ptr() == buffer.data_ptr()
-            and current.stride() == buffer.stride() and current.shape[:2] == new.shape[:2]
+            and current.stride() == buffer.stride() and current.shape[:2] == buffer.shape[:2] == new.shape[:2]
             and buffer.shape[-1] == new.shape[-1] and buffer.dtype == new.dtype)
     need = length + new.shape[-2]
     if not ours or need > buffer.shape[-2]:

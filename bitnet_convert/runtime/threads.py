@@ -11,10 +11,13 @@ busy over the last window, minus this process's own CPU time, is what the other 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
@@ -27,20 +30,31 @@ WINDOW_S = 0.25
 THREAD_POLICIES = ("free-cores", "fixed")
 
 
+def _usable_cpus() -> list[int] | None:
+    """The CPU numbers this process may run on, or ``None`` where the OS does not say (then: every CPU)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one, else the CPU count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    cpus = _usable_cpus()
+    return len(cpus) if cpus is not None else os.cpu_count() or 1
 
 
 def _system_busy_s() -> float:
-    """CPU seconds the whole system has spent busy since boot (all states but idle and I/O wait; guest time is
-    already counted in user time on Linux, so it is taken out once)."""
-    times = psutil.cpu_times()
-    spent = sum(times) - times.idle
-    for name in ("iowait", "guest", "guest_nice"):
-        spent -= getattr(times, name, 0.0)
+    """CPU seconds the CPUs this process may run on have spent busy since boot (all states but idle and I/O wait;
+    guest time is already counted in user time on Linux, so it is taken out once). Only those CPUs: in a container
+    pinned to 2 of a host's 64 CPUs, the other 62 are not free cores for this process."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    cpus = _usable_cpus()
+    allowed = None if cpus is None else set(cpus)
+    spent = 0.0
+    for index, times in enumerate(per_cpu):
+        if allowed is not None and index not in allowed:
+            continue
+        spent += sum(times) - times.idle
+        for name in ("iowait", "guest", "guest_nice"):
+            spent -= getattr(times, name, 0.0)
     return spent
 
 
@@ -66,7 +80,6 @@ class FreeCoreThreads:
     _sampled_at: float = field(default_factory=time.monotonic)
     _busy: float = field(default_factory=_system_busy_s)
     _own: float = field(default_factory=_own_busy_s)
-    _saved: list[int] = field(default_factory=list)
 
     def others_cores(self) -> float | None:
         """Cores the other processes kept busy on average since the last sample, when a window has passed (the
@@ -87,18 +100,33 @@ class FreeCoreThreads:
             self.chosen = max(1, math.floor(self.cores - others + 0.5))
         return min(limit, self.chosen if self.chosen is not None else limit)
 
-    def before(self, _module: nn.Module, _args: tuple, _kwargs: dict) -> None:
+    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` on :meth:`threads` threads; the caller's count is restored however the
+        call ends (``finally``: also on Ctrl-C, which a forward hook would not see)."""
         limit = torch.get_num_threads()
-        self._saved.append(limit)
         count = self.threads(limit)
         if count != limit:
             torch.set_num_threads(count)
-
-    def after(self, _module: nn.Module, _args: tuple, _kwargs: dict, _output: object) -> None:
-        if self._saved:
-            limit = self._saved.pop()
-            if torch.get_num_threads() != limit:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if count != limit:
                 torch.set_num_threads(limit)
+
+
+class FreeCoreForward:
+    """A model's forward run by a :class:`FreeCoreThreads` (set as the model's ``forward``). It shows the wrapped
+    forward's signature, which transformers' ``generate`` inspects to choose its keyword arguments."""
+
+    def __init__(self, governor: FreeCoreThreads, inner: Callable[..., Any], previous: Any) -> None:
+        self.governor, self.inner, self.previous = governor, inner, previous
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.inner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.governor.run(self.inner, *args, **kwargs)
 
 
 def set_thread_policy(model: nn.Module, policy: str) -> None:
@@ -107,17 +135,16 @@ def set_thread_policy(model: nn.Module, policy: str) -> None:
     machine runs. Raises ``ValueError`` for another policy."""
     if policy not in THREAD_POLICIES:
         raise ValueError(f"thread policy '{policy}' is unknown; expected one of {', '.join(THREAD_POLICIES)}")
-    for handle in getattr(model, "_bitnet_thread_hooks", ()):
-        handle.remove()
-    model._bitnet_thread_hooks = ()
+    installed = vars(model).get("forward")
+    if isinstance(installed, FreeCoreForward):  # back to the forward the model had before
+        del vars(model)["forward"]
+        if installed.previous is not None:
+            model.forward = installed.previous
     if policy == "free-cores":
-        governor = FreeCoreThreads()
-        model._bitnet_thread_hooks = (
-            model.register_forward_pre_hook(governor.before, with_kwargs=True),
-            model.register_forward_hook(governor.after, with_kwargs=True, always_call=True),
-        )
+        previous = vars(model).get("forward")  # an instance-level forward someone set, else None (the class's)
+        model.forward = FreeCoreForward(FreeCoreThreads(), model.forward, previous)
 
 
 def thread_policy(model: nn.Module) -> str:
     """The policy :func:`set_thread_policy` last set on ``model`` (``fixed`` when none)."""
-    return "free-cores" if getattr(model, "_bitnet_thread_hooks", ()) else "fixed"
+    return "free-cores" if isinstance(vars(model).get("forward"), FreeCoreForward) else "fixed"

@@ -179,6 +179,16 @@ class TrainedSparsity:
     #: the constant value of those channels in the embedding (the other entries are N(0, INIT_STD²))
     OFFSET = INIT_STD
 
+    #: bumped whenever the algorithm changes for the same settings (part of the cache key)
+    VERSION = 1
+
+    @classmethod
+    def settings(cls) -> dict[str, Any]:
+        """Everything that decides the checkpoint's bytes besides shape and seed."""
+        return {"version": cls.VERSION, "channel_share": cls.CHANNEL_SHARE, "tokens": cls.TOKENS,
+                "offset": cls.OFFSET, "outlier_share": cls.OUTLIER_SHARE, "zero_share": TRAINED_ZERO_SHARE,
+                "down_zero_share": TRAINED_DOWN_ZERO_SHARE}
+
     def __init__(self, shape: ShapeConfig, seed: int) -> None:
         import torch
 
@@ -278,6 +288,7 @@ def synthetic_key(shape: ShapeConfig, seed: int, sparsity: str = "random") -> st
     recipe = {"shape": asdict(shape), "seed": seed, "std": INIT_STD, "shard": SHARD_BYTES, "v": SYNTHETIC_FORMAT}
     if sparsity != "random":
         recipe["sparsity"] = sparsity
+        recipe["trained"] = TrainedSparsity.settings()  # a change of how it is made makes a new checkpoint
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     kind = "" if sparsity == "random" else f"-{sparsity}"
     return f"bitnet-2b4t-{shape.layers}L{kind}-seed{seed}-{digest}"

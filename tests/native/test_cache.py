@@ -42,6 +42,9 @@ def test_preallocated_layer_holds_what_the_dynamic_layer_holds(monkeypatch):
     both("update", *_states(1, 21, batch=1))
     both("batch_repeat_interleave", 2)
     both("update", *_states(1, 22))
+    for layer in (plain, fast):  # a batch prefix taken as a plain slice: a view of the buffer, not the buffer
+        layer.keys, layer.values = layer.keys[:1], layer.values[:1]
+    both("update", *_states(1, 24, batch=1))
     plain.reset()
     fast.reset()
     assert fast.get_seq_length() == 0 and fast._key_buffer is None

@@ -1,9 +1,11 @@
 """The thread count that follows the free cores (``runtime/threads.py``): it measures a real busy neighbour
 process, chooses fewer threads while it runs, sets the count only inside the model's forward call (restored after
-it, also when the call raises), and is what the native backend uses unless told ``fixed``."""
+it, also when the call raises or is interrupted), keeps the forward's signature, and is what the native backend
+uses unless told ``fixed``."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import time
@@ -54,16 +56,19 @@ def test_a_busy_neighbour_process_is_measured_and_takes_a_core():
     assert governor.others_cores() is None  # no window has passed since
 
 
-def test_the_count_is_set_inside_the_call_only_and_restored_after_an_error(two_threads):
+def test_the_count_is_set_inside_the_call_only_and_restored_however_it_ends(two_threads):
     recorder = CountRecorder()
-    governor = FreeCoreThreads(cores=2, chosen=1, _sampled_at=time.monotonic() + 3600)  # no renewal in this test
-    recorder.register_forward_pre_hook(governor.before, with_kwargs=True)
-    recorder.register_forward_hook(governor.after, with_kwargs=True, always_call=True)
+    set_thread_policy(recorder, "free-cores")
+    governor = vars(recorder)["forward"].governor
+    governor.chosen, governor._sampled_at = 1, time.monotonic() + 3600  # no renewal in this test
     recorder(torch.tensor(1.0))
     assert recorder.seen == [1] and torch.get_num_threads() == 2
     with pytest.raises(RuntimeError, match="asked to fail"):
         recorder(torch.tensor(-1.0))
     assert recorder.seen == [1, 1] and torch.get_num_threads() == 2
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: not an Exception, which a forward hook would miss
+        governor.run(lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert torch.get_num_threads() == 2
     torch.set_num_threads(1)  # the caller's count is the limit: never more threads than it asks for
     governor.chosen = 2
     recorder(torch.tensor(1.0))
@@ -74,10 +79,11 @@ def test_the_policy_is_set_and_removed_and_an_unknown_one_is_refused(two_threads
     recorder = CountRecorder()
     assert thread_policy(recorder) == "fixed"
     set_thread_policy(recorder, "free-cores")
-    set_thread_policy(recorder, "free-cores")  # set twice: still one pair of hooks
+    set_thread_policy(recorder, "free-cores")  # set twice: one wrapper, around the model's own forward
     assert thread_policy(recorder) == "free-cores"
-    assert len(recorder._forward_pre_hooks) == 1 and len(recorder._forward_hooks) == 1
+    assert vars(recorder)["forward"].inner == recorder.__class__.forward.__get__(recorder)
+    assert list(inspect.signature(recorder.forward).parameters) == ["x"]  # what generate() inspects
     set_thread_policy(recorder, "fixed")
-    assert thread_policy(recorder) == "fixed" and not recorder._forward_pre_hooks and not recorder._forward_hooks
+    assert thread_policy(recorder) == "fixed" and "forward" not in vars(recorder)
     with pytest.raises(ValueError, match="thread policy 'busy' is unknown; expected one of free-cores, fixed"):
         set_thread_policy(recorder, "busy")
