@@ -3,10 +3,11 @@
 Why: torch's CPU kernels and ours split each op over an OpenMP team, and every op ends at a barrier where the
 team's threads spin until the last one arrives. When another process keeps a core busy, one of our threads is
 descheduled for a whole time slice at some barrier of nearly every op, and a decoded token, which runs hundreds of
-small ops, becomes several times slower than on one thread (measured: 2B-4T shapes, 2 cores, a busy neighbour:
-0.26× the quiet speed at 2 threads; see docs/native.md). Running with as many threads as there are free cores
-avoids that. The free cores are read from the kernel's CPU accounting (psutil): the CPU time the whole system spent
-busy over the last window, minus this process's own CPU time, is what the other processes used.
+small ops, becomes slower than on one thread (measured on 2 cores with one busy Python loop beside it: 2 threads
+kept 0.26–0.33 of their quiet decode speed, 4- and 30-layer 2B-4T shapes; see docs/native.md). Running with as
+many threads as there are free cores avoids that. The free cores are read from the kernel's CPU accounting
+(psutil): the CPU time the CPUs this process may run on spent busy over the last window, minus this process's own
+CPU time, is what the other processes used.
 """
 
 from __future__ import annotations
