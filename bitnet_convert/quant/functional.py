@@ -135,8 +135,14 @@ def absmax_scale(xf: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token multiplier of absmax quantization: ``s = (2^(bits−1) − 1) / max(max|X|, EPS)``, fp32 ``[..., 1]``
     for fp32 ``xf [..., d]``. The integer codes are ``RoundClip(X · s, −2^(bits−1), 2^(bits−1) − 1)``; the native
     kernels reproduce this exact fp32 arithmetic (``qp / t`` is ``t.reciprocal() * qp`` in torch)."""
-    qp = 2 ** (bits - 1) - 1
-    return qp / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return absmax_multiplier(xf, 2 ** (bits - 1) - 1)
+
+
+def absmax_multiplier(xf: torch.Tensor, q_max: int) -> torch.Tensor:
+    """``s = q_max / max(max|X|, EPS)`` per token, fp32 ``[..., 1]``: the multiplier that maps the largest |x| of
+    each token onto the code ``q_max`` (``q_max / t`` is ``t.reciprocal() * q_max`` in torch, the operations the
+    native kernels repeat)."""
+    return q_max / xf.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
 
 
 def absmean_scale(xf: torch.Tensor, bits: int) -> torch.Tensor:
@@ -254,7 +260,7 @@ def int8_lm_head(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows_per
     ``scale`` fp32 ``[N]`` → fp32 ``[T, N]``, computed ``rows_per_step`` weight rows at a time (the float64 copy
     of the weight is made a slice at a time)."""
     qmax = int16_code_max(x.shape[-1])
-    s = qmax / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    s = absmax_multiplier(x, qmax)
     codes = round_clip(x * s, -qmax, qmax).double()
     out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32, device=x.device)
     for n0 in range(0, q.shape[0], rows_per_step):

@@ -162,8 +162,8 @@ class Int8Head(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         q, scale = F.int8_rows(weight)
-        self.register_buffer("weight", q.to(weight.device))
-        self.register_buffer("scale", scale.to(weight.device))
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()

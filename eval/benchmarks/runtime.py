@@ -336,14 +336,7 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
             token = out.logits[:, -1:].argmax(-1)
             if native:
                 native_backend.record_zeros(model, True)
-            began, done = time.perf_counter(), 0
-            while done < spec["new_tokens"]:
-                out = model(token, cache=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                done += 1
-                if time.perf_counter() - began > budget and done >= 4:
-                    break
-            seconds = time.perf_counter() - began
+            token, done, seconds = _greedy_decode(model, token, cache, spec["new_tokens"], budget)
             result[f"decode_{context}_tokens"] = done
             result[f"decode_{context}_tok_s"] = done / seconds
             if native:
@@ -355,6 +348,20 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
         result["read_gb_s"] = _read_bandwidth(spec.get("read_bytes", 1_000_000_000))
     result["work_s"] = time.perf_counter() - start
     return result
+
+
+def _greedy_decode(model: Any, token: Any, cache: Any, count: int, budget_s: float | None = None
+                   ) -> tuple[Any, int, float]:
+    """Greedy decode of up to ``count`` tokens after ``token`` (``[1, 1]``) with ``cache``; with ``budget_s``, stop
+    once that many seconds have passed and at least 4 tokens are done. Returns (last token, tokens decoded,
+    seconds)."""
+    began, done = time.perf_counter(), 0
+    while done < count:
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        done += 1
+        if budget_s is not None and time.perf_counter() - began > budget_s and done >= 4:
+            break
+    return token, done, time.perf_counter() - began
 
 
 def _job_neighbour(spec: dict[str, Any]) -> dict[str, Any]:
@@ -377,10 +384,8 @@ def _job_neighbour(spec: dict[str, Any]) -> dict[str, Any]:
         cache = DynamicCache()
         with torch.no_grad():
             token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            began = time.perf_counter()
-            for _ in range(spec["tokens"]):
-                token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        return spec["tokens"] / (time.perf_counter() - began)
+            _, done, seconds = _greedy_decode(model, token, cache, spec["tokens"])
+        return done / seconds
 
     runs: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
@@ -425,10 +430,8 @@ def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, 
     gated_up = native_backend.relu2_gated_up  # up_proj of the gated relu² FFN (its relu² is a few µs of it)
     native_backend.relu2_gated_up = timed(gated_up, "linears")
     try:
-        began = time.perf_counter()
-        for _ in range(tokens):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        total = (time.perf_counter() - began) / tokens
+        _, done, seconds = _greedy_decode(model, token, cache, tokens)
+        total = seconds / done
     finally:
         native_backend.relu2_gated_up = gated_up
         for module in [*linears, head]:

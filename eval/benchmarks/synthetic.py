@@ -160,9 +160,8 @@ class TrainedSparsity:
 
     How: a set of hidden channels (one in ``CHANNEL_SHARE``) carries a constant positive value through the whole
     residual stream (the embedding sets it; o_proj and down_proj never write those channels: their weight rows are 0),
-    every
-    gate_proj row has a negative weight on those channels, so each gate output is its random part minus a shared
-    offset, and each layer's post_attention_layernorm gain on those channels sets the offset's size: it is chosen
+    every gate_proj row has a negative weight on those channels, so each gate output is its random part minus a
+    shared offset, and each layer's post_attention_layernorm gain on those channels sets the offset's size: it is chosen
     so that ``TRAINED_ZERO_SHARE`` of the gate outputs of that layer are ≤ 0 on ``TOKENS`` random tokens, by
     running the layers in order (float activations, absmean-ternarized weights, as the b1.58 model computes
     them, on one thread so the bytes do not depend on the machine). The relu² zeros make most of the down_proj
@@ -180,7 +179,7 @@ class TrainedSparsity:
     OFFSET = INIT_STD
 
     #: bumped whenever the algorithm changes for the same settings (part of the cache key)
-    VERSION = 1
+    VERSION = 2  # 2: the down_proj codes of the outlier-gain search from the project's absmax quantizer
 
     @classmethod
     def settings(cls) -> dict[str, Any]:
@@ -242,16 +241,17 @@ class TrainedSparsity:
         """Set the ffn_sub_norm gain of the first ``OUTLIER_SHARE`` of the intermediate channels so that
         ``TRAINED_DOWN_ZERO_SHARE`` of the down_proj input codes (8-bit absmax per token) are zero, by bisection
         over the gain (the zero share grows with it: a larger absmax rounds more small entries to 0)."""
+        from bitnet_convert.quant import functional as F
+
         mlp = layer.mlp
         x = layer.post_attention_layernorm(residual)[0]
         product = mlp.ffn_sub_norm(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # gain 1 everywhere so far
         outliers = slice(0, max(1, round(self.OUTLIER_SHARE * product.shape[-1])))
 
-        def zero_share(gain: float) -> float:
+        def zero_share(gain: float) -> float:  # of the codes of the down_proj input quantizer, 8-bit absmax
             scaled = product.clone()
             scaled[:, outliers] *= gain
-            step = scaled.abs().amax(dim=-1, keepdim=True) / 127
-            return (scaled / step).round().eq(0).float().mean().item()
+            return (scaled * F.absmax_scale(scaled, 8)).round().eq(0).float().mean().item()
 
         low, high = 1.0, 64.0
         for _ in range(20):

@@ -1,9 +1,9 @@
 // Integer CPU kernels of bitnet-convert's native backend: per-token activation quantizers and top-K (quantize.cpp),
 // ternary GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset
-// of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), a sparse-input GEMV that reads only the weight columns of non-zero inputs
-// (ternary_sparse.cpp), a bf16-weight GEMM for the embeddings/lm_head (bf16_gemm.cpp) and an INT8-weight GEMM
-// for the lm_head (int8_gemm.cpp). This file registers them under torch.ops.bitnet_convert and holds what they
-// share.
+// of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), a
+// sparse-input GEMV that reads only the weight columns of non-zero inputs (ternary_sparse.cpp), a bf16-weight GEMM
+// for the embeddings/lm_head (bf16_gemm.cpp) and an INT8-weight GEMM for the lm_head (int8_gemm.cpp). This file
+// registers them under torch.ops.bitnet_convert and holds what they share.
 //
 // Every operation has two paths chosen per call (`isa`: 0 = portable scalar C++, 1 = AVX2). Integer results are
 // exact in both; the float steps (quantizer scaling, final scaling, the bf16 GEMM's fp32 sums) are written so that
