@@ -155,8 +155,9 @@ BackendOption = Annotated[
 ]
 LmHeadOption = Annotated[
     str,
-    typer.Option(help="stored (the export's dtype) or int8 (per-row scale, half the bytes; the same numbers on "
-                 "both backends; its perplexity cost is in docs/native.md)."),
+    typer.Option(help="auto (int8 on the native backend, stored on the reference one), stored (the export's "
+                 "dtype) or int8 (per-row scale, half the bytes; the same numbers on both backends; its perplexity "
+                 "cost is in docs/native.md)."),
 ]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
@@ -353,7 +354,7 @@ def perplexity(
     ] = "paragraphs",
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
-    lm_head: LmHeadOption = "stored",
+    lm_head: LmHeadOption = "auto",
 ) -> None:
     """Token-level perplexity on held-out text, over non-overlapping windows."""
     from bitnet_convert.evaluation.evaluate import perplexity_of
@@ -420,7 +421,7 @@ def eval_(
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Ignore the baseline and limits of the recipe.")
                            ] = False,
     backend: BackendOption = "auto",
-    lm_head: LmHeadOption = "stored",
+    lm_head: LmHeadOption = "auto",
 ) -> None:
     """Evaluate the exported (reloaded) model with lm-eval, compare with a baseline, gate on regressions.
 
@@ -479,7 +480,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the sampler (the global RNG is left as it was).")] = 0,
     device: DeviceOption = "cpu",
     backend: BackendOption = "auto",
-    lm_head: LmHeadOption = "stored",
+    lm_head: LmHeadOption = "auto",
 ) -> None:
     """Continue a prompt with the converted model, streaming tokens; K/V in a packed low-bit cache."""
     import time

@@ -198,6 +198,13 @@ def native_ops():
     return torch.ops.bitnet_convert
 
 
+def native_isas() -> list[int]:
+    """The kernel paths this CPU runs: scalar, and AVX2 when it has it."""
+    from bitnet_convert.native import build
+
+    return [build.ISA_SCALAR] + ([build.ISA_AVX2] if native_ops().cpu_has_avx2() else [])
+
+
 def convert(tmp_path: Path, preset: str, name: str | None = None, **overrides):
     """The reference model converted with ``recipes/<preset>.yaml`` into ``tmp_path/<name or preset>`` (4 windows
     of 64 calibration tokens)."""

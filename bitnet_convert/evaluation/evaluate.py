@@ -33,9 +33,9 @@ from bitnet_convert.io.data import token_stream, warn_no_bos, windows
 from bitnet_convert.io.load import (
     attention_of,
     backend_for_device,
-    check_lm_head,
     load_tokenizer,
     open_model,
+    resolve_lm_head,
     resolve_scheme,
 )
 from bitnet_convert.progress import SILENT, Progress
@@ -68,7 +68,7 @@ def perplexity(
 def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str = "validation", *,
                   seq_len: int = 256, batch_size: int = 8, scheme: str | None = None,
                   txt_documents: str = "paragraphs", backend: str = "auto", device: str = "cpu",
-                  lm_head: str = "stored", progress: Progress = SILENT) -> dict:
+                  lm_head: str = "auto", progress: Progress = SILENT) -> dict:
     """Token-level perplexity of the model stored at ``path`` on held-out text (``bitnet-convert perplexity``):
     :func:`perplexity` over the non-overlapping ``seq_len`` windows of ``data``/``split``
     (:func:`bitnet_convert.io.data.load_texts`), the model built by :func:`~bitnet_convert.io.load.open_model` under the
@@ -82,7 +82,7 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
 
     device = str(resolve_device(device))
     backend = backend_for_device(backend, device)  # an unknown name or unavailable kernels fail before any work
-    check_lm_head(lm_head)
+    lm_head = resolve_lm_head(lm_head, backend)
     checkpoint = open_checkpoint(path)
     resolve_scheme(checkpoint, scheme)  # an unknown preset or an a4.8 model given a preset: refused first
     if txt_documents not in ("paragraphs", "lines"):
@@ -124,7 +124,8 @@ class EvalSettings:
     ``None``: the model's), ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``,
     :func:`bitnet_convert.runtime.devices.resolve_device`), ``seed`` (every seed lm-eval takes) and ``backend``
     (``reference``, ``native`` — integer CPU kernels, ``device`` must be ``cpu`` — or ``auto``, native when it can
-    run here; see :func:`bitnet_convert.io.load.load`) and ``lm_head`` (``stored`` or ``int8``)."""
+    run here; see :func:`bitnet_convert.io.load.load`) and ``lm_head`` (``stored``, ``int8`` or ``auto``: int8 on
+    the native backend, :func:`bitnet_convert.io.load.resolve_lm_head`)."""
 
     limit: int | None = None
     batch_size: int = 16
@@ -133,7 +134,7 @@ class EvalSettings:
     device: str = "cpu"
     seed: int = 0
     backend: str = "reference"
-    lm_head: str = "stored"
+    lm_head: str = "auto"
 
 
 def evaluate(path: str | Path, tasks: list[str] | None = None, settings: EvalSettings = EvalSettings(), *,
@@ -160,8 +161,7 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     start = time.perf_counter()
     device = str(resolve_device(settings.device))
     backend = backend_for_device(settings.backend, device)
-    check_lm_head(settings.lm_head)
-    settings = replace(settings, device=device, backend=backend)
+    settings = replace(settings, device=device, backend=backend, lm_head=resolve_lm_head(settings.lm_head, backend))
     limit, batch_size = settings.limit, settings.batch_size
     checkpoint = open_checkpoint(str(path))
     preset, roles, _ = resolve_scheme(checkpoint)

@@ -21,13 +21,19 @@ What runs where:
   equals the dense FFN's exactly (tested). A SwiGLU FFN has no exact zeros and keeps the dense path;
 * FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
   kernels with codes in [−12, 12];
-* embeddings and lm_head keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
+* the lm_head is INT8 with one scale per row by default (:class:`Int8Linear`; ``lm_head="stored"`` keeps the
+  export's, below): half the bytes of a bf16 lm_head, at a perplexity cost of 0.02% or less on the reference
+  models (docs/native.md);
+* embeddings (and a stored lm_head) keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
   exact, and the lm_head runs on the bf16-weight GEMM kernel because torch's bf16 matmul on a CPU without bf16
   arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel; a tied lm_head shares that
   fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
-  stays fp32 (torch's BLAS). Norms, attention, RoPE, the low-bit KV cache and QwT compensation stay in torch,
-  fp32, as in the reference backend; a ``DynamicCache`` appends in place instead of concatenating
-  (:mod:`bitnet_convert.native.cache`);
+  stays fp32 (torch's BLAS). Norms, the low-bit KV cache and QwT compensation stay in torch, fp32, as in the
+  reference backend, and so do RoPE and attention except at decode; a ``DynamicCache`` appends in place instead
+  of concatenating (:mod:`bitnet_convert.native.cache`);
+* a decoded token goes through each BitNet decoder layer in one Python call, with RoPE, the KV cache write and
+  attention in one kernel call (:mod:`bitnet_convert.native.decode`; attention sums differ from SDPA's by
+  rounding);
 * each forward call runs on as many threads as there are free cores, at most ``torch.get_num_threads()``
   (:func:`bitnet_convert.runtime.threads.set_thread_policy`; ``fixed`` turns it off): a busy neighbour process
   otherwise stalls every op's barrier;
@@ -48,12 +54,14 @@ from transformers.activations import ReLUSquaredActivation
 from bitnet_convert.io.families import ROLES, role_of
 from bitnet_convert.io.load import LM_HEADS
 from bitnet_convert.native import build as kernels
+from bitnet_convert.native import decode
 from bitnet_convert.native.cache import preallocate_caches
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.methods import METHODS
 from bitnet_convert.quant.schemes import SPARSE_GLU, ActivationSpec
 from bitnet_convert.runtime.memory import trim_heap
+from bitnet_convert.runtime.modeling import replace_lm_head
 from bitnet_convert.runtime.threads import set_thread_policy
 
 
@@ -200,8 +208,8 @@ class Int8Linear(nn.Module):
     """A bias-free linear with an INT8 weight ``[N, K]`` and one fp32 scale per output row (absmax: ``scale =
     max|W[n]| / 127``, ``W[n] ≈ scale · q``), run by the INT8-weight GEMM kernel: each token's input quantized to
     int16 codes per token, exact int32 sums, ``y = acc / s_x · scale``. Input ``[..., K]``, output fp32
-    ``[..., N]``. Half the bytes of a bf16 lm_head; the explicit ``lm_head="int8"`` option of :func:`convert`
-    (its perplexity cost on the reference models is in docs/native.md). The reference backend's
+    ``[..., N]``. Half the bytes of a bf16 lm_head; the default lm_head of :func:`convert` (its perplexity cost
+    on the reference models is in docs/native.md). The reference backend's
     :class:`~bitnet_convert.quant.linear.Int8Head` computes the same numbers in torch."""
 
     def __init__(self, weight: torch.Tensor) -> None:
@@ -265,17 +273,18 @@ def _gateable(module: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None = None,
-            lm_head: str = "stored") -> nn.Module:
+            lm_head: str = "int8") -> nn.Module:
     """Move a model from :func:`~bitnet_convert.runtime.modeling.build_model` onto the native kernels, in place.
 
     ``scheme``: the scheme name the checkpoint declares. ``sparse_roles``: roles (``qkv``, ``o``, ``gate_up``,
     ``down``) whose linears run on the sparse-input kernel; default :data:`SPARSE_ROLES` for a4.8 schemes on relu²
     models and none for ``b158`` or a SwiGLU model (dense down_proj input). Each linear is replaced one at a time,
-    so the peak memory is the model plus one linear. ``lm_head``: ``stored`` (the export's dtype; see the module
-    docstring) or ``int8`` (:class:`Int8Linear`, made from the stored weight; a tied embedding table is kept as
-    stored). The model's forward calls follow the free cores (``set_thread_policy(model, "fixed")`` undoes it).
-    Raises :class:`~bitnet_convert.native.build.NativeUnavailable` when the kernels cannot be built and
-    ``ValueError`` for an unknown role or lm_head.
+    so the peak memory is the model plus one linear. ``lm_head``: ``int8`` (the default, also for ``auto``:
+    :class:`Int8Linear`, made from the stored weight; a tied embedding table is kept as stored) or ``stored`` (the
+    export's dtype; see the module docstring). The model's forward calls follow the free cores
+    (``set_thread_policy(model, "fixed")`` undoes it). Raises
+    :class:`~bitnet_convert.native.build.NativeUnavailable` when the kernels cannot be built and ``ValueError`` for
+    an unknown role or lm_head.
     """
     kernels.ensure_built()
     a48_relu2 = scheme != "b158" and getattr(model.config, "hidden_act", "relu2") in SPARSE_GLU
@@ -294,7 +303,8 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
         for module in model.modules():
             if _gateable(module):
                 module.forward = types.MethodType(_gated_relu2_forward, module)
-    _convert_embeddings(model, lm_head)
+    decode.install(model)
+    _convert_embeddings(model, "int8" if lm_head == "auto" else lm_head)
     set_thread_policy(model, "free-cores")
     preallocate_caches(model)
     model.requires_grad_(False)
@@ -315,7 +325,7 @@ def _convert_embeddings(model: nn.Module, lm_head: str) -> None:
         return
     head_weight = weight if tied else head.weight
     if lm_head == "int8":
-        model.set_output_embeddings(Int8Linear(head_weight))
+        replace_lm_head(model, Int8Linear(head_weight))
     elif head_weight.dtype == torch.bfloat16 and Bf16Linear.accepts(head_weight.shape[1]):
         model.set_output_embeddings(Bf16Linear(head_weight))
     else:  # fp16 (no fp16 kernel; a tied head shares the fp32 table made above) or a shape the bf16 kernel does

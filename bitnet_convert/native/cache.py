@@ -22,39 +22,59 @@ MIN_CAPACITY = 256
 
 
 class PreallocatedLayer(DynamicLayer):
-    """``DynamicLayer`` whose ``keys``/``values`` (``[batch, kv_heads, length, head_dim]``) are views of buffers
-    ``[batch, kv_heads, capacity, head_dim]``; :meth:`update` writes the new tokens after the filled part."""
+    """``DynamicLayer`` whose ``keys``/``values`` (``[batch, kv_heads, length, head_dim]``) are views of contiguous
+    buffers ``[batch, kv_heads, capacity, head_dim]``; :meth:`update` writes the new tokens after the filled part.
+    The native decode step writes into the buffers itself (:meth:`reserve`, then :meth:`advance`)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self._key_buffer = _append(self.keys, getattr(self, "_key_buffer", None), key_states)
-        self.values, self._value_buffer = _append(self.values, getattr(self, "_value_buffer", None), value_states)
+        length = self.reserve(key_states)
+        new = key_states.shape[-2]
+        self._key_buffer[:, :, length:length + new] = key_states
+        self._value_buffer[:, :, length:length + new] = value_states
+        self.advance(new)
         return self.keys, self.values
+
+    def reserve(self, like: torch.Tensor) -> int:
+        """Make room in the buffers for ``like.shape[-2]`` more tokens of ``like``'s batch, heads, width and dtype
+        (a new buffer holding the filled part when the current one is full or is not this cache's: a crop's or a
+        batch selection's result replaced the views). Returns the filled length, where the new tokens go."""
+        self._key_buffer = _room(self.keys, getattr(self, "_key_buffer", None), like)
+        self._value_buffer = _room(self.values, getattr(self, "_value_buffer", None), like)
+        return _length(self.keys)
+
+    def advance(self, new: int) -> None:
+        """Count ``new`` more tokens (written into the buffers after the filled part) as filled."""
+        length = _length(self.keys) + new
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         super().reset()
 
 
-def _append(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cat([current, new], dim=-2)`` as a view of ``buffer`` (a new buffer when ``current`` is not the start of
-    this one — replaced by a crop's or a batch selection's result — or when it is full). Returns (view, buffer)."""
-    length = current.shape[-2] if current.dim() == 4 else 0
+def _length(current: torch.Tensor) -> int:
+    return current.shape[-2] if current is not None and current.dim() == 4 else 0
+
+
+def _room(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """The buffer ``current`` (the filled part) is a view of, with room for ``new``'s tokens: ``buffer`` itself when
+    ``current`` is its start and it has the room, else a new one (capacity doubled, at least :data:`MIN_CAPACITY`)
+    that holds a copy of ``current``."""
+    length = _length(current)
     ours = (buffer is not None and length > 0 and current.data_ptr() == buffer.data_ptr()
             and current.stride() == buffer.stride() and current.shape[:2] == buffer.shape[:2] == new.shape[:2]
             and buffer.shape[-1] == new.shape[-1] and buffer.dtype == new.dtype)
     need = length + new.shape[-2]
-    if not ours or need > buffer.shape[-2]:
-        capacity = max(need, 2 * buffer.shape[-2] if ours else 0, MIN_CAPACITY)
-        grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
-        if length:
-            grown[:, :, :length] = current
-        buffer = grown
-    buffer[:, :, length:need] = new
-    return buffer[:, :, :need], buffer
+    if ours and need <= buffer.shape[-2]:
+        return buffer
+    capacity = max(need, 2 * buffer.shape[-2] if ours else 0, MIN_CAPACITY)
+    grown = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+    if length:
+        grown[:, :, :length] = current
+    return grown
 
 
 def _switch_layers(cache: object) -> None:

@@ -195,3 +195,13 @@ def quant_linears(model: torch.nn.Module) -> dict[str, QuantLinear]:
     from bitnet_convert.native.backend import NativeLinear
 
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, NativeLinear))}
+
+
+def replace_lm_head(model: PreTrainedModel, head: torch.nn.Module) -> None:
+    """Make ``head`` the model's lm_head and untie it from the input embeddings in the in-memory config: a head
+    with its own table (the INT8 lm_head) is no longer the embedding table, and a later ``model.tie_weights()``
+    (lm-eval's ``HFLM`` calls it) would otherwise put the embedding parameter back in place of its weight."""
+    model.set_output_embeddings(head)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False

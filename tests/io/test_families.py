@@ -232,7 +232,8 @@ def test_stages_run_on_each_family(tmp_path, ids):
     for path in FAMILIES.values():
         checkpoint = open_checkpoint(path)
         roles = preset_roles("a48", "silu")
-        reference, fast = (build_for_backend(checkpoint, "a48", roles, backend) for backend in ("reference", "native"))
+        reference, fast = (build_for_backend(checkpoint, "a48", roles, backend, lm_head="int8")
+                           for backend in ("reference", "native"))
         with torch.no_grad():
             a, b = reference(ids[:2]).logits, fast(ids[:2]).logits
         assert (a - b).abs().max() <= 1e-4 * (a.max() - a.min())

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import native_isas as isas
 from helpers import native_ops as ops
 from helpers import random_case
 
@@ -27,12 +28,6 @@ SPECS = {
     "top-50% fp4": ActivationSpec(method="fp4_e2m1", topk=0.5),
     "threshold int8": ActivationSpec(method="absmax", bits=8, threshold=0.3),
 }
-
-
-
-def isas() -> list[int]:
-    ops()
-    return [kernels.ISA_SCALAR] + ([kernels.ISA_AVX2] if torch.ops.bitnet_convert.cpu_has_avx2() else [])
 
 
 def reference_codes(x: torch.Tensor, spec: ActivationSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +239,21 @@ def test_int8_gemm_is_the_exact_integer_formula(n, k, t):
     for isa in isas():
         assert torch.equal(ops().int8_gemm(x, w, scale, isa), want)
     assert torch.equal(F.int8_lm_head(x, w, scale, rows_per_step=16), want)  # the reference backend's INT8 lm_head
+
+
+def test_int8_gemm_turns_a_row_with_a_nan_or_an_infinity_into_nan():
+    """A token whose input holds a NaN or ±inf gets NaN logits from the kernel, as from the torch reference (the
+    codes of such a row are not integers), and the other tokens keep their numbers."""
+    g = torch.Generator().manual_seed(4)
+    w, scale = int8_weight(torch.randn(24, 300, generator=g))
+    x = torch.randn(4, 300, generator=g)
+    x[1, 7], x[2, 0], x[3, 299] = float("nan"), float("inf"), -float("inf")
+    want = F.int8_lm_head(x, w, scale)
+    assert want[1:].isnan().all() and not want[0].isnan().any()
+    for isa in isas():
+        got = ops().int8_gemm(x, w, scale, isa)
+        assert got[1:].isnan().all()
+        assert torch.equal(got[0], want[0])
 
 
 def test_the_bf16_kernel_refuses_a_width_it_does_not_take():

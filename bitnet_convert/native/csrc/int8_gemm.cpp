@@ -59,7 +59,7 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
               "scale must be contiguous fp32 [N]");
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   const float qmax = static_cast<float>(int16_code_max(K));
-  std::vector<int16_t> codes(static_cast<size_t>(T * K));
+  std::vector<int16_t> codes(static_cast<size_t>(T * K), 0);
   std::vector<float> sx(static_cast<size_t>(T));
   const float* xp = x.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
@@ -69,6 +69,10 @@ at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       if (std::isnan(xp[t * K + k])) gamma = xp[t * K + k];
     const float s = (1.0f / (gamma < kEps ? kEps : gamma)) * qmax;
     sx[t] = s;
+    if (!std::isfinite(gamma)) {  // a NaN or an infinity in the row: every output NaN, as the torch reference
+      sx[t] = std::numeric_limits<float>::quiet_NaN();  // (a NaN code) gives; the codes stay 0 (a NaN cast to
+      continue;                                          // int16 is undefined)
+    }
     for (int64_t k = 0; k < K; ++k) {
       float v = std::nearbyint(xp[t * K + k] * s);
       v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
