@@ -31,9 +31,9 @@ What runs where:
   stays fp32 (torch's BLAS). Norms, the low-bit KV cache and QwT compensation stay in torch, fp32, as in the
   reference backend, and so do RoPE and attention except at decode; a ``DynamicCache`` appends in place instead
   of concatenating (:mod:`bitnet_convert.native.cache`);
-* a decoded token goes through each BitNet decoder layer in one Python call, with RoPE, the KV cache write and
-  attention in one kernel call (:mod:`bitnet_convert.native.decode`; attention sums differ from SDPA's by
-  rounding);
+* a decoded token goes through each BitNet decoder layer in one Python call of a few kernel calls: each RMSNorm
+  fused with the next linear's quantizer (the same codes), and RoPE, the KV cache write and attention in one
+  (:mod:`bitnet_convert.native.decode`; the attention sums differ from SDPA's by rounding);
 * each forward call runs on as many threads as there are free cores, at most ``torch.get_num_threads()``
   (:func:`bitnet_convert.runtime.threads.set_thread_policy`; ``fixed`` turns it off): a busy neighbour process
   otherwise stalls every op's barrier;
@@ -54,7 +54,6 @@ from transformers.activations import ReLUSquaredActivation
 from bitnet_convert.io.families import ROLES, role_of
 from bitnet_convert.io.load import LM_HEADS
 from bitnet_convert.native import build as kernels
-from bitnet_convert.native import decode
 from bitnet_convert.native.cache import preallocate_caches
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.linear import QuantLinear
@@ -130,7 +129,12 @@ class NativeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        codes, s, sums = _quantized_input(self, x)
+        y = self.apply_codes(*_quantized_input(self, x))
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def apply_codes(self, codes: torch.Tensor, s: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """The linear on an input already quantized (:func:`quantize`'s ``(codes, s, sums)`` for ``T`` tokens):
+        fp32 ``[T, out_features]``, bias added."""
         if self.record_zeros:
             count = codes.shape[0] * self.in_features
             self.zeros[0] += round(_ops().zero_share(codes, self.in_features) * count)
@@ -140,21 +144,7 @@ class NativeLinear(nn.Module):
                                             self.isa)
         else:
             y = _ops().ternary_gemm(codes, sums, s, self.weight, self.alpha, self.divides, self.isa)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``forward(x)[..., rows]`` computed from those weight rows alone (dense kernel; ``rows`` int64 ``[R]``):
-        ``[..., K]`` → ``[..., R]`` in ``x``'s dtype. Raises ``ValueError`` on the sparse-input layout."""
-        if self.sparse:
-            raise ValueError("rows() needs the dense kernel's layout; this linear runs on the sparse-input kernel")
-        lead = x.shape[:-1]
-        codes, s, sums = _quantized_input(self, x)
-        y = _ops().ternary_gemm_rows(codes, sums, s, self.weight, rows, self.alpha, self.divides, self.isa)
-        if self.bias is not None:
-            y = y + self.bias[rows]
-        return y.reshape(*lead, rows.numel()).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
@@ -253,15 +243,27 @@ def _gated_relu2_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     tokens = x.numel() // x.shape[-1]
     if tokens > GATED_MAX_TOKENS:
         return type(mlp).forward(mlp, x)
-    up = mlp.up_proj
     gate = mlp.gate_proj(x)
-    codes, s, sums = _quantized_input(up, x)  # gate_proj's codes when it quantized this tensor with up's spec
-    product, rows = relu2_gated_up(gate.reshape(tokens, -1).float().contiguous(), codes, sums, s, up.weight,
-                                   up.alpha, up.divides, up.isa)
+    codes = _quantized_input(mlp.up_proj, x)  # gate_proj's codes when it quantized this tensor with up's spec
+    product = gated_product(mlp.up_proj, gate.reshape(tokens, -1).float().contiguous(), *codes)
+    return mlp.down_proj(mlp.ffn_sub_norm(product.reshape(gate.shape).to(x.dtype)))
+
+
+def gated_product(up: NativeLinear, gate: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, sums: torch.Tensor
+                  ) -> torch.Tensor:
+    """relu²(gate) · up_proj(x) for fp32 ``gate [T, I]`` and up_proj's quantized input, up_proj computed on the
+    kept rows only (:func:`relu2_gated_up`; the skipped rows counted when ``up.record_zeros``): fp32 ``[T, I]``."""
+    product, rows = relu2_gated_up(gate, codes, sums, s, up.weight, up.alpha, up.divides, up.isa)
     if up.record_zeros:
+        tokens = gate.shape[0]
         up.skipped_rows[0] += (up.out_features - rows.numel()) * tokens
         up.skipped_rows[1] += up.out_features * tokens
-    return mlp.down_proj(mlp.ffn_sub_norm(product.reshape(gate.shape).to(x.dtype)))
+    return product
+
+
+def is_gated(mlp: nn.Module) -> bool:
+    """Whether ``mlp`` runs the gated relu² forward (:func:`convert` gave it one, and it was not replaced)."""
+    return getattr(vars(mlp).get("forward"), "__func__", None) is _gated_relu2_forward
 
 
 def _gateable(module: nn.Module) -> bool:
@@ -303,6 +305,8 @@ def convert(model: nn.Module, scheme: str, sparse_roles: tuple[str, ...] | None 
         for module in model.modules():
             if _gateable(module):
                 module.forward = types.MethodType(_gated_relu2_forward, module)
+    from bitnet_convert.native import decode  # it builds on this module's NativeLinear
+
     decode.install(model)
     _convert_embeddings(model, "int8" if lm_head == "auto" else lm_head)
     set_thread_policy(model, "free-cores")

@@ -1,21 +1,27 @@
 """One decoder layer per call at decode: the native backend's forward of a BitNet decoder layer for one new token.
 
-transformers' ``BitNetDecoderLayer`` runs a decoded token through six module calls and some sixty small torch ops
-(norms, views, RoPE, the cache update, SDPA's dispatch), and SDPA's CPU flash kernel takes ~160 µs for one query at
-2B-4T shapes: together about a third of a 30-layer token on the native kernels. :func:`decode_layer_forward` does
-the same work with the layer's submodules called directly (no module-call machinery), and RoPE, the KV cache write
-and attention in one kernel call (``decode_attention``, ``csrc/attention.cpp``) that reads the keys and values in
-place from the :class:`~bitnet_convert.native.cache.PreallocatedLayer` buffers.
+transformers' ``BitNetDecoderLayer`` runs a decoded token through a dozen module calls and some hundred small
+torch ops (norms, quantizer statistics, views, RoPE, the cache update, SDPA's dispatch), and SDPA's CPU flash
+kernel takes ~160 µs for one query at 2B-4T shapes: together about a third of a 30-layer token on the native
+kernels. :func:`decode_layer_forward` does the same work in a few kernel calls per layer:
 
-What it computes equals the layer's own forward except for the attention sums: RMSNorm, the linears, RoPE and the
-residuals are the same operations on the same values (the cache holds bit for bit the keys the module path would
-store), while the attention output is our kernel's softmax(q·Kᵀ·scale)·V, which differs from SDPA's by fp32
-rounding (tested: logits within 1e-4 of their range, the same greedy tokens as the reference backend).
+* each RMSNorm and the quantizer of the linear it feeds are one call (``rms_norm_codes``, ``csrc/norm.cpp``): the
+  reductions are torch's own ops called from C++ and the elementwise steps the same fp32 operations, so the codes
+  are the module path's to the bit (q/k/v share one call, and so do gate/up);
+* the linears run on those codes (:meth:`~bitnet_convert.native.backend.NativeLinear.apply_codes`), the relu² FFN
+  on its gated kernel when the model has it;
+* RoPE, the KV cache write and attention are one call (``decode_attention``, ``csrc/attention.cpp``) that reads
+  the keys and values in place from the :class:`~bitnet_convert.native.cache.PreallocatedLayer` buffers.
+
+What it computes equals the layer's own forward except for the attention sums: RoPE is transformers' to the bit (the
+cache holds the keys the module path would store), while the attention output is our kernel's softmax(q·Kᵀ·scale)·V,
+which differs from SDPA's by fp32 rounding (tested: the reference backend's greedy tokens, the logits within 1e-4 of
+their range at nine steps in ten and within 0.5% at every step).
 
 It runs when a call is a decode step it covers — one token per sequence, no attention mask (no padding), the
 in-place cache of a ``DynamicCache``, full-precision attention (no Q/K/V quantizer, no packed low-bit cache) and a
-BitNet layer (``attn_sub_norm``, ``ffn_sub_norm``) — and hands every other call (prefill, padded batches, the
-packed cache, Llama-layout families) to the layer's own forward.
+BitNet layer on the native kernels (``attn_sub_norm``, ``ffn_sub_norm``) — and hands every other call (prefill,
+padded batches, the packed cache, Llama-layout families) to the layer's own forward.
 """
 
 from __future__ import annotations
@@ -25,8 +31,13 @@ import types
 import torch
 from torch import nn
 
+from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
 from bitnet_convert.native.cache import PreallocatedLayer
+from bitnet_convert.quant import functional as F
+
+#: Input quantizer methods the fused RMSNorm + quantizer kernel call computes (``rms_norm_codes``), by kernel code.
+FUSED_METHODS = {"absmax": 0, "absmean": 1}
 
 
 def _ops():
@@ -39,14 +50,39 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
 
 
+def _norm_codes(norm: nn.Module, x: torch.Tensor, linear: native.NativeLinear) -> tuple[torch.Tensor, ...]:
+    """``linear``'s integer input ``(codes, s, sums)`` for ``norm(x)``, fp32 ``x [T, K]``: one kernel call for an
+    absmax or absmean input (top-K included; a token whose top-K is tied, or holds a NaN, is redone by
+    :func:`~bitnet_convert.native.backend.quantize`), else the norm in torch and the linear's own quantizer."""
+    spec = linear.spec
+    method = FUSED_METHODS.get(spec.method)
+    if method is None or spec.threshold is not None or linear.rms_norm is not None or norm.weight.dtype != x.dtype:
+        return native.quantize(_rms_norm(norm, x), spec, linear.isa)
+    k = F.topk_count(x.shape[-1], spec.topk) if spec.topk is not None and spec.topk < 1.0 else 0
+    codes, s, sums, normed, exact = _ops().rms_norm_codes(x, norm.weight, norm.variance_epsilon, method, spec.bits,
+                                                          k, linear.isa)
+    if k and not bool(exact.all()):
+        return native.quantize(normed, spec, linear.isa)
+    return codes, s, sums
+
+
 def covers(layer: nn.Module) -> bool:
     """Whether ``layer`` has the BitNet decoder layout this step computes: input and post-attention norms,
-    ``self_attn`` with q/k/v/o projections, ``attn_sub_norm`` before o_proj, and an ``mlp`` with ``ffn_sub_norm``."""
-    attn = getattr(layer, "self_attn", None)
-    parts = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None),
-             getattr(attn, "attn_sub_norm", None), getattr(getattr(layer, "mlp", None), "ffn_sub_norm", None))
-    return (attn is not None and all(p is not None and hasattr(p, "variance_epsilon") for p in parts)
-            and all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")))
+    ``self_attn`` with q/k/v/o projections on the native kernels (q/k/v with one input quantizer) and
+    ``attn_sub_norm`` before o_proj, and an ``mlp`` with gate/up (one input quantizer), ``ffn_sub_norm`` and
+    down_proj on the native kernels."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None),
+             getattr(attn, "attn_sub_norm", None), getattr(mlp, "ffn_sub_norm", None))
+    if not all(n is not None and hasattr(n, "variance_epsilon") and hasattr(n, "weight") for n in norms):
+        return False
+    qkv = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    gate_up = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]
+    linears = [*qkv, getattr(attn, "o_proj", None), *gate_up, getattr(mlp, "down_proj", None)]
+    return (all(isinstance(m, native.NativeLinear) for m in linears)
+            and all(m.spec == qkv[0].spec and m.rms_norm is None for m in qkv)
+            and all(m.spec == gate_up[0].spec and m.rms_norm is None for m in gate_up)
+            and hasattr(mlp, "act_fn") and all(hasattr(attn, name) for name in ("head_dim", "scaling", "layer_idx")))
 
 
 def _cache_layer(cache: object, index: int) -> PreallocatedLayer | None:
@@ -63,28 +99,33 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
                          ) -> torch.Tensor:
     """``BitNetDecoderLayer.forward`` for one decoded token per sequence (see the module docstring); any other call
     goes to the layer's own forward. ``hidden_states`` fp32 ``[B, 1, hidden]`` → ``[B, 1, hidden]``."""
-    attn = layer.self_attn
-    cache = cache if cache is not None else kwargs.get("past_key_values")
+    attn, mlp = layer.self_attn, layer.mlp
+    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
     slot = _cache_layer(cache, attn.layer_idx) if cache is not None else None
     if (slot is None or attention_mask is not None or position_embeddings is None or hidden_states.dim() != 3
             or hidden_states.shape[1] != 1 or hidden_states.dtype != torch.float32
             or getattr(attn, "lowbit_attention", None) is not None or kwargs.get("output_attentions")):
-        kwargs.pop("past_key_values", None)
         return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                    **kwargs)
     batch = hidden_states.shape[0]
     x = hidden_states.reshape(batch, -1)
-    h = _rms_norm(layer.input_layernorm, x)
-    q, k, v = attn.q_proj.forward(h), attn.k_proj.forward(h), attn.v_proj.forward(h)
+    codes = _norm_codes(layer.input_layernorm, x, attn.q_proj)
+    q, k, v = (proj.apply_codes(*codes) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
     cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
     length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
-    out = _ops().decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, slot._key_buffer,
-                                  slot._value_buffer, length, attn.scaling, kernels.isa())
+    out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length, attn.scaling,
+                                  kernels.isa())
     slot.advance(1)
-    x = x + attn.o_proj.forward(_rms_norm(attn.attn_sub_norm, out))
-    x = x + layer.mlp.forward(_rms_norm(layer.post_attention_layernorm, x))
+    x = x + attn.o_proj.apply_codes(*_norm_codes(attn.attn_sub_norm, out, attn.o_proj))
+    codes = _norm_codes(layer.post_attention_layernorm, x, mlp.gate_proj)
+    gate = mlp.gate_proj.apply_codes(*codes)
+    if native.is_gated(mlp):
+        product = native.gated_product(mlp.up_proj, gate, *codes)
+    else:
+        product = mlp.act_fn(gate) * mlp.up_proj.apply_codes(*codes)
+    x = x + mlp.down_proj.apply_codes(*_norm_codes(mlp.ffn_sub_norm, product, mlp.down_proj))
     return x.view(batch, 1, -1)
 
 

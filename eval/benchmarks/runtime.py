@@ -408,8 +408,9 @@ def _job_neighbour(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, float]:
-    """Seconds per decoded token in the native linears (quantizer included), in the lm_head, and the rest
-    (attention, norms, RoPE, the KV cache, Python and module calls), over ``tokens`` more greedy tokens."""
+    """Seconds per decoded token in the native linears' GEMV/GEMM kernels, in the lm_head, and the rest (norms
+    and the activation quantizers — one fused call per norm in the decode step —, attention, RoPE, the KV cache,
+    Python and module calls), over ``tokens`` more greedy tokens."""
     from bitnet_convert.native import backend as native_backend
 
     spent = {"linears": 0.0, "lm_head": 0.0}
@@ -425,7 +426,7 @@ def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, 
 
     linears = [m for m in model.modules() if isinstance(m, native_backend.NativeLinear)]
     for module in linears:
-        module.forward, module.rows = timed(module.forward, "linears"), timed(module.rows, "linears")
+        module.apply_codes = timed(module.apply_codes, "linears")
     head.forward = timed(head.forward, "lm_head")
     gated_up = native_backend.relu2_gated_up  # up_proj of the gated relu² FFN (its relu² is a few µs of it)
     native_backend.relu2_gated_up = timed(gated_up, "linears")
@@ -434,9 +435,9 @@ def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, 
         total = seconds / done
     finally:
         native_backend.relu2_gated_up = gated_up
-        for module in [*linears, head]:
-            for name in ("forward", "rows"):
-                vars(module).pop(name, None)
+        for module in linears:
+            vars(module).pop("apply_codes", None)
+        vars(head).pop("forward", None)
     split = {key: value / tokens for key, value in spent.items()}
     return {**split, "rest": total - sum(split.values()), "token": total}
 

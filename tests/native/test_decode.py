@@ -11,13 +11,14 @@ from helpers import REFERENCE
 from helpers import native_isas as isas
 from helpers import native_ops as ops
 from transformers import DynamicCache
-from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb
+from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm, apply_rotary_pos_emb
 
 from bitnet_convert.io.checkpoint import open_checkpoint
 from bitnet_convert.io.load import build_for_backend
+from bitnet_convert.native import backend as native
 from bitnet_convert.native import decode
 from bitnet_convert.native.cache import PreallocatedLayer
-from bitnet_convert.quant.schemes import PRESETS
+from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 
 
 def _case(batch: int, heads: int, kv_heads: int, dim: int, length: int, seed: int = 0):
@@ -112,7 +113,8 @@ def _greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[list[int]], l
 
 @pytest.mark.parametrize("preset", ["a48", "b158"])
 def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(preset, monkeypatch):
-    """Every decoded token of every layer goes through one ``decode_attention`` call, for one sequence and for a
+    """Every decoded token of every layer goes through one ``decode_attention`` call and four fused norm +
+    quantizer calls, for one sequence and for a
     batch of two; the tokens are the reference backend's, and the logits within 1e-4 of their range at nine steps
     in ten and within 0.5% at every step."""
     checkpoint = open_checkpoint(REFERENCE)
@@ -134,10 +136,37 @@ def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(prese
         calls.clear()
         want, want_logits = _greedy(reference, ids, 24)
         got, got_logits = _greedy(fast, ids, 24)
-        assert calls == ["decode_attention"] * (24 * layers)
+        # four fused norm + quantizer calls and one attention call per layer and token
+        assert calls.count("decode_attention") == 24 * layers and calls.count("rms_norm_codes") == 4 * 24 * layers
+        assert len(calls) == 5 * 24 * layers
         assert got == want
         # the attention sums differ from SDPA's by rounding; where that moves a quantizer input across a rounding
         # edge, one code changes and the logits move by ~0.1% of their range: rare, and small
         error = [((a - b).abs().max() / (a.max() - a.min())).item()
                  for a, b in zip(want_logits, got_logits, strict=True)]
         assert sum(e <= 1e-4 for e in error) >= 0.9 * len(error) and max(error) <= 5e-3, error
+
+
+@pytest.mark.parametrize("spec", [ActivationSpec(method="absmax", bits=8), ActivationSpec(method="absmean", bits=4),
+                                  ActivationSpec(method="absmax", bits=8, topk=0.5)], ids=str)
+def test_rms_norm_codes_are_the_norm_then_the_quantizer_to_the_bit(spec):
+    """One call for RMSNorm and the next linear's quantizer gives the codes, multipliers and code sums of
+    transformers' RMSNorm followed by the native quantizer (the module path), on both kernel paths; a token with a
+    tied top-K is flagged (the decode step redoes it with torch's top-K)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 300, generator=g) * 4
+    x[2] = torch.arange(300.0) % 7  # ties at the K-th largest |x|
+    norm = BitNetRMSNorm(300, eps=1e-6)
+    norm.weight.data = 2.0 ** (torch.arange(300) % 3 - 1.0)  # powers of two: the ties of row 2 stay ties
+    for isa in isas():
+        with torch.no_grad():
+            normed = norm(x)
+            want = native.quantize(normed, spec, isa)
+        k = round(0.5 * 300) if spec.topk else 0
+        codes, s, sums, got_normed, exact = ops().rms_norm_codes(x, norm.weight.data, 1e-6,
+                                                                 decode.FUSED_METHODS[spec.method], spec.bits, k, isa)
+        assert torch.equal(got_normed, normed)
+        keep = exact if spec.topk else torch.ones(3, dtype=torch.bool)
+        assert keep.tolist() == ([True, True, False] if spec.topk else [True] * 3)
+        for a, b in zip((codes, s, sums), want, strict=True):
+            assert torch.equal(a[keep], b[keep])

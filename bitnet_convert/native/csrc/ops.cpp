@@ -2,8 +2,9 @@
 // ternary GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset
 // of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), a
 // sparse-input GEMV that reads only the weight columns of non-zero inputs (ternary_sparse.cpp), a bf16-weight GEMM
-// for the embeddings/lm_head (bf16_gemm.cpp), an INT8-weight GEMM for the lm_head (int8_gemm.cpp) and the decode
-// attention over an in-place KV cache (attention.cpp). This file
+// for the embeddings/lm_head (bf16_gemm.cpp), an INT8-weight GEMM for the lm_head (int8_gemm.cpp), and for the
+// decode step RMSNorm fused with the next linear's quantizer (norm.cpp) and attention over an in-place KV cache
+// (attention.cpp). This file
 // registers them under torch.ops.bitnet_convert and holds what they share.
 //
 // Every operation has two paths chosen per call (`isa`: 0 = portable scalar C++, 1 = AVX2). Integer results are
@@ -80,6 +81,9 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("zero_share(Tensor codes, int k) -> float", &zero_share);
   m.def("bf16_gemm(Tensor x, Tensor w, int isa) -> Tensor", &bf16_gemm);
   m.def("int8_gemm(Tensor x, Tensor w, Tensor scale, int isa) -> Tensor", &int8_gemm);
+  m.def("rms_norm_codes(Tensor x, Tensor weight, float eps, int method, int bits, int topk, int isa) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &rms_norm_codes);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
         "Tensor(b!) value_cache, int length, float scale, int isa) -> Tensor",
         &decode_attention);

@@ -31,6 +31,11 @@ at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, 
 // bf16_gemm.cpp
 at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, int64_t isa);
 
+// norm.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_codes(
+    const at::Tensor& x, const at::Tensor& weight, double eps, int64_t method, int64_t bits, int64_t topk,
+    int64_t isa);
+
 // attention.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                             const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
