@@ -156,8 +156,8 @@ BackendOption = Annotated[
 LmHeadOption = Annotated[
     str,
     typer.Option(help="auto (int8 on the native backend, stored on the reference one), stored (the export's "
-                 "dtype) or int8 (per-row scale, half the bytes; the same numbers on both backends; its perplexity "
-                 "cost is in docs/native.md)."),
+                 "dtype) or int8 (per-row scale, half the bytes read per token; the same numbers on both backends; "
+                 "its perplexity cost is in docs/native.md)."),
 ]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]

@@ -169,8 +169,8 @@ def load(path: str | Path, dtype: str | torch.dtype = torch.float32, backend: Ba
     :mod:`bitnet_convert.native.backend`; inference only, fp32, CPU) or ``auto`` (native when the kernels can be built
     here, else reference with a warning). ``sparse_roles`` (native only): the roles whose linears run on the
     sparse-input kernel (default: o_proj and down_proj for a4.8 schemes on relu² models, none for ``b158``; see
-    :mod:`bitnet_convert.native.backend`). ``lm_head``: ``stored`` (the export's dtype), ``int8``
-    (per-row scale; half the bytes, :class:`~bitnet_convert.native.backend.Int8Linear` on the native backend,
+    :mod:`bitnet_convert.native.backend`). ``lm_head``: ``stored`` (the export's dtype), ``int8`` (per-row
+    scale; half the bytes read per token, :class:`~bitnet_convert.native.backend.Int8Linear` on the native backend,
     :class:`~bitnet_convert.quant.linear.Int8Head` with the same numbers on the reference one) or ``auto`` (the
     default: ``int8`` on the native backend, ``stored`` on the reference one; :func:`resolve_lm_head`). Raises
     :class:`~bitnet_convert.errors.CheckpointError` for a bad checkpoint,

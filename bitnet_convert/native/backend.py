@@ -22,18 +22,19 @@ What runs where:
 * FP4 E2M1 inputs are exact integers in units of ``max|x| / 12`` (the E2M1 grid ×2), so they run on the same
   kernels with codes in [−12, 12];
 * the lm_head is INT8 with one scale per row by default (:class:`Int8Linear`; ``lm_head="stored"`` keeps the
-  export's, below): half the bytes of a bf16 lm_head, at a perplexity cost of 0.02% or less on the reference
-  models (docs/native.md);
+  export's, below): half the bytes a token reads from a bf16 lm_head, at a perplexity cost of 0.02% or less on
+  the reference models (docs/native.md); a tied model keeps its bf16 embedding table for the lookups beside it;
 * embeddings (and a stored lm_head) keep the export's dtype: bf16 stays bf16 (half the memory of fp32; bf16 → fp32 is
   exact, and the lm_head runs on the bf16-weight GEMM kernel because torch's bf16 matmul on a CPU without bf16
   arithmetic is far slower than fp32); fp16 is converted once to fp32 (no fp16 kernel; a tied lm_head shares that
   fp32 table), and so is a bf16 lm_head whose input width the kernel does not take (not a multiple of 8); fp32
-  stays fp32 (torch's BLAS). Norms, the low-bit KV cache and QwT compensation stay in torch, fp32, as in the
-  reference backend, and so do RoPE and attention except at decode; a ``DynamicCache`` appends in place instead
-  of concatenating (:mod:`bitnet_convert.native.cache`);
+  stays fp32 (torch's BLAS). QwT compensation stays in torch, fp32, as in the reference backend, and so do norms,
+  RoPE, attention and the low-bit KV cache except at decode; a ``DynamicCache`` appends in place instead of
+  concatenating (:mod:`bitnet_convert.native.cache`);
 * a decoded token goes through each BitNet decoder layer in one Python call of a few kernel calls: each RMSNorm
-  fused with the next linear's quantizer (the same codes), and RoPE, the KV cache write and attention in one
-  (:mod:`bitnet_convert.native.decode`; the attention sums differ from SDPA's by rounding);
+  fused with the next linear's quantizer (the same codes), and attention over the KV cache read in place (RoPE
+  and the cache write included for the fp32 cache; the packed low-bit cache dequantized row by row as it is
+  read) (:mod:`bitnet_convert.native.decode`; the attention sums differ from SDPA's by rounding);
 * each forward call runs on as many threads as there are free cores, at most ``torch.get_num_threads()``
   (:func:`bitnet_convert.runtime.threads.set_thread_policy`; ``fixed`` turns it off): a busy neighbour process
   otherwise stalls every op's barrier;
@@ -162,12 +163,15 @@ def _quantized_input(module: NativeLinear, x: torch.Tensor) -> tuple[torch.Tenso
     """``quantize`` of the module's input, reusing the previous call's codes when a sibling linear already
     quantized this very tensor with the same spec (not across an input RMSNorm, whose output is new each call)."""
     global _last_input
+    # an inference tensor (torch.inference_mode) has no version counter: an in-place change could not be seen, so
+    # its codes are not reused
+    reusable = module.rms_norm is None and not x.is_inference()
     tensor, version, spec, result = _last_input
-    if module.rms_norm is None and tensor is x and version == x._version and spec == module.spec:
+    if reusable and tensor is x and version == x._version and spec == module.spec:
         return result
     flat = module.quantizer_input(x).reshape(-1, module.in_features).float().contiguous()
     result = quantize(flat, module.spec, module.isa)
-    _last_input = (x, x._version, module.spec, result) if module.rms_norm is None else (None, -1, None, None)
+    _last_input = (x, x._version, module.spec, result) if reusable else (None, -1, None, None)
     return result
 
 

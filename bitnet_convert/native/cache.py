@@ -66,7 +66,9 @@ def _room(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor)
     length = _length(current)
     ours = (buffer is not None and length > 0 and current.data_ptr() == buffer.data_ptr()
             and current.stride() == buffer.stride() and current.shape[:2] == buffer.shape[:2] == new.shape[:2]
-            and buffer.shape[-1] == new.shape[-1] and buffer.dtype == new.dtype)
+            and buffer.shape[-1] == new.shape[-1] and buffer.dtype == new.dtype
+            # a buffer made under torch.inference_mode cannot be written outside it
+            and (torch.is_inference_mode_enabled() or not buffer.is_inference()))
     need = length + new.shape[-2]
     if ours and need <= buffer.shape[-2]:
         return buffer

@@ -18,10 +18,17 @@ cache holds the keys the module path would store), while the attention output is
 which differs from SDPA's by fp32 rounding (tested: the reference backend's greedy tokens, the logits within 1e-4 of
 their range at nine steps in ten and within 0.5% at every step).
 
-It runs when a call is a decode step it covers — one token per sequence, no attention mask (no padding), the
-in-place cache of a ``DynamicCache``, full-precision attention (no Q/K/V quantizer, no packed low-bit cache) and a
-BitNet layer on the native kernels (``attn_sub_norm``, ``ffn_sub_norm``) — and hands every other call (prefill,
-padded batches, the packed cache, Llama-layout families) to the layer's own forward.
+With the packed low-bit KV cache (:class:`~bitnet_convert.quant.kv.PackedKVCache`, ``a48-kv3``), RoPE and the Q
+quantizer are transformers' and :func:`~bitnet_convert.quant.kv.lowbit_sdpa`'s own torch code, the new K/V go into
+the cache's growing buffers, and ``decode_attention_packed`` dequantizes each cached row as it reads it (the values
+:func:`~bitnet_convert.quant.kv.dequantize` gives): the cache is never unpacked as a whole, where the module path
+unpacks all of it at every token.
+
+It runs when a call is a decode step it covers — one token per sequence, SDPA or the low-bit attention function
+with no attention mask (no padding), the in-place cache of a ``DynamicCache`` with full-precision attention or a
+packed low-bit cache without left padding, and a BitNet layer on the native kernels (``attn_sub_norm``,
+``ffn_sub_norm``) — and hands every other call (prefill, padded batches, Q/K/V fake-quantized over a full-precision
+cache, eager attention, Llama-layout families) to the layer's own forward.
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import types
 
 import torch
 from torch import nn
+from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb
 
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
 from bitnet_convert.native.cache import PreallocatedLayer
 from bitnet_convert.quant import functional as F
+from bitnet_convert.quant import kv
+from bitnet_convert.quant.kv import AttentionSpec, PackedKVLayer
 
 #: Input quantizer methods the fused RMSNorm + quantizer kernel call computes (``rms_norm_codes``), by kernel code.
 FUSED_METHODS = {"absmax": 0, "absmean": 1}
@@ -70,7 +80,7 @@ def covers(layer: nn.Module) -> bool:
     """Whether ``layer`` has the BitNet decoder layout this step computes: input and post-attention norms,
     ``self_attn`` with q/k/v/o projections on the native kernels (q/k/v with one input quantizer) and
     ``attn_sub_norm`` before o_proj, and an ``mlp`` with gate/up (one input quantizer), ``ffn_sub_norm`` and
-    down_proj on the native kernels."""
+    down_proj on the native kernels; no linear with an input RMSNorm of its own (``use_rms_norm``)."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None),
              getattr(attn, "attn_sub_norm", None), getattr(mlp, "ffn_sub_norm", None))
@@ -79,18 +89,25 @@ def covers(layer: nn.Module) -> bool:
     qkv = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
     gate_up = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")]
     linears = [*qkv, getattr(attn, "o_proj", None), *gate_up, getattr(mlp, "down_proj", None)]
-    return (all(isinstance(m, native.NativeLinear) for m in linears)
-            and all(m.spec == qkv[0].spec and m.rms_norm is None for m in qkv)
-            and all(m.spec == gate_up[0].spec and m.rms_norm is None for m in gate_up)
+    return (all(isinstance(m, native.NativeLinear) and m.rms_norm is None for m in linears)
+            and all(m.spec == qkv[0].spec for m in qkv) and all(m.spec == gate_up[0].spec for m in gate_up)
             and hasattr(mlp, "act_fn") and all(hasattr(attn, name) for name in ("head_dim", "scaling", "layer_idx")))
 
 
-def _cache_layer(cache: object, index: int) -> PreallocatedLayer | None:
+def _cache_layer(cache: object, index: int, spec: AttentionSpec | None) -> PreallocatedLayer | PackedKVLayer | None:
+    """The layer of ``cache`` the step reads in place: an initialized in-place fp32 layer when attention is full
+    precision, or a packed low-bit layer without left padding (its K/V quantized by the cache itself, Q by ``spec``
+    when it sets ``q_bits``) when the spec quantizes per token; ``None`` for anything else (the module path)."""
     layers = getattr(cache, "layers", None)
-    if layers is None or index >= len(layers):
+    if layers is None or index >= len(layers) or not layers[index].is_initialized:
         return None
     layer = layers[index]
-    return layer if type(layer) is PreallocatedLayer and layer.is_initialized else None
+    if type(layer) is PreallocatedLayer and spec is None:
+        return layer
+    if (isinstance(layer, PackedKVLayer) and layer.bos_index is None and layer.method in ("minmax", "absmax")
+            and (spec is None or spec.key_granularity == "token")):
+        return layer
+    return None
 
 
 def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -101,10 +118,15 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
     goes to the layer's own forward. ``hidden_states`` fp32 ``[B, 1, hidden]`` → ``[B, 1, hidden]``."""
     attn, mlp = layer.self_attn, layer.mlp
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-    slot = _cache_layer(cache, attn.layer_idx) if cache is not None else None
-    if (slot is None or attention_mask is not None or position_embeddings is None or hidden_states.dim() != 3
+    # the module path quantizes Q/K/V only under the low-bit attention function; eager or flex attention (and any
+    # other) keep the module path
+    implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    spec = getattr(attn, "lowbit_attention", None) if implementation == kv.ATTN_IMPLEMENTATION else None
+    slot = _cache_layer(cache, attn.layer_idx, spec) if cache is not None else None
+    if (slot is None or implementation not in ("sdpa", kv.ATTN_IMPLEMENTATION) or attention_mask is not None
+            or position_embeddings is None or hidden_states.dim() != 3
             or hidden_states.shape[1] != 1 or hidden_states.dtype != torch.float32
-            or getattr(attn, "lowbit_attention", None) is not None or kwargs.get("output_attentions")):
+            or kwargs.get("output_attentions")):
         return type(layer).forward(layer, hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                    **kwargs)
@@ -112,21 +134,49 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
     x = hidden_states.reshape(batch, -1)
     codes = _norm_codes(layer.input_layernorm, x, attn.q_proj)
     q, k, v = (proj.apply_codes(*codes) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
-    cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
-    length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
-    out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length, attn.scaling,
-                                  kernels.isa())
-    slot.advance(1)
+    if isinstance(slot, PackedKVLayer):
+        out = _packed_attention(attn, slot, spec, q, k, v, position_embeddings)
+    else:
+        # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
+        cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
+        length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
+        out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length,
+                                      attn.scaling, kernels.isa())
+        slot.advance(1)
     x = x + attn.o_proj.apply_codes(*_norm_codes(attn.attn_sub_norm, out, attn.o_proj))
     codes = _norm_codes(layer.post_attention_layernorm, x, mlp.gate_proj)
     gate = mlp.gate_proj.apply_codes(*codes)
-    if native.is_gated(mlp):
+    if native.is_gated(mlp) and batch <= native.GATED_MAX_TOKENS:
         product = native.gated_product(mlp.up_proj, gate, *codes)
     else:
         product = mlp.act_fn(gate) * mlp.up_proj.apply_codes(*codes)
     x = x + mlp.down_proj.apply_codes(*_norm_codes(mlp.ffn_sub_norm, product, mlp.down_proj))
     return x.view(batch, 1, -1)
+
+
+def _packed_attention(attn: nn.Module, slot: PackedKVLayer, spec: AttentionSpec | None, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                      ) -> torch.Tensor:
+    """Attention of one decoded token over a packed low-bit KV cache: RoPE by transformers' own function, Q
+    fake-quantized as :func:`~bitnet_convert.quant.kv.lowbit_sdpa` does, the new K/V quantized and appended by the
+    cache (:meth:`~bitnet_convert.quant.kv.PackedKVLayer.store`), then one kernel call that dequantizes each cached
+    row as it reads it (``decode_attention_packed``): the cache is never unpacked as a whole. ``q``/``k``/``v``
+    fp32 ``[B, heads · head_dim]`` → ``[B, heads · head_dim]``."""
+    batch, dim = q.shape[0], attn.head_dim
+    queries, keys = (t.view(batch, 1, -1, dim).transpose(1, 2) for t in (q, k))
+    queries, keys = apply_rotary_pos_emb(queries, keys, *position_embeddings)
+    if spec is not None and spec.q_bits is not None:
+        queries = kv.fake_quantize(queries, spec.q_bits, spec.method)
+    slot.store(keys, v.view(batch, 1, -1, dim).transpose(1, 2))
+    empty = torch.empty(0, dtype=torch.float16)
+
+    def flat(index: int) -> list[torch.Tensor]:
+        return [empty if t is None else t for part in slot.parts for t in part[index].buffers()]
+
+    return _ops().decode_attention_packed(
+        queries.transpose(1, 2).reshape(batch, -1).contiguous(), flat(0), flat(1),
+        [part[0].bits for part in slot.parts], [part[1].bits for part in slot.parts], slot.length,
+        slot.method == "minmax", dim, attn.scaling, kernels.isa())
 
 
 def install(model: nn.Module) -> int:

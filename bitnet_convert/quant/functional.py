@@ -237,13 +237,20 @@ def int8_absmax_ste(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------- the INT8 lm_head
 
 
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(w: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """INT8 weight codes with one absmax scale per output row, for the INT8 lm_head: ``scale = max(max|W[n]|,
     1e-12) / 127`` and ``q = RoundClip(W / scale, −127, 127)``, so ``W[n] ≈ scale[n] · q[n]``. ``w`` ``[N, K]`` of
-    any float dtype → ``(q int8 [N, K], scale fp32 [N])``."""
-    wf = w.detach().float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return round_clip(wf / scale[:, None], -127, 127).to(torch.int8), scale.contiguous()
+    any float dtype → ``(q int8 [N, K], scale fp32 [N])``. Computed ``rows_per_step`` rows at a time (each row on
+    its own, so the result does not depend on it): the fp32 temporaries stay a slice, not four copies of a
+    128,256-row table."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for n0 in range(0, w.shape[0], rows_per_step):
+        wf = w[n0 : n0 + rows_per_step].detach().float()
+        part = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[n0 : n0 + rows_per_step] = round_clip(wf / part[:, None], -127, 127)
+        scale[n0 : n0 + rows_per_step] = part
+    return q, scale
 
 
 def int16_code_max(k: int) -> int:

@@ -218,24 +218,78 @@ def spec_of(model: torch.nn.Module) -> AttentionSpec | None:
 # ------------------------------------------------------------------------------------------ the cache
 
 
+#: The smallest capacity (positions) a packed cache buffer grows to; full buffers double.
+MIN_CAPACITY = 256
+
+
+class _Growing:
+    """A ``[batch, heads, seq, width]`` tensor that grows along ``seq`` in place: a buffer with room (capacity
+    doubling, so each position is copied O(1) times on average) and the filled length."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def view(self) -> torch.Tensor | None:
+        """The filled part, a view of the buffer (``None`` before the first append)."""
+        return None if self.buffer is None else self.buffer[:, :, : self.length]
+
+    def append(self, x: torch.Tensor) -> None:
+        need = self.length + x.shape[-2]
+        # a buffer made under torch.inference_mode cannot be written outside it: copied into a new one then
+        frozen = self.buffer is not None and self.buffer.is_inference() and not torch.is_inference_mode_enabled()
+        if self.buffer is None or need > self.buffer.shape[-2] or frozen:
+            # the first allocation is exact (the BOS part holds one position for good); growth doubles
+            capacity = need if self.buffer is None else max(need, 2 * self.buffer.shape[-2], MIN_CAPACITY)
+            grown = x.new_empty(*x.shape[:2], capacity, x.shape[-1])
+            if self.length:
+                grown[:, :, : self.length] = self.view
+            self.buffer = grown
+        self.buffer[:, :, self.length : need] = x
+        self.length = need
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.buffer is not None:
+            self.buffer = fn(self.view).contiguous()  # the filled part alone; the next append makes room
+
+
 class _PackedRows:
-    """A growing ``[batch, heads, seq, head_dim]`` tensor stored as packed codes + float16 scale (and zero)."""
+    """A growing ``[batch, heads, seq, head_dim]`` tensor stored as packed codes + float16 scale (and zero), each in
+    a buffer that grows in place (:class:`_Growing`): appending a position copies that position only."""
 
     def __init__(self, bits: int, method: str) -> None:
         self.bits, self.method = bits, method
-        self.codes: torch.Tensor | None = None
-        self.scale: torch.Tensor | None = None
-        self.zero: torch.Tensor | None = None
+        self._codes, self._scale, self._zero = _Growing(), _Growing(), _Growing()
         self.head_dim = 0
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """Packed codes uint8 ``[batch, heads, seq, ceil(head_dim · bits / 8)]`` (a view of the buffer)."""
+        return self._codes.view
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """float16 ``[batch, heads, seq, 1]``."""
+        return self._scale.view
+
+    @property
+    def zero(self) -> torch.Tensor | None:
+        """float16 ``[batch, heads, seq, 1]`` (``minmax``; ``None`` for ``absmax``)."""
+        return self._zero.view
+
+    def buffers(self) -> tuple[torch.Tensor | None, ...]:
+        """The contiguous buffers ``(codes, scale, zero)`` the filled part is the start of (zero ``None`` for
+        ``absmax``): what the native decode attention reads in place."""
+        return self._codes.buffer, self._scale.buffer, self._zero.buffer
 
     def append(self, x: torch.Tensor) -> None:
         codes, scale, zero = quantize(x, self.bits, self.method)
         self.head_dim = x.shape[-1]
-        packed = pack_bits(codes, self.bits)
-        cat = (lambda old, new: new if old is None else torch.cat([old, new], dim=-2))  # noqa: E731
-        self.codes, self.scale = cat(self.codes, packed), cat(self.scale, scale)
+        self._codes.append(pack_bits(codes, self.bits))
+        self._scale.append(scale)
         if zero is not None:
-            self.zero = cat(self.zero, zero)
+            self._zero.append(zero)
 
     def read(self, dtype: torch.dtype) -> torch.Tensor:
         codes = unpack_bits(self.codes, self.bits, self.head_dim)
@@ -243,10 +297,12 @@ class _PackedRows:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (beam reordering, selection, repetition) to every stored tensor."""
-        self.codes, self.scale, self.zero = (None if t is None else fn(t) for t in (self.codes, self.scale, self.zero))
+        for part in (self._codes, self._scale, self._zero):
+            part.map_batch(fn)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the filled part (the buffers' spare capacity, at most as much again, is not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
 
 
@@ -274,6 +330,24 @@ class PackedKVLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.store(key_states, value_states)
+        if self.bos_index is not None:  # every position in the main codes, the BOS slots written over them
+            (bos_k, bos_v), (main_k, main_v) = self.parts
+            index = _position_index(self.bos_index, key_states)
+            keys = main_k.read(self.dtype).scatter(-2, index, bos_k.read(self.dtype))
+            values = main_v.read(self.dtype).scatter(-2, index, bos_v.read(self.dtype))
+        else:
+            stored = [(k, v) for k, v in self.parts if k.codes is not None]
+            keys = torch.cat([k.read(self.dtype) for k, _ in stored], dim=-2)
+            values = torch.cat([v.read(self.dtype) for _, v in stored], dim=-2)
+        setattr(keys, _QUANTIZED, True)
+        setattr(values, _QUANTIZED, True)
+        return keys, values
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Quantize and append K/V ``[batch, kv_heads, n, head_dim]`` (the first position into the ``bos_bits``
+        part) without reading the cache back: :meth:`update` without its return value, for the native decode
+        attention, which reads the packed codes in place."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start = 0
@@ -293,18 +367,6 @@ class PackedKVLayer(DynamicLayer):
             self.parts[-1][0].append(key_states[..., start:, :])
             self.parts[-1][1].append(value_states[..., start:, :])
         self.length += key_states.shape[-2]
-        if self.bos_index is not None:  # every position in the main codes, the BOS slots written over them
-            (bos_k, bos_v), (main_k, main_v) = self.parts
-            index = _position_index(self.bos_index, key_states)
-            keys = main_k.read(self.dtype).scatter(-2, index, bos_k.read(self.dtype))
-            values = main_v.read(self.dtype).scatter(-2, index, bos_v.read(self.dtype))
-        else:
-            stored = [(k, v) for k, v in self.parts if k.codes is not None]
-            keys = torch.cat([k.read(self.dtype) for k, _ in stored], dim=-2)
-            values = torch.cat([v.read(self.dtype) for _, v in stored], dim=-2)
-        setattr(keys, _QUANTIZED, True)
-        setattr(values, _QUANTIZED, True)
-        return keys, values
 
     def get_seq_length(self) -> int:
         return self.length

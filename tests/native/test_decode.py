@@ -18,6 +18,7 @@ from bitnet_convert.io.load import build_for_backend
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import decode
 from bitnet_convert.native.cache import PreallocatedLayer
+from bitnet_convert.quant.kv import AttentionSpec, PackedKVCache, PackedKVLayer, _PackedRows
 from bitnet_convert.quant.schemes import PRESETS, ActivationSpec
 
 
@@ -170,3 +171,86 @@ def test_rms_norm_codes_are_the_norm_then_the_quantizer_to_the_bit(spec):
         assert keep.tolist() == ([True, True, False] if spec.topk else [True] * 3)
         for a, b in zip((codes, s, sums), want, strict=True):
             assert torch.equal(a[keep], b[keep])
+
+
+@pytest.mark.parametrize(("bits", "bos_bits", "method", "dim"), [(3, 4, "minmax", 16), (3, None, "absmax", 12),
+                                                                 (4, 8, "minmax", 128)])
+def test_decode_attention_reads_the_packed_cache_in_place(bits, bos_bits, method, dim):
+    """Attention over a packed low-bit cache, each row dequantized as it is read: SDPA's output on the cache's
+    dequantized K/V up to rounding, the same on both kernel paths and at any thread count."""
+    g = torch.Generator().manual_seed(bits + dim)
+    batch, heads, kv_heads, length = 2, 6, 2, 40
+    layer = PackedKVLayer(bits, bits, bos_bits, method)
+    layer.store(*(torch.randn(batch, kv_heads, length - 1, dim, generator=g) for _ in range(2)))
+    layer.store(*(torch.randn(batch, kv_heads, 1, dim, generator=g) for _ in range(2)))  # the decoded token
+    q = torch.randn(batch, heads, 1, dim, generator=g)
+    keys, values = (torch.cat([p[i].read(torch.float32) for p in layer.parts], dim=2) for i in (0, 1))
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=0.3, enable_gqa=True)
+    want = want.transpose(1, 2).reshape(batch, -1)
+    empty = torch.empty(0, dtype=torch.float16)
+    parts = [[empty if t is None else t for p in layer.parts for t in p[i].buffers()] for i in (0, 1)]
+    widths = [p[0].bits for p in layer.parts]
+    results = []
+    for isa in isas():
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                out = ops().decode_attention_packed(q.transpose(1, 2).reshape(batch, -1).contiguous(), *parts,
+                                                    widths, widths, length, method == "minmax", dim, 0.3, isa)
+            finally:
+                torch.set_num_threads(before)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+            results.append(out)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_a48_kv3_decodes_over_the_packed_cache_with_the_reference_tokens(monkeypatch):
+    """``a48-kv3`` (Q 4-bit, K/V 3-bit packed, BOS 4-bit) decodes through the step: one packed attention call per
+    layer and token, never the whole cache unpacked, and the reference backend's greedy tokens."""
+    checkpoint = open_checkpoint(REFERENCE)
+    attention = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4, method="minmax")
+    reference, fast = (build_for_backend(checkpoint, "a48", PRESETS["a48"], backend, attention=attention,
+                                         lm_head="int8") for backend in ("reference", "native"))
+    calls = []
+    real = decode._ops
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(real(), name)
+            return lambda *args: calls.append(name) or op(*args)
+
+    monkeypatch.setattr(decode, "_ops", lambda: Counting())
+    unpacked = []
+    read = _PackedRows.read
+    monkeypatch.setattr(_PackedRows, "read", lambda self, dtype: unpacked.append(1) or read(self, dtype))
+    prompt = torch.randint(4, 1000, (1, 10), generator=torch.Generator().manual_seed(5))
+    tokens = []
+    for model in (reference, fast):
+        cache = PackedKVCache.for_model(model)
+        with torch.no_grad():
+            tokens.append(model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, cache=cache,
+                                         pad_token_id=3)[0, 10:])
+        if model is reference:
+            unpacked.clear()
+    layers = fast.config.num_hidden_layers
+    assert calls.count("decode_attention_packed") == 39 * layers and "decode_attention" not in calls
+    assert len(unpacked) == 4 * layers  # the prefill's read of the bos and main parts of K and V, nothing after
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_a_cache_filled_under_inference_mode_decodes_outside_it():
+    """A native model runs under ``torch.inference_mode`` (its inference tensors have no version counter, so the
+    q/k/v linears quantize them each), and a prefill there leaves inference tensors in the caches: decoding on under
+    ``torch.no_grad`` copies them into new buffers instead of failing on an in-place write (fp32 and packed)."""
+    checkpoint = open_checkpoint(REFERENCE)
+    attention = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4, method="minmax")
+    model = build_for_backend(checkpoint, "a48", PRESETS["a48"], "native", attention=attention)
+    prompt = torch.randint(4, 1000, (1, 10), generator=torch.Generator().manual_seed(7))
+    for cache in (DynamicCache(), PackedKVCache.for_model(model)):
+        with torch.inference_mode():
+            token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with torch.no_grad():
+            for _ in range(3):
+                token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert cache.get_seq_length() == 13

@@ -92,27 +92,31 @@ BC_AVX2 void axpy_avx2(float p, const float* v, int64_t D, float* out) {
 }
 #endif
 
-// Attention of the `group` query heads q[g·D .. ] that share one KV head, over L cached positions (keys and
-// values [L, D] contiguous rows of stride D): scores, softmax with the maximum subtracted, the weighted sum of the
-// values divided by the sum of the weights. Each key and value row is read once for the whole group. `scores` has
-// room for group · L floats.
-void attend_group(const float* q, const float* keys, const float* values, int64_t L, int64_t D, int64_t group,
-                  float scale, int64_t isa, float* scores, float* out) {
+// Attention of the `group` query heads q[g·D .. ] that share one KV head, over L cached positions: scores,
+// softmax with the maximum subtracted, the weighted sum of the values divided by the sum of the weights.
+// key_row(t, buffer) and value_row(t, buffer) give position t's row of D floats (a pointer into the cache, or the
+// buffer filled with the dequantized row); each row is fetched once for the whole group. `scores` has room for
+// group · L floats.
+template <class KeyRow, class ValueRow>
+void attend_group(const float* q, const KeyRow& key_row, const ValueRow& value_row, int64_t L, int64_t D,
+                  int64_t group, float scale, int64_t isa, float* scores, float* out) {
+  std::vector<float> row(static_cast<size_t>(D));
   for (int64_t t = 0; t < L; ++t) {
+    const float* keys = key_row(t, row.data());
     int64_t g = 0;
 #if BC_X86
     if (isa == 1)
       for (; g + 4 <= group; g += 4) {
         float dots[4];
-        dot4_avx2(q + g * D, D, keys + t * D, D, dots);
+        dot4_avx2(q + g * D, D, keys, D, dots);
         for (int j = 0; j < 4; ++j) scores[(g + j) * L + t] = dots[j] * scale;
       }
 #endif
     for (; g < group; ++g) {
 #if BC_X86
-      const float dot = isa == 1 ? dot_avx2(q + g * D, keys + t * D, D) : dot_scalar(q + g * D, keys + t * D, D);
+      const float dot = isa == 1 ? dot_avx2(q + g * D, keys, D) : dot_scalar(q + g * D, keys, D);
 #else
-      const float dot = dot_scalar(q + g * D, keys + t * D, D);
+      const float dot = dot_scalar(q + g * D, keys, D);
 #endif
       scores[g * L + t] = dot * scale;
     }
@@ -128,16 +132,75 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
     }
   }
   std::fill(out, out + group * D, 0.0f);
-  for (int64_t t = 0; t < L; ++t)
+  for (int64_t t = 0; t < L; ++t) {
+    const float* values = value_row(t, row.data());
     for (int64_t g = 0; g < group; ++g) {
 #if BC_X86
-      if (isa == 1) axpy_avx2(scores[g * L + t], values + t * D, D, out + g * D);
+      if (isa == 1) axpy_avx2(scores[g * L + t], values, D, out + g * D);
       else
 #endif
-        axpy_scalar(scores[g * L + t], values + t * D, D, out + g * D);
+        axpy_scalar(scores[g * L + t], values, D, out + g * D);
     }
+  }
   for (int64_t g = 0; g < group; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = out[g * D + d] / total[g];
+}
+
+// One part of a packed low-bit cache (quant/kv.py _PackedRows): codes uint8 [B, KVH, capacity, ceil(D·bits/8)]
+// (code i of a row in bits i·bits .. i·bits + bits − 1 of its little-endian bit string), a float16 scale and
+// (minmax) a float16 zero [B, KVH, capacity, 1].
+struct PackedPart {
+  const uint8_t* codes;
+  const at::Half* scale;
+  const at::Half* zero;  // nullptr: absmax
+  int64_t bits, bytes, capacity;
+
+  // Row r of (sequence b, KV head g) dequantized as quant/kv.py dequantize computes it: c · s + z (minmax) or
+  // (c − 2^(bits−1)) · s (absmax), each step rounded to fp32 (no fused multiply-add: no FMA target here).
+  void row(int64_t b, int64_t g, int64_t KVH, int64_t r, int64_t D, float* out) const {
+    const int64_t index = (b * KVH + g) * capacity + r;
+    const uint8_t* p = codes + index * bytes;
+    const float s = static_cast<float>(scale[index]);
+    const float z = zero != nullptr ? static_cast<float>(zero[index]) : 0.0f;
+    const float half = static_cast<float>(int64_t{1} << (bits - 1));
+    const uint32_t mask = (uint32_t{1} << bits) - 1;
+    for (int64_t i = 0; i < D; ++i) {
+      const int64_t bit = i * bits, byte = bit >> 3;
+      const uint32_t window = p[byte] | (byte + 1 < bytes ? static_cast<uint32_t>(p[byte + 1]) << 8 : 0u);
+      const float c = static_cast<float>((window >> (bit & 7)) & mask);
+      if (zero != nullptr) {
+        const float scaled = c * s;
+        out[i] = scaled + z;
+      } else {
+        const float centred = c - half;
+        out[i] = centred * s;
+      }
+    }
+  }
+};
+
+std::vector<PackedPart> packed_parts(at::TensorList parts, at::IntArrayRef bits, int64_t B, int64_t KVH, int64_t D,
+                                     bool minmax, const char* name) {
+  TORCH_CHECK(parts.size() == 3 * bits.size() && (bits.size() == 1 || bits.size() == 2), name,
+              " must be 1 or 2 parts of (codes, scale, zero) with one bit width each");
+  std::vector<PackedPart> out;
+  for (size_t i = 0; i < bits.size(); ++i) {
+    const at::Tensor &codes = parts[3 * i], &scale = parts[3 * i + 1], &zero = parts[3 * i + 2];
+    const int64_t b = bits[i], bytes = (D * b + 7) / 8;
+    TORCH_CHECK(b >= 2 && b <= 8, name, ": bits must be in 2..8");
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 4 && codes.size(0) == B &&
+                    codes.size(1) == KVH && codes.size(3) == bytes,
+                name, ": codes must be contiguous uint8 [B, kv_heads, capacity, ceil(head_dim · bits / 8)]");
+    const int64_t capacity = codes.size(2);
+    TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.numel() == B * KVH * capacity,
+                name, ": scale must be contiguous float16 [B, kv_heads, capacity, 1]");
+    TORCH_CHECK(!minmax || (zero.scalar_type() == at::kHalf && zero.is_contiguous() &&
+                            zero.numel() == B * KVH * capacity),
+                name, ": zero must be contiguous float16 [B, kv_heads, capacity, 1] for minmax");
+    out.push_back({codes.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(),
+                   minmax ? zero.data_ptr<at::Half>() : nullptr, b, bytes, capacity});
+  }
+  return out;
 }
 
 }  // namespace
@@ -186,8 +249,51 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, g = i % KVH;
       const int64_t base = (b * KVH + g) * cap * D;
-      attend_group(qp + (b * H + g * group) * D, kc + base, vc + base, L, D, group, sc, isa, scores.data(),
-                   op + (b * H + g * group) * D);
+      const float* keys = kc + base;
+      const float* values = vc + base;
+      attend_group(
+          qp + (b * H + g * group) * D, [&](int64_t t, float*) { return keys + t * D; },
+          [&](int64_t t, float*) { return values + t * D; }, L, D, group, sc, isa, scores.data(),
+          op + (b * H + g * group) * D);
+    }
+  });
+  return out;
+}
+
+at::Tensor decode_attention_packed(const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                                   at::IntArrayRef key_bits, at::IntArrayRef value_bits, int64_t length, bool minmax,
+                                   int64_t head_dim, double scale, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(!keys.empty() && keys[0].dim() == 4, "keys must hold 4-D packed codes");
+  const int64_t B = keys[0].size(0), KVH = keys[0].size(1), D = head_dim;
+  TORCH_CHECK(D > 0 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 2 && q.size(0) == B &&
+                  q.size(1) % (KVH * D) == 0,
+              "q must be contiguous fp32 [B, heads · head_dim] with heads a multiple of kv_heads");
+  TORCH_CHECK(length >= 1, "length must be at least 1, got ", length);
+  const int64_t H = q.size(1) / D, group = H / KVH;
+  const auto kparts = packed_parts(keys, key_bits, B, KVH, D, minmax, "keys");
+  const auto vparts = packed_parts(values, value_bits, B, KVH, D, minmax, "values");
+  TORCH_CHECK(kparts.size() == vparts.size(), "keys and values must have the same parts");
+  const bool bos = kparts.size() == 2;  // part 0 holds position 0, part 1 positions 1 .. length − 1
+  TORCH_CHECK(kparts.back().capacity >= length - (bos ? 1 : 0) && vparts.back().capacity >= length - (bos ? 1 : 0),
+              "the packed parts hold fewer positions than length ", length);
+  auto out = at::empty({B, H * D}, at::kFloat);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(group * length));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KVH, g = i % KVH;
+      auto fetch = [&](const std::vector<PackedPart>& parts) {
+        return [&, b, g](int64_t t, float* buffer) -> const float* {
+          if (bos && t == 0) parts[0].row(b, g, KVH, 0, D, buffer);
+          else parts.back().row(b, g, KVH, bos ? t - 1 : t, D, buffer);
+          return buffer;
+        };
+      };
+      attend_group(qp + (b * H + g * group) * D, fetch(kparts), fetch(vparts), length, D, group, sc, isa,
+                   scores.data(), op + (b * H + g * group) * D);
     }
   });
   return out;

@@ -87,4 +87,7 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
         "Tensor(b!) value_cache, int length, float scale, int isa) -> Tensor",
         &decode_attention);
+  m.def("decode_attention_packed(Tensor q, Tensor[] keys, Tensor[] values, int[] key_bits, int[] value_bits, "
+        "int length, bool minmax, int head_dim, float scale, int isa) -> Tensor",
+        &decode_attention_packed);
 }

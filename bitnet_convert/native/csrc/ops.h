@@ -40,6 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
                             const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
                             int64_t length, double scale, int64_t isa);
+at::Tensor decode_attention_packed(const at::Tensor& q, at::TensorList keys, at::TensorList values,
+                                   at::IntArrayRef key_bits, at::IntArrayRef value_bits, int64_t length, bool minmax,
+                                   int64_t head_dim, double scale, int64_t isa);
 
 // int8_gemm.cpp
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t isa);
