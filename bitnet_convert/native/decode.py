@@ -54,12 +54,6 @@ def _ops():
     return torch.ops.bitnet_convert
 
 
-def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """transformers' ``BitNetRMSNorm`` / ``LlamaRMSNorm`` on fp32 ``x``: the same torch operations in its order."""
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
-
-
 def _norm_codes(norm: nn.Module, x: torch.Tensor, linear: native.NativeLinear) -> tuple[torch.Tensor, ...]:
     """``linear``'s integer input ``(codes, s, sums)`` for ``norm(x)``, fp32 ``x [T, K]``: one kernel call for an
     absmax or absmean input (top-K included; a token whose top-K is tied, or holds a NaN, is redone by
@@ -67,7 +61,7 @@ def _norm_codes(norm: nn.Module, x: torch.Tensor, linear: native.NativeLinear) -
     spec = linear.spec
     method = FUSED_METHODS.get(spec.method)
     if method is None or spec.threshold is not None or linear.rms_norm is not None or norm.weight.dtype != x.dtype:
-        return native.quantize(_rms_norm(norm, x), spec, linear.isa)
+        return native.quantize(norm(x), spec, linear.isa)
     k = F.topk_count(x.shape[-1], spec.topk) if spec.topk is not None and spec.topk < 1.0 else 0
     codes, s, sums, normed, exact = _ops().rms_norm_codes(x, norm.weight, norm.variance_epsilon, method, spec.bits,
                                                           k, linear.isa)

@@ -99,6 +99,21 @@ def test_the_in_place_cache_hands_its_buffers_to_the_decode_step():
     assert torch.equal(b._key_buffer[:, :, :10], first[:, :, :10].repeat_interleave(2, dim=0))
 
 
+@pytest.fixture
+def op_calls(monkeypatch) -> list[str]:
+    """The names of the kernel ops the decode step calls, in order (its ``_ops`` namespace wrapped)."""
+    calls: list[str] = []
+    real = decode._ops
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(real(), name)
+            return lambda *args: calls.append(name) or op(*args)
+
+    monkeypatch.setattr(decode, "_ops", lambda: Counting())
+    return calls
+
+
 def _greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
     tokens, logits = [], []
     with torch.no_grad():
@@ -113,7 +128,7 @@ def _greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[list[int]], l
 
 
 @pytest.mark.parametrize("preset", ["a48", "b158"])
-def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(preset, monkeypatch):
+def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(preset, op_calls):
     """Every decoded token of every layer goes through one ``decode_attention`` call and four fused norm +
     quantizer calls, for one sequence and for a
     batch of two; the tokens are the reference backend's, and the logits within 1e-4 of their range at nine steps
@@ -123,23 +138,14 @@ def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(prese
                        for backend in ("reference", "native"))
     layers = fast.config.num_hidden_layers
     assert sum(decode.covers(m) for m in fast.modules()) == layers
-    calls = []
-    real = decode._ops
-
-    class Counting:
-        def __getattr__(self, name):
-            op = getattr(real(), name)
-            return lambda *args: calls.append(name) or op(*args)
-
-    monkeypatch.setattr(decode, "_ops", lambda: Counting())
     prompt = torch.randint(4, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
     for ids in (prompt[:1], prompt):
-        calls.clear()
+        op_calls.clear()
         want, want_logits = _greedy(reference, ids, 24)
         got, got_logits = _greedy(fast, ids, 24)
         # four fused norm + quantizer calls and one attention call per layer and token
-        assert calls.count("decode_attention") == 24 * layers and calls.count("rms_norm_codes") == 4 * 24 * layers
-        assert len(calls) == 5 * 24 * layers
+        assert op_calls.count("decode_attention") == 24 * layers and op_calls.count("rms_norm_codes") == 4 * 24 * layers
+        assert len(op_calls) == 5 * 24 * layers
         assert got == want
         # the attention sums differ from SDPA's by rounding; where that moves a quantizer input across a rounding
         # edge, one code changes and the logits move by ~0.1% of their range: rare, and small
@@ -205,22 +211,13 @@ def test_decode_attention_reads_the_packed_cache_in_place(bits, bos_bits, method
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
-def test_a48_kv3_decodes_over_the_packed_cache_with_the_reference_tokens(monkeypatch):
+def test_a48_kv3_decodes_over_the_packed_cache_with_the_reference_tokens(op_calls, monkeypatch):
     """``a48-kv3`` (Q 4-bit, K/V 3-bit packed, BOS 4-bit) decodes through the step: one packed attention call per
     layer and token, never the whole cache unpacked, and the reference backend's greedy tokens."""
     checkpoint = open_checkpoint(REFERENCE)
     attention = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4, method="minmax")
     reference, fast = (build_for_backend(checkpoint, "a48", PRESETS["a48"], backend, attention=attention,
                                          lm_head="int8") for backend in ("reference", "native"))
-    calls = []
-    real = decode._ops
-
-    class Counting:
-        def __getattr__(self, name):
-            op = getattr(real(), name)
-            return lambda *args: calls.append(name) or op(*args)
-
-    monkeypatch.setattr(decode, "_ops", lambda: Counting())
     unpacked = []
     read = _PackedRows.read
     monkeypatch.setattr(_PackedRows, "read", lambda self, dtype: unpacked.append(1) or read(self, dtype))
@@ -234,7 +231,7 @@ def test_a48_kv3_decodes_over_the_packed_cache_with_the_reference_tokens(monkeyp
         if model is reference:
             unpacked.clear()
     layers = fast.config.num_hidden_layers
-    assert calls.count("decode_attention_packed") == 39 * layers and "decode_attention" not in calls
+    assert op_calls.count("decode_attention_packed") == 39 * layers and "decode_attention" not in op_calls
     assert len(unpacked) == 4 * layers  # the prefill's read of the bos and main parts of K and V, nothing after
     assert torch.equal(tokens[0], tokens[1])
 

@@ -146,6 +146,26 @@ void attend_group(const float* q, const KeyRow& key_row, const ValueRow& value_r
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = out[g * D + d] / total[g];
 }
 
+// attend_group for every (sequence b, KV head g) pair, one pair per task (each output computed by one thread):
+// q fp32 [B, KVH · group · D] → fp32 [B, KVH · group · D]. rows(b, g) returns the pair's (key_row, value_row).
+template <class Rows>
+at::Tensor attend_all(const float* q, int64_t B, int64_t KVH, int64_t group, int64_t D, int64_t L, float scale,
+                      int64_t isa, const Rows& rows) {
+  const int64_t H = KVH * group;
+  auto out = at::empty({B, H * D}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(group * L));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / KVH, g = i % KVH;
+      const auto [key_row, value_row] = rows(b, g);
+      attend_group(q + (b * H + g * group) * D, key_row, value_row, L, D, group, scale, isa, scores.data(),
+                   op + (b * H + g * group) * D);
+    }
+  });
+  return out;
+}
+
 // One part of a packed low-bit cache (quant/kv.py _PackedRows): codes uint8 [B, KVH, capacity, ceil(D·bits/8)]
 // (code i of a row in bits i·bits .. i·bits + bits − 1 of its little-endian bit string), a float16 scale and
 // (minmax) a float16 zero [B, KVH, capacity, 1].
@@ -240,24 +260,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t h = 0; h < H; ++h)
       rope_head(q.data_ptr<float>() + (b * H + h) * D, cb, sb, D, rotated.data_ptr<float>() + (b * H + h) * D);
   }
-  auto out = at::empty({B, H * D}, at::kFloat);
-  const float* qp = rotated.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(group * L));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KVH, g = i % KVH;
-      const int64_t base = (b * KVH + g) * cap * D;
-      const float* keys = kc + base;
-      const float* values = vc + base;
-      attend_group(
-          qp + (b * H + g * group) * D, [&](int64_t t, float*) { return keys + t * D; },
-          [&](int64_t t, float*) { return values + t * D; }, L, D, group, sc, isa, scores.data(),
-          op + (b * H + g * group) * D);
-    }
-  });
-  return out;
+  return attend_all(rotated.data_ptr<float>(), B, KVH, group, D, L, static_cast<float>(scale), isa,
+                    [&](int64_t b, int64_t g) {
+                      const float* keys = kc + (b * KVH + g) * cap * D;
+                      const float* values = vc + (b * KVH + g) * cap * D;
+                      return std::make_pair([keys, D](int64_t t, float*) { return keys + t * D; },
+                                            [values, D](int64_t t, float*) { return values + t * D; });
+                    });
 }
 
 at::Tensor decode_attention_packed(const at::Tensor& q, at::TensorList keys, at::TensorList values,
@@ -277,26 +286,19 @@ at::Tensor decode_attention_packed(const at::Tensor& q, at::TensorList keys, at:
   const bool bos = kparts.size() == 2;  // part 0 holds position 0, part 1 positions 1 .. length − 1
   TORCH_CHECK(kparts.back().capacity >= length - (bos ? 1 : 0) && vparts.back().capacity >= length - (bos ? 1 : 0),
               "the packed parts hold fewer positions than length ", length);
-  auto out = at::empty({B, H * D}, at::kFloat);
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(group * length));
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / KVH, g = i % KVH;
-      auto fetch = [&](const std::vector<PackedPart>& parts) {
-        return [&, b, g](int64_t t, float* buffer) -> const float* {
-          if (bos && t == 0) parts[0].row(b, g, KVH, 0, D, buffer);
-          else parts.back().row(b, g, KVH, bos ? t - 1 : t, D, buffer);
-          return buffer;
-        };
-      };
-      attend_group(qp + (b * H + g * group) * D, fetch(kparts), fetch(vparts), length, D, group, sc, isa,
-                   scores.data(), op + (b * H + g * group) * D);
-    }
-  });
-  return out;
+  // position 0 from the BOS part when there is one, the others from the last part; each row dequantized into
+  // the caller's buffer
+  auto fetch = [&](const std::vector<PackedPart>& parts, int64_t b, int64_t g) {
+    const PackedPart* first = &parts.front();
+    const PackedPart* rest = &parts.back();
+    return [first, rest, bos, b, g, KVH, D](int64_t t, float* buffer) -> const float* {
+      if (bos && t == 0) first->row(b, g, KVH, 0, D, buffer);
+      else rest->row(b, g, KVH, bos ? t - 1 : t, D, buffer);
+      return buffer;
+    };
+  };
+  return attend_all(q.data_ptr<float>(), B, KVH, group, D, length, static_cast<float>(scale), isa,
+                    [&](int64_t b, int64_t g) { return std::make_pair(fetch(kparts, b, g), fetch(vparts, b, g)); });
 }
 
 }  // namespace bitnet_convert
