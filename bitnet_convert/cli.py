@@ -523,6 +523,91 @@ def generate(
                   f"{size:,} bytes for {cache.get_seq_length()} positions", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def serve(
+    path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (run as b158).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together (continuous batching).")] = 8,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait for a place in the batch; more get 429.")
+    ] = 64,
+    context: Annotated[
+        int | None,
+        typer.Option(min=1, help="Prompt + completion tokens per request [default: the model's "
+                     "max_position_embeddings].")
+    ] = None,
+    kv_bits: Annotated[
+        int | None,
+        typer.Option(min=2, max=8, help="Store K/V in a packed cache of this many bits [default: the model's "
+                     "attention spec; a full-precision cache when it sets none]."),
+    ] = None,
+    bos_bits: Annotated[
+        int | None, typer.Option(min=2, max=8, help="Bits of the first position's K/V with --kv-bits.")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="The model's id in the API [default: the directory's name].")
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="A Jinja chat template file for /v1/chat/completions [default: the "
+                                  "tokenizer's].")
+    ] = None,
+    device: DeviceOption = "cpu",
+    backend: BackendOption = "auto",
+    lm_head: LmHeadOption = "auto",
+) -> None:
+    """Serve the model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics), concurrent requests decoded together."""
+    import socket
+
+    import uvicorn
+
+    from bitnet_convert.io.load import backend_for_device, load, load_tokenizer
+    from bitnet_convert.serve.api import ServerConfig, create_app
+    from bitnet_convert.serve.engine import Engine
+
+    with _user_errors():
+        device = _check_device(device)
+        if bos_bits is not None and kv_bits is None:
+            _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
+        try:  # bound first, so that a taken port is a one-line error before the model loads, and --port 0 can
+            # print the port it got
+            sock = socket.create_server((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc})")
+        template = None
+        if chat_template is not None:
+            try:
+                template = chat_template.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                _fail(f"--chat-template '{chat_template}' could not be read as UTF-8 text ({exc})")
+        model = load(path, backend=backend_for_device(backend, device), lm_head=lm_head).to(device).eval()
+        tokenizer = load_tokenizer(path)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and limit is not None and context > limit:
+        _fail(f"--context {context} is beyond the model's max_position_embeddings ({limit})")
+    name = model_name or Path(path.rstrip("/")).name or path
+    config = ServerConfig(model_id=name, context=context or limit or 2048, chat_template=template)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, kv_bits=kv_bits,
+                    bos_bits=bos_bits).start()
+    requests = logging.getLogger("bitnet_convert.serve")
+    lines = logging.StreamHandler(sys.stderr)
+    lines.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    requests.addHandler(lines)
+    requests.setLevel(logging.INFO)
+    bound = sock.getsockname()[1]
+    console.print(f"serving '{name}' ({model.config.num_hidden_layers} layers) on http://{host}:{bound}/v1 with up to "
+                  f"{max_batch} sequences per batch and a context of {config.context} tokens", highlight=False,
+                  soft_wrap=True)
+    try:
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="info"))
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+        sock.close()
+        requests.removeHandler(lines)
+
+
 def _print_report(report: dict) -> None:
     comparison = report.get("comparison")
     columns = [Column("task", no_wrap=True), Column("metric", no_wrap=True), "value"]

@@ -260,3 +260,23 @@ def run_with_a_file_size_limit(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCH_COMPILE_DISABLE": "1"}
     return subprocess.run([sys.executable, "-c", LIMITED, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300, check=False)
+
+
+#: Prompts of the reference corpus's kind, for the server tests.
+PROMPTS = ["Anna is a kind baker who lives in Oakfield.", "The river", "Once upon a time there was a small dog that",
+           "Tom"]
+
+
+def generate_texts(model, tokenizer, prompts, max_new_tokens, kv_bits=None):
+    """What ``generate`` (greedy) continues each prompt with, alone."""
+    from bitnet_convert.quant.kv import generation_cache
+
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        cache, _ = generation_cache(model, kv_bits)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, cache=cache, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts

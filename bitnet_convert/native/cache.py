@@ -79,7 +79,9 @@ def _room(current: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor)
     return grown
 
 
-def _switch_layers(cache: object) -> None:
+def switch_layers(cache: object) -> None:
+    """Make the plain ``DynamicLayer``s of ``cache`` (when it is a ``DynamicCache``) :class:`PreallocatedLayer`s,
+    keeping their contents."""
     if isinstance(cache, DynamicCache):
         for layer in getattr(cache, "layers", ()):
             if type(layer) is DynamicLayer:
@@ -93,6 +95,6 @@ def preallocate_caches(model: nn.Module) -> None:
     def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         for key in ("cache", "past_key_values"):
             if kwargs.get(key) is not None:
-                _switch_layers(kwargs[key])
+                switch_layers(kwargs[key])
 
     model.register_forward_pre_hook(before, with_kwargs=True)

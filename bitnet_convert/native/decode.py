@@ -34,6 +34,7 @@ cache, eager attention, Llama-layout families) to the layer's own forward.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,10 +42,11 @@ from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb
 
 from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
-from bitnet_convert.native.cache import PreallocatedLayer
+from bitnet_convert.native.cache import PreallocatedLayer, switch_layers
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVLayer
+from bitnet_convert.runtime.threads import FreeCoreForward
 
 #: Input quantizer methods the fused RMSNorm + quantizer kernel call computes (``rms_norm_codes``), by kernel code.
 FUSED_METHODS = {"absmax": 0, "absmean": 1}
@@ -104,20 +106,26 @@ def _cache_layer(cache: object, index: int, spec: AttentionSpec | None) -> Preal
     return None
 
 
+def _attention_spec(attn: nn.Module) -> tuple[bool, AttentionSpec | None]:
+    """Whether the step computes ``attn``'s attention function (SDPA or the low-bit one), and the low-bit spec of
+    its Q/K/V (``None`` under SDPA). The module path quantizes Q/K/V only under the low-bit attention function;
+    eager or flex attention (and any other) keep the module path."""
+    implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    spec = getattr(attn, "lowbit_attention", None) if implementation == kv.ATTN_IMPLEMENTATION else None
+    return implementation in ("sdpa", kv.ATTN_IMPLEMENTATION), spec
+
+
 def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          position_ids: torch.Tensor | None = None, cache: object = None, use_cache: bool = False,
                          position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs
                          ) -> torch.Tensor:
     """``BitNetDecoderLayer.forward`` for one decoded token per sequence (see the module docstring); any other call
     goes to the layer's own forward. ``hidden_states`` fp32 ``[B, 1, hidden]`` → ``[B, 1, hidden]``."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-    # the module path quantizes Q/K/V only under the low-bit attention function; eager or flex attention (and any
-    # other) keep the module path
-    implementation = getattr(getattr(attn, "config", None), "_attn_implementation", None)
-    spec = getattr(attn, "lowbit_attention", None) if implementation == kv.ATTN_IMPLEMENTATION else None
+    supported, spec = _attention_spec(attn)
     slot = _cache_layer(cache, attn.layer_idx, spec) if cache is not None else None
-    if (slot is None or implementation not in ("sdpa", kv.ATTN_IMPLEMENTATION) or attention_mask is not None
+    if (slot is None or not supported or attention_mask is not None
             or position_embeddings is None or hidden_states.dim() != 3
             or hidden_states.shape[1] != 1 or hidden_states.dtype != torch.float32
             or kwargs.get("output_attentions")):
@@ -125,18 +133,24 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                    **kwargs)
     batch = hidden_states.shape[0]
-    x = hidden_states.reshape(batch, -1)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _attention(attn, slot, spec, q, k, v, position_embeddings)
+
+    return layer_rows(layer, hidden_states.reshape(batch, -1), attend).view(batch, 1, -1)
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The decoder layer's computation for rows ``x`` fp32 ``[B, hidden]`` (one decoded token each), the attention
+    being ``attend(q, k, v)`` (fp32 ``[B, heads · head_dim]`` and ``[B, kv_heads · head_dim]`` twice →
+    ``[B, heads · head_dim]``), which reads and extends the KV cache. Each row's result depends on that row only:
+    norms, quantizers and the linears' integer sums are per row (the batched step of the server,
+    :func:`decode_batch`, relies on it)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    batch = x.shape[0]
     codes = _norm_codes(layer.input_layernorm, x, attn.q_proj)
     q, k, v = (proj.apply_codes(*codes) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    if isinstance(slot, PackedKVLayer):
-        out = _packed_attention(attn, slot, spec, q, k, v, position_embeddings)
-    else:
-        # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
-        cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
-        length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
-        out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length,
-                                      attn.scaling, kernels.isa())
-        slot.advance(1)
+    out = attend(q, k, v)
     x = x + attn.o_proj.apply_codes(*_norm_codes(attn.attn_sub_norm, out, attn.o_proj))
     codes = _norm_codes(layer.post_attention_layernorm, x, mlp.gate_proj)
     gate = mlp.gate_proj.apply_codes(*codes)
@@ -144,8 +158,24 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
         product = native.gated_product(mlp.up_proj, gate, *codes)
     else:
         product = mlp.act_fn(gate) * mlp.up_proj.apply_codes(*codes)
-    x = x + mlp.down_proj.apply_codes(*_norm_codes(mlp.ffn_sub_norm, product, mlp.down_proj))
-    return x.view(batch, 1, -1)
+    return x + mlp.down_proj.apply_codes(*_norm_codes(mlp.ffn_sub_norm, product, mlp.down_proj))
+
+
+def _attention(attn: nn.Module, slot: PreallocatedLayer | PackedKVLayer, spec: AttentionSpec | None,
+               q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE, the KV cache write and attention for rows ``q``/``k``/``v`` (fp32 ``[B, width]``) over ``slot``, the
+    cache layer of those ``B`` sequences (all at the same length), in one kernel call."""
+    if isinstance(slot, PackedKVLayer):
+        return _packed_attention(attn, slot, spec, q, k, v, position_embeddings)
+    batch = q.shape[0]
+    # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
+    cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
+    length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
+    out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length,
+                                  attn.scaling, kernels.isa())
+    slot.advance(1)
+    return out
 
 
 def _packed_attention(attn: nn.Module, slot: PackedKVLayer, spec: AttentionSpec | None, q: torch.Tensor,
@@ -181,3 +211,71 @@ def install(model: nn.Module) -> int:
             module.forward = types.MethodType(decode_layer_forward, module)
             count += 1
     return count
+
+
+def _decoder(model: nn.Module) -> nn.Module | None:
+    """The decoder stack (embeddings, rotary embedding, layers, final norm) of a causal LM, or ``None``."""
+    decoder = getattr(model, "model", None)
+    needed = ("embed_tokens", "rotary_emb", "layers", "norm")
+    return decoder if decoder is not None and all(hasattr(decoder, name) for name in needed) else None
+
+
+def batch_slots(model: nn.Module, caches: Sequence[object]) -> list[list[PreallocatedLayer | PackedKVLayer]] | None:
+    """Per decoder layer, the cache layer of each sequence that :func:`decode_batch` reads in place, or ``None``
+    when the step cannot run them: a layer the step does not cover (see :func:`covers`), an attention function it
+    does not compute, or a cache layer it cannot read (not filled by a prefill, left padding, per-channel keys)."""
+    decoder = _decoder(model)
+    if decoder is None or getattr(model, "lm_head", None) is None:
+        return None
+    slots = []
+    for layer in decoder.layers[: model.config.num_hidden_layers]:
+        if not covers(layer):
+            return None
+        supported, spec = _attention_spec(layer.self_attn)
+        row = [_cache_layer(cache, layer.self_attn.layer_idx, spec) for cache in caches]
+        if not supported or any(slot is None for slot in row):
+            return None
+        slots.append(row)
+    return slots
+
+
+def decode_batch(model: nn.Module, tokens: torch.Tensor, caches: Sequence[object]) -> torch.Tensor | None:
+    """One decode step for ``B`` independent sequences, each with its own KV cache (continuous batching): token
+    ``tokens[i]`` (long ``[B]``) is appended to sequence ``i`` at position ``caches[i].get_seq_length()``. The
+    linears run on all ``B`` rows at once (the native kernels read each weight row once for up to four tokens);
+    RoPE and attention run per sequence over its cache, in place. Returns the next-token logits, fp32
+    ``[B, vocab]``.
+
+    Each row equals what the model computes for that sequence alone through its own forward with the one-call decode
+    step (:func:`decode_layer_forward`): every operation is per row (the norms' and quantizers' reductions, the
+    linears' integer sums, the lm_head kernels' fixed summation order, attention per sequence). Runs on the model's
+    thread policy (:mod:`bitnet_convert.runtime.threads`). Returns ``None`` when :func:`batch_slots` does (the
+    caller then runs each sequence through the model's forward)."""
+    for cache in caches:  # a cache the prefill filled holds DynamicLayers it created after the model's pre-hook ran
+        switch_layers(cache)
+    slots = batch_slots(model, caches)
+    if slots is None:
+        return None
+    governor = vars(model).get("forward")
+    run = governor.governor.run if isinstance(governor, FreeCoreForward) else (lambda f, *a: f(*a))
+    return run(_decode_batch, model, tokens, caches, slots)
+
+
+def _decode_batch(model: nn.Module, tokens: torch.Tensor, caches: Sequence[object],
+                  slots: list[list[PreallocatedLayer | PackedKVLayer]]) -> torch.Tensor:
+    decoder, batch = _decoder(model), tokens.shape[0]
+    positions = torch.tensor([cache.get_seq_length() for cache in caches], device=tokens.device).view(batch, 1)
+    hidden = decoder.embed_tokens(tokens.view(batch, 1))
+    cos, sin = decoder.rotary_emb(hidden, position_ids=positions)
+    x = hidden.reshape(batch, -1).float()
+    for layer, row in zip(decoder.layers[: model.config.num_hidden_layers], slots, strict=True):
+        attn = layer.self_attn
+        spec = _attention_spec(attn)[1]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn=attn, spec=spec, row=row
+                   ) -> torch.Tensor:
+            return torch.cat([_attention(attn, slot, spec, q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                         (cos[i:i + 1], sin[i:i + 1])) for i, slot in enumerate(row)])
+
+        x = layer_rows(layer, x, attend)
+    return model.lm_head(decoder.norm(x.view(batch, 1, -1)))[:, -1].float()

@@ -1,0 +1,2 @@
+"""``bitnet-convert serve``: an OpenAI-compatible HTTP server (:mod:`.api`) over a continuous-batching engine
+(:mod:`.engine`)."""
