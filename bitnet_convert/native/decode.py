@@ -46,7 +46,7 @@ from bitnet_convert.native.cache import PreallocatedLayer, switch_layers
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant import kv
 from bitnet_convert.quant.kv import AttentionSpec, PackedKVLayer
-from bitnet_convert.runtime.threads import FreeCoreForward
+from bitnet_convert.runtime.threads import run_with_policy
 
 #: Input quantizer methods the fused RMSNorm + quantizer kernel call computes (``rms_norm_codes``), by kernel code.
 FUSED_METHODS = {"absmax": 0, "absmean": 1}
@@ -229,7 +229,7 @@ def batch_slots(model: nn.Module, caches: Sequence[object]) -> list[list[Preallo
         return None
     slots = []
     for layer in decoder.layers[: model.config.num_hidden_layers]:
-        if not covers(layer):
+        if not covers(layer) or layer._forward_pre_hooks:
             return None
         supported, spec = _attention_spec(layer.self_attn)
         row = [_cache_layer(cache, layer.self_attn.layer_idx, spec) for cache in caches]
@@ -256,9 +256,24 @@ def decode_batch(model: nn.Module, tokens: torch.Tensor, caches: Sequence[object
     slots = batch_slots(model, caches)
     if slots is None:
         return None
-    governor = vars(model).get("forward")
-    run = governor.governor.run if isinstance(governor, FreeCoreForward) else (lambda f, *a: f(*a))
-    return run(_decode_batch, model, tokens, caches, slots)
+    return run_with_policy(model, _decode_batch, model, tokens, caches, slots)
+
+
+def _after_hooks(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (``[B, hidden]``) after the layer's forward hooks (QwT compensation,
+    :func:`bitnet_convert.quant.compensation.attach`), each row on its own as ``[1, 1, hidden]``: the shapes the
+    hooks see when a sequence decodes alone, so their matmuls round the same way."""
+    hooks = layer._forward_hooks
+    if not hooks:
+        return out
+    rows = []
+    for i in range(x.shape[0]):
+        args, row = (x[i:i + 1].view(1, 1, -1),), out[i:i + 1].view(1, 1, -1)
+        for key, hook in hooks.items():
+            result = hook(layer, args, {}, row) if key in layer._forward_hooks_with_kwargs else hook(layer, args, row)
+            row = row if result is None else result
+        rows.append(row.view(1, -1))
+    return torch.cat(rows)
 
 
 def _decode_batch(model: nn.Module, tokens: torch.Tensor, caches: Sequence[object],
@@ -277,5 +292,5 @@ def _decode_batch(model: nn.Module, tokens: torch.Tensor, caches: Sequence[objec
             return torch.cat([_attention(attn, slot, spec, q[i:i + 1], k[i:i + 1], v[i:i + 1],
                                          (cos[i:i + 1], sin[i:i + 1])) for i, slot in enumerate(row)])
 
-        x = layer_rows(layer, x, attend)
+        x = _after_hooks(layer, x, layer_rows(layer, x, attend))
     return model.lm_head(decoder.norm(x.view(batch, 1, -1)))[:, -1].float()

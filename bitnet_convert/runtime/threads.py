@@ -146,6 +146,15 @@ def set_thread_policy(model: nn.Module, policy: str) -> None:
         model.forward = FreeCoreForward(FreeCoreThreads(), model.forward, previous)
 
 
+def run_with_policy(model: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` on the thread count ``model``'s policy chooses for its forward calls (for work on the
+    model that does not go through its forward, such as the server's batched decode step)."""
+    installed = vars(model).get("forward")
+    if isinstance(installed, FreeCoreForward):
+        return installed.governor.run(function, *args)
+    return function(*args)
+
+
 def thread_policy(model: nn.Module) -> str:
     """The policy :func:`set_thread_policy` last set on ``model`` (``fixed`` when none)."""
     return "free-cores" if isinstance(vars(model).get("forward"), FreeCoreForward) else "fixed"

@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bitnet_convert.native import decode
 from bitnet_convert.quant.kv import generation_cache
+from bitnet_convert.runtime.threads import run_with_policy
 
 log = logging.getLogger("bitnet_convert.serve")
 
@@ -170,22 +171,21 @@ class Engine:
 
     def _step(self) -> None:
         self._active = [r for r in self._active if not self._dropped(r)]
-        while len(self._active) < self.max_batch:
-            with self._wake:
-                if not self._waiting:
-                    break
-                request = self._waiting.popleft()
-                self.stats.waiting = len(self._waiting)
-            if self._dropped(request):
-                continue
+        joining = []
+        with self._wake:
+            while self._waiting and len(self._active) + len(joining) < self.max_batch:
+                joining.append(self._waiting.popleft())
+            self.stats.waiting = len(self._waiting)
+        joining = [r for r in joining if not self._dropped(r)]
+        if joining:
             try:
-                logits = self._prefill(request)
+                first = self._prefill(joining)
             except Exception as exc:
-                log.exception("prefill of %s failed", request.id)
-                self._finish(request, "error", f"{type(exc).__name__}: {exc}")
-                continue
-            if self._take(request, logits):
-                self._active.append(request)
+                log.exception("prefill failed")
+                for request in joining:
+                    self._finish(request, "error", f"{type(exc).__name__}: {exc}")
+                first = []
+            self._active += [r for r, row in zip(joining, first, strict=False) if self._take(r, row)]
         self.stats.active = len(self._active)
         self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
         if not self._active:
@@ -203,13 +203,28 @@ class Engine:
         return False
 
     @torch.no_grad()
-    def _prefill(self, request: Request) -> torch.Tensor:
-        request._cache = generation_cache(self.model, self.kv_bits, self.bos_bits)[0]
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
-        request._generator = torch.Generator().manual_seed(seed)
-        ids = torch.tensor([request.prompt], device=self.device)
-        out = self.model(input_ids=ids, cache=request._cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+    def _prefill(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Each request's prompt through the model alone (its cache filled), then the lm_head once for all their
+        last positions (one pass over the head's weights for the joiners together; its rows are independent, so
+        each equals its own forward's). Returns each request's first-token logits, fp32 ``[vocab]``."""
+        for request in requests:
+            request._cache = generation_cache(self.model, self.kv_bits, self.bos_bits)[0]
+            seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+            request._generator = torch.Generator().manual_seed(seed)
+        decoder, head = getattr(self.model, "model", None), getattr(self.model, "lm_head", None)
+        if decoder is None or head is None:  # not a decoder + head causal LM: its own forward, logits included
+            return [self._forward(r.prompt, r._cache)[0, -1].float() for r in requests]
+
+        def last_hidden(prompt: list[int], cache: object) -> torch.Tensor:
+            ids = torch.tensor([prompt], device=self.device)
+            return decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0, -1:]
+
+        last = torch.cat([run_with_policy(self.model, last_hidden, r.prompt, r._cache) for r in requests])
+        return list(run_with_policy(self.model, head, last[:, None]).float()[:, -1])
+
+    def _forward(self, tokens: list[int], cache: object) -> torch.Tensor:
+        ids = torch.tensor([tokens], device=self.device)
+        return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
 
     @torch.no_grad()
     def _decode(self, tokens: list[int], caches: list[object]) -> list[torch.Tensor]:
@@ -218,8 +233,7 @@ class Engine:
         if logits is not None:
             return list(logits)
         # not covered by the batched step: each sequence through the model's own forward, one after another
-        return [self.model(input_ids=ids[i:i + 1, None], cache=cache, use_cache=True).logits[0, -1].float()
-                for i, cache in enumerate(caches)]
+        return [self._forward(tokens[i:i + 1], cache)[0, -1].float() for i, cache in enumerate(caches)]
 
     def _take(self, request: Request, logits: torch.Tensor) -> bool:
         """Pick the next token of ``request`` from its logits fp32 ``[vocab]``, send the text it completes;

@@ -251,3 +251,40 @@ def test_a_cache_filled_under_inference_mode_decodes_outside_it():
             for _ in range(3):
                 token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         assert cache.get_seq_length() == 13
+
+
+@pytest.mark.parametrize("case", ["b158", "a48-kv3", "a48-qwt"])
+def test_decode_batch_gives_each_sequence_its_own_forward_logits_to_the_bit(case):
+    """The server's batched step (three sequences of different lengths, each with its own cache, one step) gives
+    each row the logits of that sequence's own forward, bit for bit, at every step: fp32 caches, packed 3-bit ones,
+    and a QwT compensation hook on each layer (applied per row)."""
+    import copy
+
+    from bitnet_convert.quant.compensation import Compensation, attach
+
+    checkpoint = open_checkpoint(REFERENCE)
+    preset = case.split("-")[0]
+    attention = AttentionSpec(q_bits=4, k_bits=3, v_bits=3, bos_bits=4, method="minmax") if "kv3" in case else None
+    model = build_for_backend(checkpoint, preset, PRESETS[preset], "native", attention=attention)
+    generator = torch.Generator().manual_seed(11)
+    if "qwt" in case:
+        for layer in model.model.layers:
+            compensation = Compensation("full", model.config.hidden_size)
+            compensation.weight.normal_(0, 0.02, generator=generator)
+            attach(layer, compensation)
+    prompts = [torch.randint(4, 1000, (1, n), generator=generator) for n in (5, 9, 2)]
+    caches, tokens = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            cache = PackedKVCache.for_model(model) if attention else DynamicCache()
+            tokens.append(int(model(prompt, cache=cache, use_cache=True).logits[0, -1].argmax()))
+            caches.append(cache)
+        for _ in range(6):
+            alone = [model(torch.tensor([[t]]), cache=copy.deepcopy(c), use_cache=True).logits[0, -1]
+                     for t, c in zip(tokens, caches, strict=True)]
+            batched = decode.decode_batch(model, torch.tensor(tokens), caches)
+            assert batched is not None and batched.shape == (3, model.config.vocab_size)
+            for row, want in zip(batched, alone, strict=True):
+                assert torch.equal(row, want)
+            tokens = batched.argmax(-1).tolist()
+    assert [c.get_seq_length() for c in caches] == [11, 15, 8]

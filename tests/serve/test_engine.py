@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from helpers import PROMPTS, generate_texts
+from helpers import PROMPTS, REPO, generate_texts
 
 from bitnet_convert.io.load import load, load_tokenizer
 from bitnet_convert.serve.engine import Engine, QueueFull, Request, Sampling, sample
@@ -45,15 +45,26 @@ def native_model(reference_dir):
     return load(reference_dir, backend="native"), load_tokenizer(reference_dir)
 
 
-@pytest.mark.parametrize("case", ["native", "native-a48-kv3", "reference"])
-def test_a_batch_gives_each_prompt_the_tokens_generate_gives_it(case, native_model, reference_dir, a48_reference):
+@pytest.fixture(scope="module")
+def a48_qwt(tmp_path_factory):
+    import bitnet_convert
+
+    return bitnet_convert.quantize(REPO / "recipes/a48-qwt.yaml", output=str(tmp_path_factory.mktemp("qwt") / "qwt"),
+                                   calibration__samples=8, calibration__batch_size=4, calibration__seq_len=64).output
+
+
+@pytest.mark.parametrize("case", ["native", "native-a48-kv3", "native-a48-qwt", "reference"])
+def test_a_batch_gives_each_prompt_the_tokens_generate_gives_it(case, native_model, reference_dir, a48_reference,
+                                                                request):
     """Four prompts through an engine of batch 3 (the fourth joins when one leaves): each gets generate's greedy
-    text. On the native backend the sequences share decode steps (more rows than steps)."""
+    text. On the native backend the sequences share decode steps (more rows than steps); QwT's compensation (a
+    forward hook of each layer) is applied per row."""
     kv_bits = 3 if case.endswith("kv3") else None
     if case == "native":
         model, tokenizer = native_model
     else:
-        path = a48_reference if "a48" in case else reference_dir
+        path = request.getfixturevalue("a48_qwt") if "qwt" in case else a48_reference if "a48" in case \
+            else reference_dir
         model, tokenizer = load(path, backend="native" if "native" in case else "reference"), load_tokenizer(path)
     expected = generate_texts(model, tokenizer, PROMPTS, 40, kv_bits)
     engine = Engine(model, tokenizer, max_batch=3, kv_bits=kv_bits).start()
