@@ -548,6 +548,11 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="The model's id in the API [default: the directory's name].")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="Threads of the model's work, fixed [default: torch's count, lowered while other "
+                     "processes keep cores busy (native backend)]."),
+    ] = None,
     chat_template: Annotated[
         Path | None, typer.Option(help="A Jinja chat template file for /v1/chat/completions [default: the "
                                   "tokenizer's].")
@@ -560,9 +565,11 @@ def serve(
     /metrics), concurrent requests decoded together."""
     import socket
 
+    import torch
     import uvicorn
 
     from bitnet_convert.io.load import backend_for_device, load, load_tokenizer
+    from bitnet_convert.runtime.threads import set_thread_policy
     from bitnet_convert.serve.api import ServerConfig, create_app
     from bitnet_convert.serve.engine import Engine
 
@@ -583,6 +590,9 @@ def serve(
                 _fail(f"--chat-template '{chat_template}' could not be read as UTF-8 text ({exc})")
         model = load(path, backend=backend_for_device(backend, device), lm_head=lm_head).to(device).eval()
         tokenizer = load_tokenizer(path)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        set_thread_policy(model, "fixed")
     limit = getattr(model.config, "max_position_embeddings", None)
     if context is not None and limit is not None and context > limit:
         _fail(f"--context {context} is beyond the model's max_position_embeddings ({limit})")

@@ -13,7 +13,8 @@ second number, around the whole child process.
 
 ``kv_cache`` measures the packed KV cache's memory and decode speed, ``calibration`` the peak memory of
 layer-by-layer calibration at several depths, and ``distill`` the fine-tune's step time and peak memory at two
-depths (the 30-layer memory extrapolated).
+depths (the 30-layer memory extrapolated). ``serve`` runs ``bitnet-convert serve`` under 1, 2, 4 and 8 concurrent
+streaming clients (aggregate decode tokens/s, time to first token).
 
 Usage::
 
@@ -44,7 +45,7 @@ from typing import Any
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (importlib), not run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks import calibration, conversion, distill, kv_cache, recovery, runtime, synthetic
+from benchmarks import calibration, conversion, distill, kv_cache, recovery, runtime, serve, synthetic
 from benchmarks.common import REPO_ROOT, RESULT_MARKER, Row, markdown_table
 from benchmarks.synthetic import ShapeConfig
 
@@ -61,6 +62,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "recovery": recovery.bench_recovery,
     "runtime": runtime.bench_runtime,
     "kernels": runtime.bench_kernels,
+    "serve": serve.bench_serve,
 }
 
 
@@ -80,7 +82,7 @@ def _merge_jobs(*registries: dict[str, Job]) -> dict[str, Job]:
 
 #: Every child job by kind (``--job KIND``), from the benchmark modules that launch them.
 JOBS = _merge_jobs(calibration.JOBS, distill.JOBS, recovery.JOBS, synthetic.JOBS, conversion.JOBS, kv_cache.JOBS,
-                   runtime.JOBS)
+                   runtime.JOBS, serve.JOBS)
 
 
 def child_main(kind: str, spec_json: str) -> int:

@@ -171,21 +171,18 @@ class Engine:
 
     def _step(self) -> None:
         self._active = [r for r in self._active if not self._dropped(r)]
-        joining = []
-        with self._wake:
-            while self._waiting and len(self._active) + len(joining) < self.max_batch:
-                joining.append(self._waiting.popleft())
-            self.stats.waiting = len(self._waiting)
-        joining = [r for r in joining if not self._dropped(r)]
-        if joining:
+        # prefill first: requests that arrived while the last joiners were prefilled join before the next decode step
+        # (a burst of clients gets its first tokens without waiting for decode steps in between); this ends, as
+        # every round fills places of the batch
+        while joining := self._admit():
             try:
                 first = self._prefill(joining)
             except Exception as exc:
                 log.exception("prefill failed")
                 for request in joining:
                     self._finish(request, "error", f"{type(exc).__name__}: {exc}")
-                first = []
-            self._active += [r for r, row in zip(joining, first, strict=False) if self._take(r, row)]
+                continue
+            self._active += [r for r, row in zip(joining, first, strict=True) if self._take(r, row)]
         self.stats.active = len(self._active)
         self.stats.peak_active = max(self.stats.peak_active, self.stats.active)
         if not self._active:
@@ -195,6 +192,16 @@ class Engine:
         self.stats.batched_rows += len(self._active)
         self._active = [r for r, row in zip(self._active, rows, strict=True) if self._take(r, row)]
         self.stats.active = len(self._active)
+
+    def _admit(self) -> list[Request]:
+        """Take waiting requests (not cancelled) while the batch has room."""
+        taken = []
+        with self._wake:
+            while self._waiting and len(self._active) + len(taken) < self.max_batch:
+                taken.append(self._waiting.popleft())
+            self.stats.waiting = len(self._waiting)
+        joining = [r for r in taken if not self._dropped(r)]
+        return joining if joining or not taken else self._admit()
 
     def _dropped(self, request: Request) -> bool:
         if request.cancelled.is_set():
