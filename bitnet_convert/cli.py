@@ -581,7 +581,8 @@ def serve(
             # print the port it got
             sock = socket.create_server((host, port))
         except OSError as exc:
-            _fail(f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc})")
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            _fail(f"cannot listen on {host}:{port} ({reason})")
         template = None
         if chat_template is not None:
             try:
@@ -610,12 +611,18 @@ def serve(
                   f"{max_batch} sequences per batch and a context of {config.context} tokens", highlight=False,
                   soft_wrap=True)
     try:
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="info"))
+        # Ctrl-C: requests in flight get GRACE_S to finish, then their connections close and the engine stops
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, config), log_level="info",
+                                               timeout_graceful_shutdown=GRACE_S))
         server.run(sockets=[sock])
     finally:
         engine.stop()
         sock.close()
         requests.removeHandler(lines)
+
+
+#: Seconds ``serve`` lets requests in flight finish after Ctrl-C.
+GRACE_S = 5
 
 
 def _print_report(report: dict) -> None:

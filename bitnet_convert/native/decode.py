@@ -220,12 +220,20 @@ def _decoder(model: nn.Module) -> nn.Module | None:
     return decoder if decoder is not None and all(hasattr(decoder, name) for name in needed) else None
 
 
+def row_exact_head(model: nn.Module) -> bool:
+    """Whether ``model``'s lm_head computes each row the same whatever other rows it is given: the native INT8 and
+    bf16 kernels (a fixed summation order per row). torch's fp32 matmul may round a row differently in a larger
+    batch, so a model with it decodes each sequence alone."""
+    return isinstance(getattr(model, "lm_head", None), (native.Int8Linear, native.Bf16Linear))
+
+
 def batch_slots(model: nn.Module, caches: Sequence[object]) -> list[list[PreallocatedLayer | PackedKVLayer]] | None:
     """Per decoder layer, the cache layer of each sequence that :func:`decode_batch` reads in place, or ``None``
     when the step cannot run them: a layer the step does not cover (see :func:`covers`), an attention function it
-    does not compute, or a cache layer it cannot read (not filled by a prefill, left padding, per-channel keys)."""
+    does not compute, a cache layer it cannot read (not filled by a prefill, left padding, per-channel keys), or an
+    lm_head whose rows depend on the batch (:func:`row_exact_head`)."""
     decoder = _decoder(model)
-    if decoder is None or getattr(model, "lm_head", None) is None:
+    if decoder is None or not row_exact_head(model):
         return None
     slots = []
     for layer in decoder.layers[: model.config.num_hidden_layers]:

@@ -30,10 +30,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
-from bitnet_convert.serve.engine import Engine, Event, QueueFull, Sampling
+from bitnet_convert.serve.engine import Engine, EngineStopped, Event, QueueFull, Sampling
 from bitnet_convert.serve.engine import Request as Generation
 
 log = logging.getLogger("bitnet_convert.serve")
+
+#: Tags pydantic puts in an error's location for the member of a union that failed (not field names).
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 Number = StrictFloat | StrictInt
 
@@ -53,13 +56,13 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     n: Literal[1] | None = None
     user: StrictStr | None = None
     # accepted at the values that change nothing
-    presence_penalty: Literal[0] | None = None
-    frequency_penalty: Literal[0] | None = None
+    presence_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=0, le=0)] | None = None
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
 
 
@@ -144,17 +147,21 @@ def _openai_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # the location without pydantic's tags of union members ("prompt.str", "messages.0.content.list[...]")
+        where = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or p.isidentifier())
+                 and p not in _TYPE_TAGS]
         kind = first.get("type", "")
         if kind == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        elif not where and isinstance(first.get("input"), (bytes, str)):
+            message = "the request body must be a JSON object sent with Content-Type: application/json"
         elif kind == "extra_forbidden":
             message = f"unknown or unsupported field '{'.'.join(where)}'"
         else:
             message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}"
             if "input" in first and kind != "missing":
                 message += f" (got {json.dumps(first['input'], default=str)[:80]})"
-        param = None if kind == "json_invalid" else ".".join(where) or None
+        param = None if kind == "json_invalid" or not where else where[0]
         return await api_error(request, APIError(400, message, param=param))
 
     @app.exception_handler(HTTPException)
@@ -164,6 +171,11 @@ def _openai_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         return await api_error(request, APIError(exc.status_code, message, type_, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        return await api_error(request, APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
 
 def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
@@ -178,8 +190,10 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     created = int(time.time())
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "queue": engine.stats.waiting, "batch": engine.stats.active}
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable", "queue": engine.stats.waiting,
+                             "batch": engine.stats.active}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def scrape() -> Response:
@@ -189,6 +203,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": created,
                                             "owned_by": "bitnet-convert"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        _check_model(model_id, config)
+        return {"id": config.model_id, "object": "model", "created": created, "owned_by": "bitnet-convert"}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
@@ -215,7 +234,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                            "/v1/completions, or start the server with --chat-template FILE", param="messages",
                            code="no_chat_template")
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                     else "".join(part.text for part in m.content)} for m in body.messages]
+                     else "".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
         try:
             text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
@@ -252,6 +272,8 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except QueueFull as exc:
             raise APIError(429, f"the server is busy: {exc}; retry in a second", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineStopped as exc:
+            raise APIError(503, str(exc), "server_error", code="unavailable") from None
         metrics.prompt_tokens.inc(len(prompt))
         chat_kind = kind == "chat.completion"
         stamp = int(time.time())
@@ -274,17 +296,21 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     async def _collect(request: Request, generation: Generation, events: asyncio.Queue[Event]
                        ) -> tuple[str, Event]:
+        async def watch() -> None:  # a client that went away frees its place in the batch
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            generation.cancel()
+
+        watcher = asyncio.create_task(watch())
         parts = []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():  # the client went away: free its place in the batch
-                    generation.cancel()
-                continue
-            parts.append(event.text)
-            if event.finish is not None:
-                return "".join(parts), event
+        try:
+            while True:
+                event = await events.get()
+                parts.append(event.text)
+                if event.finish is not None:
+                    return "".join(parts), event
+        finally:
+            watcher.cancel()
 
     async def _stream(generation: Generation, events: asyncio.Queue[Event], model: str, stamp: int, chat_kind: bool,
                       usage: bool) -> AsyncIterator[str]:

@@ -43,6 +43,10 @@ class QueueFull(Exception):
     """The waiting queue holds ``max_queue`` requests: the server answers 429 with a retry hint."""
 
 
+class EngineStopped(Exception):
+    """The engine is stopping or its thread is gone: the server answers 503."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How a request picks its tokens. ``temperature`` 0: greedy (the arg-max, as ``generate`` without
@@ -140,9 +144,17 @@ class Engine:
             self._wake.notify()
         self._thread.join()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests (started, not stopping, its thread running)."""
+        return self._thread.is_alive() and not self._stopping
+
     def submit(self, request: Request) -> None:
-        """Queue ``request``; it joins the batch at the next step with room. Raises :class:`QueueFull`."""
+        """Queue ``request``; it joins the batch at the next step with room. Raises :class:`QueueFull`, and
+        :class:`EngineStopped` when the engine is stopping or its thread is gone (a request would never be run)."""
         with self._wake:
+            if self._stopping or (self._thread.ident is not None and not self._thread.is_alive()):
+                raise EngineStopped("the server is stopping")
             if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._active)):
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
             self._waiting.append(request)
@@ -165,19 +177,23 @@ class Engine:
                 for request in self._active:
                     self._finish(request, "error", f"{type(exc).__name__}: {exc}")
                 self._active = []
-        for request in [*self._active, *self._waiting]:
+        with self._wake:
+            left, self._waiting = [*self._active, *self._waiting], collections.deque()
+        self._active = []
+        for request in left:
             self._finish(request, "cancelled")
-        self._active, self._waiting = [], collections.deque()
 
     def _step(self) -> None:
         self._active = [r for r in self._active if not self._dropped(r)]
-        # prefill first: requests that arrived while the last joiners were prefilled join before the next decode step
-        # (a burst of clients gets its first tokens without waiting for decode steps in between); this ends, as
-        # every round fills places of the batch
-        while joining := self._admit():
+        # prefill first: requests that arrived while the last joiners were prefilled join before the next decode
+        # step (a burst of clients gets its first tokens without waiting for decode steps in between), up to
+        # max_batch admissions per step, so that a stream of requests that finish at once cannot starve the batch
+        admitted = 0
+        while admitted < self.max_batch and (joining := self._admit()):
+            admitted += len(joining)
             try:
                 first = self._prefill(joining)
-            except Exception as exc:
+            except Exception as exc:  # the joiners fail; the active sequences go on
                 log.exception("prefill failed")
                 for request in joining:
                     self._finish(request, "error", f"{type(exc).__name__}: {exc}")
@@ -195,13 +211,15 @@ class Engine:
 
     def _admit(self) -> list[Request]:
         """Take waiting requests (not cancelled) while the batch has room."""
-        taken = []
-        with self._wake:
-            while self._waiting and len(self._active) + len(taken) < self.max_batch:
-                taken.append(self._waiting.popleft())
-            self.stats.waiting = len(self._waiting)
-        joining = [r for r in taken if not self._dropped(r)]
-        return joining if joining or not taken else self._admit()
+        while True:
+            taken = []
+            with self._wake:
+                while self._waiting and len(self._active) + len(taken) < self.max_batch:
+                    taken.append(self._waiting.popleft())
+                self.stats.waiting = len(self._waiting)
+            joining = [r for r in taken if not self._dropped(r)]
+            if joining or not taken:
+                return joining
 
     def _dropped(self, request: Request) -> bool:
         if request.cancelled.is_set():
@@ -212,14 +230,16 @@ class Engine:
     @torch.no_grad()
     def _prefill(self, requests: list[Request]) -> list[torch.Tensor]:
         """Each request's prompt through the model alone (its cache filled), then the lm_head once for all their
-        last positions (one pass over the head's weights for the joiners together; its rows are independent, so
-        each equals its own forward's). Returns each request's first-token logits, fp32 ``[vocab]``."""
+        last positions (one pass over the head's weights for the joiners together) when the head is a native
+        kernel, whose rows do not depend on the batch (each equals its own forward's); else each request through
+        the model's own forward. Returns each request's first-token logits, fp32 ``[vocab]``."""
         for request in requests:
             request._cache = generation_cache(self.model, self.kv_bits, self.bos_bits)[0]
             seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
             request._generator = torch.Generator().manual_seed(seed)
         decoder, head = getattr(self.model, "model", None), getattr(self.model, "lm_head", None)
-        if decoder is None or head is None:  # not a decoder + head causal LM: its own forward, logits included
+        if decoder is None or not decode.row_exact_head(self.model):
+            # not a decoder + head causal LM, or a head whose rows depend on the batch: each its own forward
             return [self._forward(r.prompt, r._cache)[0, -1].float() for r in requests]
 
         def last_hidden(prompt: list[int], cache: object) -> torch.Tensor:
@@ -244,8 +264,16 @@ class Engine:
 
     def _take(self, request: Request, logits: torch.Tensor) -> bool:
         """Pick the next token of ``request`` from its logits fp32 ``[vocab]``, send the text it completes;
-        ``False`` when the request has finished."""
-        token = sample(logits, request.sampling, request._generator)
+        ``False`` when the request has finished (a failure here finishes this request with an error, no other)."""
+        try:
+            return self._next(request, logits)
+        except Exception as exc:
+            log.exception("%s failed", request.id)
+            return self._finish(request, "error", f"{type(exc).__name__}: {exc}")
+
+    def _next(self, request: Request, logits: torch.Tensor) -> bool:
+        # sampled on the CPU, where the request's generator is
+        token = sample(logits.float().cpu(), request.sampling, request._generator)
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         request.tokens.append(token)
@@ -259,27 +287,37 @@ class Engine:
         request.text = text
         if len(request.tokens) >= request.sampling.max_tokens:
             return self._finish(request, "length")
-        # hold back an incomplete UTF-8 character and what may be the start of a stop string
-        ready = len(text.rstrip("\ufffd"))
-        for stop in request.sampling.stop:
-            for n in range(min(len(stop) - 1, ready), 0, -1):
-                if text[ready - n:ready] == stop[:n]:
-                    ready = min(ready, len(text) - n)
-                    break
+        ready = sendable(text, request.sampling.stop)
         if ready > request._sent:
             request.sink(Event(text[request._sent:ready]))
             request._sent = ready
         return True
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> bool:
+        """End ``request`` (once: a second call does nothing): free its cache, send the rest of its text and the
+        finish event, report it. Returns ``False`` (it has left the batch)."""
+        if request.finish is not None:
+            return False
         request.finish, request.finished_at = reason, time.perf_counter()
         request._cache = request._generator = None  # frees the KV cache now
         rest = request.text[request._sent:] if reason in ("stop", "length") else ""
         request._sent = len(request.text)
-        request.sink(Event(rest, finish=reason, error=error))
-        if self.on_finish is not None:
-            self.on_finish(request)
+        for call in (lambda: request.sink(Event(rest, finish=reason, error=error)),
+                     lambda: self.on_finish(request) if self.on_finish is not None else None):
+            try:  # a consumer that fails (its event loop closed at shutdown) must not stop the engine
+                call()
+            except Exception:
+                log.exception("finishing %s failed", request.id)
         return False
+
+
+def sendable(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` (a completion so far, no stop string in it) can be sent now: all of it but a trailing
+    incomplete UTF-8 character (U+FFFD from the tokenizer's decode) and the longest end of the rest that is the
+    start of one of ``stops`` (it may still complete into that stop string, which is cut)."""
+    end = len(text.rstrip("\ufffd"))
+    hold = max((n for stop in stops for n in range(1, len(stop)) if text[:end].endswith(stop[:n])), default=0)
+    return end - hold
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:

@@ -17,7 +17,7 @@ from helpers import PROMPTS, generate_texts
 
 from bitnet_convert.io.load import load, load_tokenizer
 from bitnet_convert.serve.api import ServerConfig, create_app
-from bitnet_convert.serve.engine import Engine
+from bitnet_convert.serve.engine import Engine, Request, Sampling
 
 #: A small chat template (the reference tokenizer has none): role lines, then the assistant's turn.
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -67,13 +67,17 @@ def client(server):
 def test_completion_has_generate_greedy_text_and_usage(client, model):
     tokenizer = model[1]
     expected = generate_texts(*model, PROMPTS[:1], 30)[0]
-    answer = client.completions.create(model="reference", prompt=PROMPTS[0], max_tokens=30, temperature=0)
+    answer = client.completions.create(model="reference", prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                       frequency_penalty=0.0, presence_penalty=0.0)
     assert answer.choices[0].text == expected
     assert answer.choices[0].finish_reason == "length"
     prompt_tokens = len(tokenizer(PROMPTS[0]).input_ids)
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (
         prompt_tokens, 30, prompt_tokens + 30)
     assert [m.id for m in client.models.list().data] == ["reference"]
+    assert client.models.retrieve("reference").id == "reference"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_streaming_chunks_add_up_to_the_completion(client):
@@ -88,7 +92,7 @@ def test_streaming_chunks_add_up_to_the_completion(client):
 
 def test_chat_uses_the_template_streamed_or_not(client, model):
     tokenizer = model[1]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Anna?"}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Anna?", "name": "ann"}]
     prompt = tokenizer.apply_chat_template(messages, chat_template=TEMPLATE, tokenize=False,
                                            add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -207,6 +211,9 @@ def test_malformed_requests_get_openai_errors_and_the_server_stays_healthy(serve
                 assert set(error) == {"message", "type", "param", "code"}
                 assert fragment in error["message"], (body, error)
         assert http.get("/nowhere").json()["error"]["type"] == "not_found_error"
+        form = http.post("/v1/completions", content=b"model=reference&prompt=a",
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
         assert http.get("/health").json()["status"] == "ok"
         ok = http.post("/v1/completions", json={"model": "reference", "prompt": "a", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
@@ -217,21 +224,39 @@ def test_malformed_requests_get_openai_errors_and_the_server_stays_healthy(serve
         assert name in metrics
 
 
-def test_chat_without_a_template_and_a_full_queue_are_refused(model):
-    """A tokenizer without a chat template: chat is a 400 naming the option; with batch 1 and no queue, a second
-    request while one decodes is a 429 with Retry-After."""
-    engine = Engine(*model, max_batch=1, max_queue=0).start()
+def test_chat_without_a_template_a_full_queue_and_a_stopped_engine_are_refused(model):
+    """A tokenizer without a chat template: chat is a 400 naming the option. An engine that does not run (not
+    started) with batch 1, no queue and one request waiting: the next is a 429 with Retry-After. A stopped engine:
+    503, and /health says so."""
+    engine = Engine(*model, max_batch=1, max_queue=0)
+    with serving(create_app(engine, ServerConfig("reference", context=512))) as url, \
+            httpx.Client(base_url=url, timeout=60) as http:
+        chat = http.post("/v1/chat/completions",
+                         json={"model": "reference", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "--chat-template" in chat.json()["error"]["message"]
+        engine.submit(Request("waiting", [5, 6], Sampling(max_tokens=1), lambda event: None))
+        busy = http.post("/v1/completions", json={"model": "reference", "prompt": "a"})
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "queue_full"
+        engine.start().stop()
+        stopped = http.post("/v1/completions", json={"model": "reference", "prompt": "a"})
+        assert stopped.status_code == 503 and stopped.json()["error"]["code"] == "unavailable"
+        assert http.get("/health").status_code == 503
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_place(server):
+    """The request of a client that closes its connection before the answer is cancelled, not decoded to its end."""
+    url, engine = server
+    finished, log_line = [], engine.on_finish
+    engine.on_finish = lambda request: (finished.append(request), log_line(request))
+    body = {"model": "reference", "prompt": PROMPTS[0], "max_tokens": 450, "temperature": 0}
     try:
-        with serving(create_app(engine, ServerConfig("reference", context=512))) as url, \
-                httpx.Client(base_url=url, timeout=60) as http:
-            chat = http.post("/v1/chat/completions",
-                             json={"model": "reference", "messages": [{"role": "user", "content": "hi"}]})
-            assert chat.status_code == 400 and "--chat-template" in chat.json()["error"]["message"]
-            body = {"model": "reference", "prompt": PROMPTS[0], "max_tokens": 450, "temperature": 0, "stream": True}
-            with http.stream("POST", "/v1/completions", json=body) as first:
-                next(first.iter_lines())
-                busy = http.post("/v1/completions", json={"model": "reference", "prompt": "a"})
-            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
-            assert busy.json()["error"]["code"] == "queue_full"
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=0.3) as http:
+            http.post(url + "/v1/completions", json=body)
+        gone = time.monotonic()
+        while not finished:
+            assert time.monotonic() < gone + 10, "the request of the client that went away is still decoding"
+            time.sleep(0.01)
     finally:
-        engine.stop()
+        engine.on_finish = log_line
+    assert finished[0].finish == "cancelled" and len(finished[0].tokens) < 450

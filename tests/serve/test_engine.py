@@ -11,7 +11,8 @@ import torch
 from helpers import PROMPTS, REPO, generate_texts
 
 from bitnet_convert.io.load import load, load_tokenizer
-from bitnet_convert.serve.engine import Engine, QueueFull, Request, Sampling, sample
+from bitnet_convert.serve import engine as engine_module
+from bitnet_convert.serve.engine import Engine, EngineStopped, QueueFull, Request, Sampling, sample, sendable
 
 
 class Collector:
@@ -119,7 +120,9 @@ def test_a_cancelled_request_leaves_at_the_next_step_and_the_others_keep_their_t
         long = Request("long", tokenizer(PROMPTS[0]).input_ids, Sampling(max_tokens=400, temperature=0), dropped)
         engine.submit(long)
         engine.submit(Request("kept", tokenizer(PROMPTS[1]).input_ids, Sampling(max_tokens=60, temperature=0), kept))
+        deadline = time.monotonic() + 60
         while len(dropped.pieces) < 3:
+            assert time.monotonic() < deadline and not dropped.done.is_set(), dropped.pieces
             time.sleep(0.005)
         long.cancel()
         assert dropped.done.wait(5) and dropped.last.finish == "cancelled"
@@ -152,3 +155,51 @@ def test_sampling_keeps_the_nucleus_and_greedy_takes_the_first_maximum():
     assert drawn == {0, 1, 2, 3}
     tied = torch.tensor([1.0, 3.0, 3.0, 0.0])
     assert sample(tied, Sampling(max_tokens=1, temperature=0), None) == 1
+
+
+@pytest.mark.parametrize(("text", "stops", "ready"), [
+    ("abc\n#", ("###", "\n###"), 3),  # the longest possible start counts, whatever the order of the stops
+    ("abc\n#", ("\n###", "###"), 3),
+    ("xa\ufffd", ("aé",), 1),  # an incomplete character is held, and the "a" before it may start "aé"
+    ("hello", (), 5),
+    ("hel", ("lo",), 2),
+    ("abc", ("xyz",), 3),
+    ("ab\ufffd\ufffd", (), 2),
+])
+def test_sendable_holds_back_an_incomplete_character_and_the_start_of_a_stop_string(text, stops, ready):
+    assert sendable(text, stops) == ready
+
+
+def test_a_failure_picking_a_token_fails_that_request_only(native_model, monkeypatch):
+    """A request whose sampling raises finishes with an error (once); the request beside it keeps its tokens."""
+    model, tokenizer = native_model
+    expected = generate_texts(model, tokenizer, PROMPTS[1:2], 20)[0]
+    real = engine_module.sample
+
+    def failing(logits, sampling, generator):
+        if sampling.seed == 13:
+            raise RuntimeError("sampling failed")
+        return real(logits, sampling, generator)
+
+    monkeypatch.setattr(engine_module, "sample", failing)
+    finished = []
+    engine = Engine(model, tokenizer, on_finish=finished.append).start()
+    try:
+        bad, good = Collector(), Collector()
+        engine.submit(Request("bad", tokenizer(PROMPTS[0]).input_ids, Sampling(max_tokens=20, seed=13), bad))
+        engine.submit(Request("good", tokenizer(PROMPTS[1]).input_ids, Sampling(max_tokens=20, temperature=0), good))
+        assert bad.done.wait(60) and good.done.wait(60)
+    finally:
+        engine.stop()
+    assert (bad.last.finish, bad.last.error) == ("error", "RuntimeError: sampling failed")
+    assert good.text == expected and good.last.finish in ("length", "stop")
+    assert sorted(r.id for r in finished) == ["bad", "good"]  # each finished once
+
+
+def test_a_stopped_engine_refuses_requests(native_model):
+    model, tokenizer = native_model
+    engine = Engine(model, tokenizer).start()
+    engine.stop()
+    assert not engine.alive
+    with pytest.raises(EngineStopped, match="stopping"):
+        engine.submit(Request("late", [5, 6], Sampling(max_tokens=1), lambda e: None))
