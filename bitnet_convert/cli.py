@@ -591,6 +591,13 @@ def serve(
                 _fail(f"--chat-template '{chat_template}' could not be read as UTF-8 text ({exc})")
         model = load(path, backend=backend_for_device(backend, device), lm_head=lm_head).to(device).eval()
         tokenizer = load_tokenizer(path)
+    if template is not None:  # a template that cannot render a plain conversation is an error now, not per request
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template, tokenize=False,
+                                          add_generation_prompt=True)
+        except Exception as exc:
+            _fail(f"--chat-template '{chat_template}' does not render a conversation: {type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}")
     if threads is not None:
         torch.set_num_threads(threads)
         set_thread_policy(model, "fixed")

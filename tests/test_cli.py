@@ -298,3 +298,16 @@ def test_a_taken_port_is_a_one_line_error_before_the_model_loads():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"]
     assert "Traceback" not in result.stderr and time.monotonic() - start < 60
+
+
+def test_a_chat_template_that_does_not_render_is_a_one_line_error(tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }", encoding="utf-8")
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    result = subprocess.run([*SERVE_COMMAND, "serve", str(REFERENCE), "--port", str(port), "--chat-template",
+                             str(template)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --chat-template '{template}' does not render a "
+                                                   "conversation: TemplateSyntaxError"), result.stderr

@@ -271,6 +271,7 @@ def _after_hooks(layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.
     """``out`` (``[B, hidden]``) after the layer's forward hooks (QwT compensation,
     :func:`bitnet_convert.quant.compensation.attach`), each row on its own as ``[1, 1, hidden]``: the shapes the
     hooks see when a sequence decodes alone, so their matmuls round the same way."""
+    # the hooks as nn.Module.__call__ runs them (its registries: with or without the call's keyword arguments)
     hooks = layer._forward_hooks
     if not hooks:
         return out
