@@ -212,10 +212,9 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
         _check_model(body.model, config)
-        if isinstance(body.prompt, str):
-            prompt = tokenizer(body.prompt).input_ids
-        elif isinstance(body.prompt[0], str):
-            prompt = tokenizer(body.prompt[0]).input_ids
+        if isinstance(body.prompt, str) or isinstance(body.prompt[0], str):
+            with engine.tokenizer_lock:
+                prompt = tokenizer(body.prompt if isinstance(body.prompt, str) else body.prompt[0]).input_ids
         else:
             prompt = list(body.prompt)
             vocab = engine.model.config.vocab_size
@@ -236,12 +235,13 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(part.text for part in m.content), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        try:
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
-        except Exception as exc:  # a template may raise on a conversation it does not accept
-            raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
-        prompt = tokenizer(text, add_special_tokens=False).input_ids
+        with engine.tokenizer_lock:
+            try:
+                text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as exc:  # a template may raise on a conversation it does not accept
+                raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from None
+            prompt = tokenizer(text, add_special_tokens=False).input_ids
         limit = body.max_completion_tokens or body.max_tokens
         return await _generate(request, body, prompt, limit, "chat.completion")
 

@@ -127,6 +127,9 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.stats = Stats()
+        #: held around every use of the tokenizer: a fast tokenizer's encode (which may reset its truncation and
+        #: padding) and decode from two threads at once can fail ("Already borrowed")
+        self.tokenizer_lock = threading.Lock()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: list[Request] = []
         self._wake = threading.Condition()
@@ -279,7 +282,8 @@ class Engine:
         request.tokens.append(token)
         if token in self.eos:
             return self._finish(request, "stop")
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in request.sampling.stop) if i >= 0), default=-1)
         if cut >= 0:
             request.text = text[:cut]
