@@ -11,7 +11,10 @@ kernels. :func:`decode_layer_forward` does the same work in a few kernel calls p
 * the linears run on those codes (:meth:`~bitnet_convert.native.backend.NativeLinear.apply_codes`), the relu² FFN
   on its gated kernel when the model has it;
 * RoPE, the KV cache write and attention are one call (``decode_attention``, ``csrc/attention.cpp``) that reads
-  the keys and values in place from the :class:`~bitnet_convert.native.cache.PreallocatedLayer` buffers.
+  the keys and values in place from the :class:`~bitnet_convert.native.cache.PreallocatedLayer` buffers;
+* with that in-place cache and a relu² FFN, the whole sequence is one op (``decode_layer``,
+  ``csrc/decode_layer.cpp``) that calls the same C++ functions in the same order (:func:`layer_rows` makes the
+  calls one by one from Python; the two give the same numbers, tested).
 
 What it computes equals the layer's own forward except for the attention sums: RoPE is transformers' to the bit (the
 cache holds the keys the module path would store), while the attention output is our kernel's softmax(q·Kᵀ·scale)·V,
@@ -35,9 +38,11 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.activations import ReLUSquaredActivation
 from transformers.models.bitnet.modeling_bitnet import apply_rotary_pos_emb
 
 from bitnet_convert.native import backend as native
@@ -56,19 +61,28 @@ def _ops():
     return torch.ops.bitnet_convert
 
 
-def _norm_codes(norm: nn.Module, x: torch.Tensor, linear: native.NativeLinear) -> tuple[torch.Tensor, ...]:
-    """``linear``'s integer input ``(codes, s, sums)`` for ``norm(x)``, fp32 ``x [T, K]``: one kernel call for an
-    absmax or absmean input (top-K included; a token whose top-K is tied, or holds a NaN, is redone by
-    :func:`~bitnet_convert.native.backend.quantize`), else the norm in torch and the linear's own quantizer."""
+def _fused_norm(norm: nn.Module, linear: native.NativeLinear, dtype: torch.dtype) -> tuple[int, int, int] | None:
+    """``(method code, bits, top-K count or 0)`` when ``rms_norm_codes`` computes ``norm`` and ``linear``'s input
+    quantizer for a ``dtype`` input in one call (absmax or absmean, no static threshold, no input RMSNorm of the
+    linear's own), else ``None``."""
     spec = linear.spec
     method = FUSED_METHODS.get(spec.method)
-    if method is None or spec.threshold is not None or linear.rms_norm is not None or norm.weight.dtype != x.dtype:
-        return native.quantize(norm(x), spec, linear.isa)
-    k = F.topk_count(x.shape[-1], spec.topk) if spec.topk is not None and spec.topk < 1.0 else 0
-    codes, s, sums, normed, exact = _ops().rms_norm_codes(x, norm.weight, norm.variance_epsilon, method, spec.bits,
-                                                          k, linear.isa)
-    if k and not bool(exact.all()):
-        return native.quantize(normed, spec, linear.isa)
+    if method is None or spec.threshold is not None or linear.rms_norm is not None or norm.weight.dtype != dtype:
+        return None
+    k = F.topk_count(linear.in_features, spec.topk) if spec.topk is not None and spec.topk < 1.0 else 0
+    return method, spec.bits, k
+
+
+def _norm_codes(norm: nn.Module, x: torch.Tensor, linear: native.NativeLinear) -> tuple[torch.Tensor, ...]:
+    """``linear``'s integer input ``(codes, s, sums)`` for ``norm(x)``, fp32 ``x [T, K]``: one kernel call for an
+    absmax or absmean input (top-K included: a token whose top-K is tied, or holds a NaN, takes torch's top-K in
+    the kernel call), else the norm in torch and the linear's own quantizer."""
+    fused = _fused_norm(norm, linear, x.dtype)
+    if fused is None:
+        return native.quantize(norm(x), linear.spec, linear.isa)
+    method, bits, k = fused
+    codes, s, sums, _, _ = _ops().rms_norm_codes(x, norm.weight, norm.variance_epsilon, method, bits, k,
+                                                 linear.isa)
     return codes, s, sums
 
 
@@ -133,11 +147,56 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                    **kwargs)
     batch = hidden_states.shape[0]
+    x = hidden_states.reshape(batch, -1)
+    plan = _layer_plan(layer) if type(slot) is PreallocatedLayer and batch <= native.GATED_MAX_TOKENS else None
+    if plan is not None and not any(linear.record_zeros for linear in plan.linears):
+        # the whole layer in one kernel call (decode_layer): the calls layer_rows makes, in the same order
+        cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
+        length = slot.reserve(x.new_empty(batch, plan.kv_heads, 1, attn.head_dim))
+        out = _ops().decode_layer(x, *plan.arguments, cos, sin, slot._key_buffer, slot._value_buffer, length,
+                                  attn.scaling, plan.gated, plan.linears[0].isa)
+        slot.advance(1)
+        return out.view(batch, 1, -1)
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _attention(attn, slot, spec, q, k, v, position_embeddings)
 
-    return layer_rows(layer, hidden_states.reshape(batch, -1), attend).view(batch, 1, -1)
+    return layer_rows(layer, x, attend).view(batch, 1, -1)
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """The operands of ``decode_layer`` for one decoder layer (norms, then linears q, k, v, o, gate, up, down)."""
+
+    linears: tuple[native.NativeLinear, ...]
+    arguments: tuple
+    kv_heads: int
+    gated: bool  # up_proj on the rows relu²(gate) keeps (else every row, then relu² in torch)
+
+
+def _layer_plan(layer: nn.Module) -> _LayerPlan | None:
+    """The layer's :class:`_LayerPlan` when ``decode_layer`` computes it (every norm fused with its linear's
+    quantizer, no bias, a relu² FFN: gated, with up_proj on the dense layout, or transformers' relu² activation),
+    else ``None``; made once per layer (the modules a converted model holds do not change)."""
+    if "_decode_plan" in vars(layer):
+        return vars(layer)["_decode_plan"]
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    norms = ((layer.input_layernorm, attn.q_proj), (attn.attn_sub_norm, attn.o_proj),
+             (layer.post_attention_layernorm, mlp.gate_proj), (mlp.ffn_sub_norm, mlp.down_proj))
+    fused = [_fused_norm(norm, linear, torch.float32) for norm, linear in norms]
+    plan = None
+    gated = native.is_gated(mlp) and not mlp.up_proj.sparse
+    if (all(f is not None for f in fused) and all(linear.bias is None for linear in linears)
+            and (gated or isinstance(getattr(mlp, "act_fn", None), ReLUSquaredActivation))):
+        arguments = ([norm.weight for norm, _ in norms], [float(norm.variance_epsilon) for norm, _ in norms],
+                     [f[0] for f in fused], [f[1] for f in fused], [f[2] for f in fused],
+                     [linear.weight for linear in linears], [linear.alpha for linear in linears],
+                     [int(linear.divides) for linear in linears], [int(linear.sparse) for linear in linears],
+                     [linear.out_features for linear in linears])
+        plan = _LayerPlan(linears, arguments, attn.k_proj.out_features // attn.head_dim, gated)
+    layer._decode_plan = plan
+    return plan
 
 
 def layer_rows(layer: nn.Module, x: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:

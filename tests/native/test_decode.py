@@ -129,23 +129,29 @@ def _greedy(model, prompt: torch.Tensor, steps: int) -> tuple[list[list[int]], l
 
 @pytest.mark.parametrize("preset", ["a48", "b158"])
 def test_a_native_model_decodes_through_the_step_with_the_reference_tokens(preset, op_calls):
-    """Every decoded token of every layer goes through one ``decode_attention`` call and four fused norm +
-    quantizer calls, for one sequence and for a
-    batch of two; the tokens are the reference backend's, and the logits within 1e-4 of their range at nine steps
-    in ten and within 0.5% at every step."""
+    """Every decoded token of every layer is one ``decode_layer`` call, for one sequence and for a batch of two,
+    and computes what the same kernels called one by one from Python compute (``layer_rows``: four fused norm +
+    quantizer calls, one attention call), bit for bit; the tokens are the reference backend's, and the logits
+    within 1e-4 of their range at nine steps in ten and within 0.5% at every step."""
     checkpoint = open_checkpoint(REFERENCE)
-    reference, fast = (build_for_backend(checkpoint, preset, PRESETS[preset], backend, lm_head="int8")
-                       for backend in ("reference", "native"))
+    reference, fast, stepwise = (build_for_backend(checkpoint, preset, PRESETS[preset], backend, lm_head="int8")
+                                 for backend in ("reference", "native", "native"))
     layers = fast.config.num_hidden_layers
     assert sum(decode.covers(m) for m in fast.modules()) == layers
+    for layer in stepwise.model.layers:
+        layer._decode_plan = None  # the kernels one call at a time, from Python
     prompt = torch.randint(4, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
     for ids in (prompt[:1], prompt):
         op_calls.clear()
         want, want_logits = _greedy(reference, ids, 24)
         got, got_logits = _greedy(fast, ids, 24)
+        assert op_calls == ["decode_layer"] * 24 * layers
+        op_calls.clear()
+        _, stepwise_logits = _greedy(stepwise, ids, 24)
         # four fused norm + quantizer calls and one attention call per layer and token
         assert op_calls.count("decode_attention") == 24 * layers and op_calls.count("rms_norm_codes") == 4 * 24 * layers
         assert len(op_calls) == 5 * 24 * layers
+        assert all(torch.equal(a, b) for a, b in zip(got_logits, stepwise_logits, strict=True))
         assert got == want
         # the attention sums differ from SDPA's by rounding; where that moves a quantizer input across a rounding
         # edge, one code changes and the logits move by ~0.1% of their range: rare, and small

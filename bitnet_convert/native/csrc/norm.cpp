@@ -50,8 +50,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_
     }
   }
   at::Tensor z = y, exact;
-  if (topk > 0) std::tie(z, exact) = topk_sparsify(y, topk);
-  else exact = at::ones({T}, at::kBool);
+  if (topk > 0) {
+    std::tie(z, exact) = topk_sparsify(y, topk);
+    const at::Tensor tied = exact.logical_not().nonzero().flatten();
+    if (tied.numel() > 0) {
+      // a token whose K-th largest |y| is tied with an entry left out (or that holds a NaN): its kept set is
+      // torch's top-K's, computed as quant/functional.py topk_mask does (the same ops, so the same tie-break)
+      const at::Tensor rows = y.index_select(0, tied);
+      const at::Tensor kept = std::get<1>(rows.abs().topk(topk, -1, /*largest=*/true, /*sorted=*/false));
+      const at::Tensor mask = at::zeros_like(rows, rows.options().dtype(at::kBool)).scatter_(-1, kept, true);
+      z.index_copy_(0, tied, rows * mask);
+    }
+  } else {
+    exact = at::ones({T}, at::kBool);
+  }
   if (method == 0) {
     auto [codes, s, sums] = quantize_absmax(z, bits, isa);
     return {codes, s, sums, y, exact};

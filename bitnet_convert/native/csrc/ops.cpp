@@ -90,4 +90,10 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("decode_attention_packed(Tensor q, Tensor[] keys, Tensor[] values, int[] key_bits, int[] value_bits, "
         "int length, bool minmax, int head_dim, float scale, int isa) -> Tensor",
         &decode_attention_packed);
+  m.def("decode_layer(Tensor x, Tensor[] norm_weights, float[] norm_eps, int[] norm_method, int[] norm_bits, "
+        "int[] norm_topk, Tensor[] weights, float[] alphas, int[] divides, int[] sparse, int[] out_features, "
+        "Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int length, float scaling, bool gated, "
+        "int isa) "
+        "-> Tensor",
+        &decode_layer);
 }

@@ -44,6 +44,14 @@ at::Tensor decode_attention_packed(const at::Tensor& q, at::TensorList keys, at:
                                    at::IntArrayRef key_bits, at::IntArrayRef value_bits, int64_t length, bool minmax,
                                    int64_t head_dim, double scale, int64_t isa);
 
+// decode_layer.cpp
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList norm_weights, at::ArrayRef<double> norm_eps,
+                        at::IntArrayRef norm_method, at::IntArrayRef norm_bits, at::IntArrayRef norm_topk,
+                        at::TensorList weights, at::ArrayRef<double> alphas, at::IntArrayRef divides,
+                        at::IntArrayRef sparse, at::IntArrayRef out_features, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                        int64_t length, double scaling, bool gated, int64_t isa);
+
 // int8_gemm.cpp
 at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t isa);
 
