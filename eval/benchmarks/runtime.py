@@ -410,7 +410,8 @@ def _job_neighbour(spec: dict[str, Any]) -> dict[str, Any]:
 def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, float]:
     """Seconds per decoded token in the native linears' GEMV/GEMM kernels, in the lm_head, and the rest (norms
     and the activation quantizers — one fused call per norm in the decode step —, attention, RoPE, the KV cache,
-    Python and module calls), over ``tokens`` more greedy tokens."""
+    Python and module calls), over ``tokens`` more greedy tokens with the kernels of each layer called one at a
+    time (timed), then ``tokens`` more on the usual path (the token's time)."""
     from bitnet_convert.native import backend as native_backend
 
     spent = {"linears": 0.0, "lm_head": 0.0}
@@ -430,15 +431,24 @@ def _decode_split(model: Any, token: Any, cache: Any, tokens: int) -> dict[str, 
     head.forward = timed(head.forward, "lm_head")
     gated_up = native_backend.relu2_gated_up  # up_proj of the gated relu² FFN (its relu² is a few µs of it)
     native_backend.relu2_gated_up = timed(gated_up, "linears")
+    # the decode step runs a whole layer in one kernel call (decode_layer), where no Python wrapper can time the
+    # linears: they are timed on the same kernels called one at a time (the layer's plan switched off), and the
+    # token on the usual path; the rest is the usual token's time minus the linears and the lm_head
+    layers = [m for m in model.modules() if "_decode_plan" in vars(m) or hasattr(m, "self_attn")]
     try:
-        _, done, seconds = _greedy_decode(model, token, cache, tokens)
-        total = seconds / done
+        for layer in layers:
+            layer._decode_plan = None
+        token, done, _ = _greedy_decode(model, token, cache, tokens)
     finally:
         native_backend.relu2_gated_up = gated_up
         for module in linears:
             vars(module).pop("apply_codes", None)
         vars(head).pop("forward", None)
-    split = {key: value / tokens for key, value in spent.items()}
+        for layer in layers:
+            vars(layer).pop("_decode_plan", None)
+    split = {key: value / done for key, value in spent.items()}
+    _, done, seconds = _greedy_decode(model, token, cache, tokens)
+    total = seconds / done
     return {**split, "rest": total - sum(split.values()), "token": total}
 
 
