@@ -148,6 +148,12 @@ def _check_device(device: str) -> str:
     return str(resolve_device(device))
 
 
+def _check_kv_bits(kv_bits: int | None, bos_bits: int | None) -> None:
+    """``--bos-bits`` of ``generate``/``serve`` needs ``--kv-bits`` (one line, exit 2)."""
+    if bos_bits is not None and kv_bits is None:
+        _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
+
+
 BackendOption = Annotated[
     str,
     typer.Option(help="native (integer CPU kernels), reference (torch fake-quantization) or auto (native when its "
@@ -158,6 +164,14 @@ LmHeadOption = Annotated[
     typer.Option(help="auto (int8 on the native backend, stored on the reference one), stored (the export's "
                  "dtype) or int8 (per-row scale, half the bytes read per token; the same numbers on both backends; "
                  "its perplexity cost is in docs/native.md)."),
+]
+KvBitsOption = Annotated[
+    int | None,
+    typer.Option(min=2, max=8, help="Store K/V in a packed cache of this many bits [default: the model's "
+                 "attention spec; a full-precision cache when it sets none]."),
+]
+BosBitsOption = Annotated[
+    int | None, typer.Option(min=2, max=8, help="Bits of the first position's K/V with --kv-bits.")
 ]
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe YAML (recipes/a48.yaml).")]
 ModelOption = Annotated[str | None, typer.Option(help="Checkpoint directory, hub id or builtin:reference.")]
@@ -466,14 +480,8 @@ def generate(
     path: Annotated[str, typer.Argument(help="Converted directory, or an input checkpoint (run as b158).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    kv_bits: Annotated[
-        int | None,
-        typer.Option(min=2, max=8, help="Store K/V in a packed cache of this many bits [default: the model's "
-                     "attention spec; a full-precision cache when it sets none]."),
-    ] = None,
-    bos_bits: Annotated[
-        int | None, typer.Option(min=2, max=8, help="Bits of the first position's K/V with --kv-bits.")
-    ] = None,
+    kv_bits: KvBitsOption = None,
+    bos_bits: BosBitsOption = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(min=0.01)] = 1.0,
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
@@ -493,8 +501,7 @@ def generate(
 
     with _user_errors():
         device = _check_device(device)
-        if bos_bits is not None and kv_bits is None:
-            _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
+        _check_kv_bits(kv_bits, bos_bits)
         model = load(path, backend=backend_for_device(backend, device), lm_head=lm_head).to(device)
         tokenizer = load_tokenizer(path)
     cache, note = generation_cache(model, kv_bits, bos_bits)
@@ -537,14 +544,8 @@ def serve(
         typer.Option(min=1, help="Prompt + completion tokens per request [default: the model's "
                      "max_position_embeddings].")
     ] = None,
-    kv_bits: Annotated[
-        int | None,
-        typer.Option(min=2, max=8, help="Store K/V in a packed cache of this many bits [default: the model's "
-                     "attention spec; a full-precision cache when it sets none]."),
-    ] = None,
-    bos_bits: Annotated[
-        int | None, typer.Option(min=2, max=8, help="Bits of the first position's K/V with --kv-bits.")
-    ] = None,
+    kv_bits: KvBitsOption = None,
+    bos_bits: BosBitsOption = None,
     model_name: Annotated[
         str | None, typer.Option(help="The model's id in the API [default: the directory's name].")
     ] = None,
@@ -575,8 +576,7 @@ def serve(
 
     with _user_errors():
         device = _check_device(device)
-        if bos_bits is not None and kv_bits is None:
-            _fail("--bos-bits sets the first position's bits of a packed cache; give --kv-bits too")
+        _check_kv_bits(kv_bits, bos_bits)
         try:  # bound first, so that a taken port is a one-line error before the model loads, and --port 0 can
             # print the port it got
             sock = socket.create_server((host, port))

@@ -151,7 +151,7 @@ def decode_layer_forward(layer: nn.Module, hidden_states: torch.Tensor, attentio
     plan = _layer_plan(layer) if type(slot) is PreallocatedLayer and batch <= native.GATED_MAX_TOKENS else None
     if plan is not None and not any(linear.record_zeros for linear in plan.linears):
         # the whole layer in one kernel call (decode_layer): the calls layer_rows makes, in the same order
-        cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
+        cos, sin = _rope_rows(position_embeddings, batch)
         length = slot.reserve(x.new_empty(batch, plan.kv_heads, 1, attn.head_dim))
         out = _ops().decode_layer(x, *plan.arguments, cos, sin, slot._key_buffer, slot._value_buffer, length,
                                   attn.scaling, plan.gated, plan.linears[0].isa)
@@ -220,6 +220,12 @@ def layer_rows(layer: nn.Module, x: torch.Tensor, attend: Callable[..., torch.Te
     return x + mlp.down_proj.apply_codes(*_norm_codes(mlp.ffn_sub_norm, product, mlp.down_proj))
 
 
+def _rope_rows(position_embeddings: tuple[torch.Tensor, torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """RoPE's cos and sin as the attention kernels take them: fp32 ``[batch, head_dim]`` from ``[B or 1, 1,
+    head_dim]`` (the model's position ids have batch 1 when the caller gave none)."""
+    return [t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings]
+
+
 def _attention(attn: nn.Module, slot: PreallocatedLayer | PackedKVLayer, spec: AttentionSpec | None,
                q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -228,8 +234,7 @@ def _attention(attn: nn.Module, slot: PreallocatedLayer | PackedKVLayer, spec: A
     if isinstance(slot, PackedKVLayer):
         return _packed_attention(attn, slot, spec, q, k, v, position_embeddings)
     batch = q.shape[0]
-    # [B or 1, 1, head_dim]: the model's position ids have batch 1 when the caller gave none
-    cos, sin = (t.reshape(t.shape[0], -1).float().expand(batch, -1).contiguous() for t in position_embeddings)
+    cos, sin = _rope_rows(position_embeddings, batch)
     length = slot.reserve(k.view(batch, -1, 1, attn.head_dim))
     out = _ops().decode_attention(q, k, v, cos, sin, slot._key_buffer, slot._value_buffer, length,
                                   attn.scaling, kernels.isa())
