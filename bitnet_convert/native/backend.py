@@ -110,6 +110,8 @@ class NativeLinear(nn.Module):
         self.spec = source.spec
         self.sparse = sparse
         self.isa = kernels.isa()
+        #: many tokens go through the table-lookup GEMM (integer inputs of 4 bits or fewer, AVX2, dense layout)
+        self.lut = self.isa == 1 and not sparse and source.spec.method in LUT_METHODS and source.spec.bits <= 4
         layout = kernels.cols_layout if sparse else kernels.rows_layout
         self.register_buffer("weight", layout(source.weight.cpu()))
         #: the scale as the source stores it, and whether it divides (the ``bitlinear`` convention)
@@ -143,12 +145,14 @@ class NativeLinear(nn.Module):
         if self.sparse:
             y = _ops().ternary_gemm_sparse(codes, sums, s, self.weight, self.out_features, self.alpha, self.divides,
                                             self.isa)
+        elif self.lut and codes.shape[0] >= LUT_MIN_TOKENS:
+            y = _ops().ternary_gemm_lut(codes, sums, s, self.weight, self.alpha, self.divides)
         else:
             y = _ops().ternary_gemm(codes, sums, s, self.weight, self.alpha, self.divides, self.isa)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
+        kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM, table-lookup GEMM" if self.lut else "GEMV/GEMM"
         return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}, " \
                f"kernel={kernel}"
 
@@ -231,6 +235,13 @@ SPARSE_ROLES: tuple[str, ...] = ("o", "down")
 #: The most tokens a relu² FFN takes on its gated path (up_proj rows where relu²(gate) ≠ 0); more run dense. The
 #: union of the tokens' active rows is computed, which for many tokens is nearly every row.
 GATED_MAX_TOKENS = 8
+#: The fewest tokens a dense linear with integer inputs of at most 4 bits (a4.8's q/k/v and gate/up) runs on the
+#: table-lookup GEMM (``ternary_gemm_lut``); fewer go to ``ternary_gemm``. Both give the same result bit for bit; on
+#: 2B-4T gate shapes (6,912 × 2,560, 2 threads, AVX2) the lookup is 0.91× as fast at 4 tokens, 1.10× at 8, 1.26× at
+#: 16 and 1.31–1.38× from 32 to 512 (``eval/bench.py --only kernels`` measures it).
+LUT_MIN_TOKENS = 16
+#: Activation methods whose integer codes the table-lookup GEMM takes (at 4 bits or fewer: codes in [-8, 7]).
+LUT_METHODS = ("absmean", "absmax")
 
 
 def relu2_gated_up(*args: object) -> tuple[torch.Tensor, torch.Tensor]:

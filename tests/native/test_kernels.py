@@ -15,6 +15,7 @@ from bitnet_convert.native import backend as native
 from bitnet_convert.native import build as kernels
 from bitnet_convert.native.backend import Int8Linear
 from bitnet_convert.quant import functional as F
+from bitnet_convert.quant.linear import QuantLinear
 from bitnet_convert.quant.packing import pack_ternary
 from bitnet_convert.quant.schemes import ActivationSpec
 
@@ -94,9 +95,64 @@ def test_dense_and_sparse_gemm_are_exact_integer_sums(n, k, t):
             assert torch.equal(dense, want) and torch.equal(sparse, want)
 
 
-def test_scalar_and_avx2_paths_agree_bit_for_bit():
+def needs_avx2() -> None:
     if kernels.ISA_AVX2 not in isas():
         pytest.skip("this CPU has no AVX2: only the scalar path exists here")
+
+
+@pytest.mark.parametrize(("n", "k", "t"), [(36, 20, 1), (96, 300, 7), (260, 520, 50), (640, 1000, 13)])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_table_lookup_gemm_is_the_exact_integer_sum(n, k, t, bits):
+    # rows past a 32-row tile, tokens past a 6-token pass and a 48-token block, 2-bit codes as well as 4-bit ones
+    needs_avx2()
+    w, x = random_case(n, k, t, seed=n + k + t + bits)
+    x[0] *= 1e3
+    rows = kernels.rows_layout(pack_ternary(w))
+    codes, s, sums = native.quantize(x, ActivationSpec(method="absmean", bits=bits), kernels.ISA_AVX2)
+    assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= 2 ** (bits - 1) - 1
+    exact = (codes[:, :k].long() @ w.long().t()).float()
+    for divide in (False, True):
+        want = exact / (s[:, None] * 0.37) if divide else exact / s[:, None] * 0.37
+        lut = ops().ternary_gemm_lut(codes, sums, s, rows, 0.37, divide)
+        assert torch.equal(lut, want)
+        assert torch.equal(lut, ops().ternary_gemm(codes, sums, s, rows, 0.37, divide, kernels.ISA_SCALAR))
+
+
+def test_table_lookup_gemm_refuses_codes_wider_than_4_bits():
+    needs_avx2()
+    w, x = random_case(64, 256, 20, seed=3)
+    codes, s, sums = ops().quantize_absmax(x, 8, kernels.ISA_AVX2)
+    with pytest.raises(RuntimeError, match=r"a code of tokens 0\.\.19 is outside \[-8, 7\]"):
+        ops().ternary_gemm_lut(codes, sums, s, kernels.rows_layout(pack_ternary(w)), 1.0, False)
+
+
+@pytest.mark.parametrize(("spec", "lut"), [(ActivationSpec(method="absmean", bits=4), True),
+                                           (ActivationSpec(method="absmax", bits=8), False),
+                                           (ActivationSpec(method="fp4_e2m1"), False)])
+def test_many_tokens_of_4_bit_integer_inputs_go_through_the_table_lookup(monkeypatch, spec, lut):
+    needs_avx2()
+    w, x = random_case(96, 256, native.LUT_MIN_TOKENS, seed=8)
+    source = QuantLinear.from_ternary(w, torch.tensor([0.02]), spec)
+    linear = native.NativeLinear(source, sparse=False)
+    assert linear.lut is lut
+    called = []
+    real = native._ops
+
+    class Counting:
+        def __getattr__(self, name):
+            op = getattr(real(), name)
+            return lambda *args: called.append(name) or op(*args)
+
+    codes = native.quantize(x, spec, linear.isa)
+    monkeypatch.setattr(native, "_ops", lambda: Counting())
+    many = linear.apply_codes(*codes)
+    few = linear.apply_codes(*(c[: native.LUT_MIN_TOKENS - 1] for c in codes))
+    assert called == ["ternary_gemm_lut" if lut else "ternary_gemm", "ternary_gemm"]
+    assert torch.equal(many[: native.LUT_MIN_TOKENS - 1], few)
+
+
+def test_scalar_and_avx2_paths_agree_bit_for_bit():
+    needs_avx2()
     w, x = random_case(300, 700, 7, seed=1)
     x[2] *= 1e3
     packed = pack_ternary(w)
@@ -138,6 +194,9 @@ def test_results_do_not_depend_on_the_thread_count():
                                                     torch.arange(519, -1, -3), 1.0, False, kernels.isa()),
                             ops().bf16_gemm(x, wb, kernels.isa()),
                             ops().int8_gemm(x, *int8_weight(wb), kernels.isa())])
+            if kernels.isa() == kernels.ISA_AVX2:  # the table-lookup GEMM: its tiles of rows split over the threads
+                codes4, s4, sums4 = native.quantize(x, ActivationSpec(method="absmean", bits=4), kernels.isa())
+                outputs[-1].append(ops().ternary_gemm_lut(codes4, sums4, s4, kernels.rows_layout(packed), 1.0, False))
     finally:
         torch.set_num_threads(threads)
     for other in outputs[1:]:

@@ -1,6 +1,7 @@
 // Integer CPU kernels of bitnet-convert's native backend: per-token activation quantizers and top-K (quantize.cpp),
 // ternary GEMM/GEMV on 2-bit packed weights with exact int32 accumulation, over all output rows or a chosen subset
-// of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), a
+// of them, and the gated relu² FFN product that computes only the up_proj rows relu² keeps (ternary_dense.cpp), the
+// same GEMM by table lookup for many tokens of 4-bit inputs (ternary_lut.cpp), a
 // sparse-input GEMV that reads only the weight columns of non-zero inputs (ternary_sparse.cpp), a bf16-weight GEMM
 // for the embeddings/lm_head (bf16_gemm.cpp), an INT8-weight GEMM for the lm_head (int8_gemm.cpp), and for the
 // decode step RMSNorm fused with the next linear's quantizer (norm.cpp) and attention over an in-place KV cache
@@ -68,6 +69,8 @@ TORCH_LIBRARY(bitnet_convert, m) {
   m.def("quantize_scaled(Tensor x, Tensor s, int lo, int hi, int isa) -> (Tensor, Tensor)", &quantize_scaled);
   m.def("ternary_gemm(Tensor codes, Tensor sums, Tensor scale, Tensor w, float alpha, bool divide, int isa) -> Tensor",
         &ternary_gemm);
+  m.def("ternary_gemm_lut(Tensor codes, Tensor sums, Tensor scale, Tensor w, float alpha, bool divide) -> Tensor",
+        &ternary_gemm_lut);
   m.def("ternary_gemm_rows(Tensor codes, Tensor sums, Tensor scale, Tensor w, Tensor rows, float alpha, bool divide, "
         "int isa) -> Tensor",
         &ternary_gemm_rows);

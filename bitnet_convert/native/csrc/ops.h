@@ -24,6 +24,10 @@ std::tuple<at::Tensor, at::Tensor> relu2_gated_up(const at::Tensor& gate, const 
                                                   const at::Tensor& sums, const at::Tensor& scale, const at::Tensor& w,
                                                   double alpha, bool divide, int64_t isa);
 
+// ternary_lut.cpp
+at::Tensor ternary_gemm_lut(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
+                            const at::Tensor& w, double alpha, bool divide);
+
 // ternary_sparse.cpp
 at::Tensor ternary_gemm_sparse(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
                                const at::Tensor& w, int64_t N, double alpha, bool divide, int64_t isa);

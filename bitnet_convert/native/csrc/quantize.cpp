@@ -149,31 +149,34 @@ std::tuple<at::Tensor, at::Tensor> topk_sparsify(const at::Tensor& x, int64_t k)
   auto exact = at::empty({T}, at::kBool);
   float* yp = y.data_ptr<float>();
   bool* ep = exact.data_ptr<bool>();
-  std::vector<float> magnitude(K);
-  for (int64_t t = 0; t < T; ++t) {
-    float* row = yp + t * K;
-    bool nan = false;
-    for (int64_t j = 0; j < K; ++j) {
-      magnitude[j] = std::fabs(row[j]);
-      nan = nan || std::isnan(row[j]);
+  // one token per task: each row's result is its own (the same at any thread count)
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> magnitude(K);
+    for (int64_t t = begin; t < end; ++t) {
+      float* row = yp + t * K;
+      bool nan = false;
+      for (int64_t j = 0; j < K; ++j) {
+        magnitude[j] = std::fabs(row[j]);
+        nan = nan || std::isnan(row[j]);
+      }
+      if (nan) {
+        ep[t] = false;
+        continue;
+      }
+      std::nth_element(magnitude.begin(), magnitude.begin() + (k - 1), magnitude.end(), std::greater<float>());
+      const float kth = magnitude[k - 1];
+      int64_t above = 0, tied = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        const float m = std::fabs(row[j]);
+        above += m > kth;
+        tied += m == kth;
+      }
+      ep[t] = above + tied == k;
+      if (!ep[t]) continue;
+      for (int64_t j = 0; j < K; ++j)
+        if (std::fabs(row[j]) < kth) row[j] = 0.0f;
     }
-    if (nan) {
-      ep[t] = false;
-      continue;
-    }
-    std::nth_element(magnitude.begin(), magnitude.begin() + (k - 1), magnitude.end(), std::greater<float>());
-    const float kth = magnitude[k - 1];
-    int64_t above = 0, tied = 0;
-    for (int64_t j = 0; j < K; ++j) {
-      const float m = std::fabs(row[j]);
-      above += m > kth;
-      tied += m == kth;
-    }
-    ep[t] = above + tied == k;
-    if (!ep[t]) continue;
-    for (int64_t j = 0; j < K; ++j)
-      if (std::fabs(row[j]) < kth) row[j] = 0.0f;
-  }
+  });
   return {y, exact};
 }
 
