@@ -222,8 +222,11 @@ def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
 def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
     shapes = {"dense": (256, 384, 0.0, False), "sparse": (256, 384, 0.75, True)}
     data = runtime._job_kernels({"shapes": shapes, "copy_bytes": 8_000_000, "working_set_bytes": 1_000_000,
-                                 "lm_head": (300, 64)})
+                                 "lm_head": (300, 64), "prefill_gemm": {"tokens": 20, "shapes": {"q": (96, 256)}}})
     assert data["copy_gb_s"] > 0
+    if data["isa"] == 1:  # the table-lookup GEMM (AVX2 only), checked equal to the vpmaddubsw one inside the job
+        gemm = data["prefill_gemms"]["q"]
+        assert gemm["tokens"] == 20 and gemm["lut_seconds"] > 0 and gemm["maddubs_gmac_s"] > 0
     assert data["lm_heads"]["bf16"]["bytes"] == 2 * data["lm_heads"]["int8"]["bytes"] == 2 * 300 * 64
     assert data["linears"]["dense"]["active_share"] == 1.0 and data["linears"]["dense"]["packed_bytes"] == 256 * 96
     assert 0.1 < data["linears"]["sparse"]["active_share"] < 0.4

@@ -241,7 +241,9 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
         "down_proj (sparse-input kernel, 50% zeros)": (shape.hidden, shape.intermediate, 0.5, True),
     }
     spec = {"shapes": shapes, "copy_bytes": 1_000_000_000, "working_set_bytes": 256_000_000, "threads": args.threads,
-            "lm_head": (shape.vocab, shape.hidden)}
+            "lm_head": (shape.vocab, shape.hidden),
+            "prefill_gemm": {"tokens": 512, "shapes": {"q_proj": (q, shape.hidden),
+                                                       "gate_proj/up_proj": (shape.intermediate, shape.hidden)}}}
     result = run_job("kernels", spec, "kernels")
     if not result.ok:
         return [Row("kernels", "2B-4T linears", "GEMV", f"failed: {result.error}", passed=False)]
@@ -261,6 +263,12 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
                         value=head["seconds"] * 1e3, unit="ms"))
     head_ratio = heads["int8"]["seconds"] / heads["bf16"]["seconds"]
     rows.append(Row("kernels", "2B-4T lm_head", "INT8 ÷ bf16 time", f"{head_ratio:.2f}", value=head_ratio))
+    for name, gemm in data.get("prefill_gemms", {}).items():
+        speedup = gemm["maddubs_seconds"] / gemm["lut_seconds"]
+        rows.append(Row("kernels", f"2B-4T {name} {gemm['rows']}×{gemm['cols']}, {gemm['tokens']} tokens of 4-bit "
+                        "codes", "prefill GEMM: table lookup ÷ vpmaddubsw speed",
+                        f"{gemm['lut_gmac_s']:.0f} / {gemm['maddubs_gmac_s']:.0f} GMAC/s = {speedup:.2f}×",
+                        value=speedup, unit="ratio", details=gemm))
     for role, dense in (("o_proj", "o_proj (dense kernel, b158 and a48)"),
                         ("down_proj", "down_proj (dense kernel, b158)")):
         sparse, full = data["linears"][f"{role} (sparse-input kernel, 50% zeros)"], data["linears"][dense]
@@ -533,8 +541,35 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
                          "gb_s": read / seconds / GB, "int_ops_s": 2 * rows * cols * active / seconds}
         del weights
     heads = _lm_head_gemvs(ops, isa, spec["lm_head"], generator)
+    prefill = _prefill_gemms(ops, isa, spec["prefill_gemm"], generator) if isa == kernels.ISA_AVX2 else {}
     return {"work_s": time.perf_counter() - start, "copy_gb_s": bandwidth / GB, "linears": linears, "isa": isa,
-            "lm_heads": heads}
+            "lm_heads": heads, "prefill_gemms": prefill}
+
+
+def _prefill_gemms(ops: Any, isa: int, spec: dict[str, Any], generator: Any) -> dict[str, dict[str, float]]:
+    """The prefill GEMM of ``spec["tokens"]`` tokens of 4-bit codes (a4.8's q/k/v and gate/up inputs) through each
+    ``spec["shapes"]`` weight, by vpmaddubsw (``ternary_gemm``) and by table lookup (``ternary_gemm_lut``): seconds
+    (best of 3, weights warm: prefill is compute-bound) and GMAC/s; the two results are checked equal."""
+    import torch
+
+    from bitnet_convert.native import build as kernels
+    from bitnet_convert.quant.packing import pack_ternary
+
+    tokens = spec["tokens"]
+    gemms = {}
+    for name, (rows, cols) in spec["shapes"].items():
+        weight = kernels.rows_layout(pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator,
+                                                                dtype=torch.int8)))
+        codes = torch.randint(-8, 8, (tokens, weight.shape[1] * 4), generator=generator, dtype=torch.int8)
+        s, sums = torch.ones(tokens), codes.sum(-1, dtype=torch.int32)
+        runs = {"maddubs": lambda w=weight, c=codes, s=s, u=sums: ops.ternary_gemm(c, u, s, w, 1.0, False, isa),
+                "lut": lambda w=weight, c=codes, s=s, u=sums: ops.ternary_gemm_lut(c, u, s, w, 1.0, False)}
+        if not torch.equal(runs["maddubs"](), runs["lut"]()):
+            raise AssertionError(f"the table-lookup GEMM differs from the vpmaddubsw one on {name}")
+        seconds = {method: _best_seconds(run, 3) for method, run in runs.items()}
+        gemms[name] = {"tokens": tokens, "rows": rows, "cols": cols, **{f"{m}_seconds": t for m, t in seconds.items()},
+                       **{f"{m}_gmac_s": rows * cols * tokens / t / 1e9 for m, t in seconds.items()}}
+    return gemms
 
 
 def _lm_head_gemvs(ops: Any, isa: int, shape: tuple[int, int], generator: Any) -> dict[str, dict[str, float]]:
