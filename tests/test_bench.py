@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from bitnet_convert.io.checkpoint import Layout, open_checkpoint
+from bitnet_convert.native import build as kernels
 
 # eval/bench.py and its benchmarks/ package live outside the package: import them as the script does
 if str(Path(__file__).resolve().parents[1] / "eval") not in sys.path:
@@ -222,7 +223,8 @@ def test_runtime_targets_are_ratios_of_the_measured_subjects() -> None:
 def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
     shapes = {"dense": (256, 384, 0.0, False), "sparse": (256, 384, 0.75, True)}
     data = runtime._job_kernels({"shapes": shapes, "copy_bytes": 8_000_000, "working_set_bytes": 1_000_000,
-                                 "lm_head": (300, 64), "prefill_gemm": {"tokens": 20, "shapes": {"q": (96, 256)}}})
+                                 "lm_head": (300, 64), "prefill_gemm": {"tokens": 20, "shapes": {"q": (96, 256)}},
+                                 "chosen_rows": {"up": (256, 384, 0.3)}})
     assert data["copy_gb_s"] > 0
     if data["isa"] == 1:  # the table-lookup GEMM (AVX2 only), checked equal to the vpmaddubsw one inside the job
         gemm = data["prefill_gemms"]["q"]
@@ -231,6 +233,9 @@ def test_kernels_job_measures_bandwidth_and_every_shape() -> None:
     assert data["linears"]["dense"]["active_share"] == 1.0 and data["linears"]["dense"]["packed_bytes"] == 256 * 96
     assert 0.1 < data["linears"]["sparse"]["active_share"] < 0.4
     assert data["linears"]["sparse"]["bytes_read"] < data["linears"]["sparse"]["packed_bytes"]
+    up = data["linears"]["up"]  # a random 30% of the rows, each 384/4 bytes
+    assert 0.15 < up["active_share"] < 0.45 and up["bytes_read"] == round(up["active_share"] * 256) * 96
+    assert up["seconds"] > 0 and up["dense_seconds"] > 0
 
 
 def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -> None:
@@ -243,6 +248,8 @@ def test_runtime_job_measures_every_figure_of_a_native_subject(tmp_path: Path) -
                                "prefill": 16, "contexts": [8], "new_tokens": 4, "budget_s": 60,
                                "read_bytes": 4_000_000})
     assert data["prefill_tokens"] == 16 and data["prefill_tok_s"] > 0 and data["decode_8_tokens"] == 4
+    if kernels.isa() == kernels.ISA_AVX2:  # a48's q/k/v and gate/up take 4-bit inputs: the table lookup
+        assert data["prefill_lut_tok_s"] > 0 and data["prefill_vpmaddubsw_tok_s"] > 0
     assert data["rss_after_load_bytes"] > 0 and data["dtype"] == "bfloat16"  # the embedding kept as exported
     zeros = data["decode_8_zero_share"]
     assert zeros["o"] == pytest.approx(0.5, abs=0.02) and 0 < zeros["down"] < 1  # top-50% o_proj; relu² down_proj

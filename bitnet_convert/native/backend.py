@@ -152,7 +152,8 @@ class NativeLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM, table-lookup GEMM" if self.lut else "GEMV/GEMM"
+        kernel = "sparse-input GEMV/GEMM" if self.sparse else "GEMV/GEMM"
+        kernel += ", table-lookup GEMM" if self.lut else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, input={self.spec.describe()}, " \
                f"kernel={kernel}"
 

@@ -105,6 +105,10 @@ def _subject_rows(name: str, data: dict[str, Any], budget_s: float) -> list[Row]
     """The rows of one runtime subject: prefill, decode at each context, the time split, memory."""
     rows = [Row("runtime", name, f"prefill tok/s ({data['prefill_tokens']} tokens)", f"{data['prefill_tok_s']:.2f}",
                 value=data["prefill_tok_s"], unit="tok/s", details=data)]
+    if "prefill_lut_tok_s" in data:
+        lut, plain = data["prefill_lut_tok_s"], data["prefill_vpmaddubsw_tok_s"]
+        rows.append(Row("runtime", name, "prefill tok/s, table-lookup GEMM on ÷ off (vpmaddubsw), side by side",
+                        f"{lut:.2f} ÷ {plain:.2f} = {lut / plain:.2f}×", value=lut / plain, unit="ratio"))
     for context in RUNTIME_CONTEXTS:
         speed, done = data[f"decode_{context}_tok_s"], data[f"decode_{context}_tokens"]
         note = "" if done == RUNTIME_NEW_TOKENS else f", stopped after {done} tokens ({budget_s:.0f} s budget)"
@@ -242,6 +246,7 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
     }
     spec = {"shapes": shapes, "copy_bytes": 1_000_000_000, "working_set_bytes": 256_000_000, "threads": args.threads,
             "lm_head": (shape.vocab, shape.hidden),
+            "chosen_rows": {"up_proj, 30% of rows (gated relu²)": (shape.intermediate, shape.hidden, 0.3)},
             "prefill_gemm": {"tokens": 512, "shapes": {"q_proj": (q, shape.hidden),
                                                        "gate_proj/up_proj": (shape.intermediate, shape.hidden)}}}
     result = run_job("kernels", spec, "kernels")
@@ -252,6 +257,14 @@ def _kernel_rows(args: argparse.Namespace, native_a48: dict[str, Any] | None) ->
     rows = [Row("kernels", "this machine", "memory bandwidth (STREAM-like copy, read + write)", f"{copy:.1f} GB/s",
                 value=copy, unit="GB/s", details=data)]
     for name, linear in data["linears"].items():
+        if "dense_seconds" in linear:  # chosen rows: scattered runs of Kp/4 bytes against the whole weight
+            share = linear["gb_s"] / linear["dense_gb_s"]
+            rows.append(Row("kernels", f"2B-4T {name} {linear['rows']}×{linear['cols']}",
+                            "chosen-rows GEMV ÷ dense GEMV, GB/s read (time ratio)",
+                            f"{linear['gb_s']:.1f} / {linear['dense_gb_s']:.1f} GB/s = {share:.2f} "
+                            f"({linear['seconds'] / linear['dense_seconds']:.2f}× the time)", value=share,
+                            unit="ratio"))
+            continue
         active = f", {linear['active_share']:.0%} of columns read" if linear["sparse"] else ""
         rows.append(Row("kernels", f"2B-4T {name} {linear['rows']}×{linear['cols']}", "GEMV (1 token)",
                         f"{linear['seconds'] * 1e6:.0f} µs, {linear['gb_s']:.1f} GB/s of packed weights{active}, "
@@ -338,6 +351,8 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
         native = spec.get("backend") == "native"
         if native:
             from bitnet_convert.native import backend as native_backend
+
+            result.update(_prefill_by_method(model, ids[:, : spec["prefill"]]))
         for context in spec["contexts"]:
             cache = DynamicCache()
             out = model(ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
@@ -356,6 +371,28 @@ def _job_runtime(spec: dict[str, Any]) -> dict[str, Any]:
         result["read_gb_s"] = _read_bandwidth(spec.get("read_bytes", 1_000_000_000))
     result["work_s"] = time.perf_counter() - start
     return result
+
+
+def _prefill_by_method(model: Any, ids: Any) -> dict[str, float]:
+    """Prefill tok/s of ``ids`` with the native linears' table-lookup GEMM turned off (every GEMM on
+    vpmaddubsw), then on again, side by side; empty when no linear takes it (8-bit inputs, no AVX2)."""
+    from bitnet_convert.native.backend import NativeLinear
+
+    linears = [m for m in model.modules() if isinstance(m, NativeLinear) and m.lut]
+    if not linears:
+        return {}
+    speeds = {}
+    try:
+        for name, lut in (("prefill_vpmaddubsw_tok_s", False), ("prefill_lut_tok_s", True)):
+            for linear in linears:
+                linear.lut = lut
+            began = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            speeds[name] = ids.shape[1] / (time.perf_counter() - began)
+    finally:
+        for linear in linears:
+            linear.lut = True
+    return speeds
 
 
 def _greedy_decode(model: Any, token: Any, cache: Any, count: int, budget_s: float | None = None
@@ -539,6 +576,23 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
         linears[name] = {"rows": rows, "cols": cols, "sparse": sparse, "active_share": active,
                          "packed_bytes": layout.numel(), "bytes_read": read, "seconds": seconds,
                          "gb_s": read / seconds / GB, "int_ops_s": 2 * rows * cols * active / seconds}
+        del weights
+    for name, (rows, cols, keep) in spec.get("chosen_rows", {}).items():
+        layout = kernels.rows_layout(pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator,
+                                                                dtype=torch.int8)))
+        count = max(2, -(-spec["working_set_bytes"] // layout.numel()))
+        weights = [layout.clone() for _ in range(count)]
+        chosen = torch.nonzero(torch.rand(rows, generator=generator) < keep).flatten()
+        codes, s, sums = ops.quantize_absmax(torch.randn(1, cols, generator=generator), 8, isa)
+        dense = _best_seconds(lambda weights=weights, c=codes, s=s, u=sums: [
+            ops.ternary_gemm(c, u, s, w, 1.0, False, isa) for w in weights], 3) / len(weights)
+        subset = _best_seconds(lambda weights=weights, c=codes, s=s, u=sums, r=chosen: [
+            ops.ternary_gemm_rows(c, u, s, w, r, 1.0, False, isa) for w in weights], 3) / len(weights)
+        read = chosen.numel() * layout.shape[1]
+        linears[name] = {"rows": rows, "cols": cols, "sparse": False, "active_share": chosen.numel() / rows,
+                         "packed_bytes": layout.numel(), "bytes_read": read, "seconds": subset,
+                         "gb_s": read / subset / GB, "int_ops_s": 2 * chosen.numel() * cols / subset,
+                         "dense_seconds": dense, "dense_gb_s": layout.numel() / dense / GB}
         del weights
     heads = _lm_head_gemvs(ops, isa, spec["lm_head"], generator)
     prefill = _prefill_gemms(ops, isa, spec["prefill_gemm"], generator) if isa == kernels.ISA_AVX2 else {}
