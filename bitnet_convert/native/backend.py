@@ -110,8 +110,10 @@ class NativeLinear(nn.Module):
         self.spec = source.spec
         self.sparse = sparse
         self.isa = kernels.isa()
-        #: many tokens go through the table-lookup GEMM (integer inputs of 4 bits or fewer, AVX2, dense layout)
-        self.lut = self.isa == 1 and not sparse and source.spec.method in LUT_METHODS and source.spec.bits <= 4
+        #: many tokens go through the table-lookup GEMM: AVX2, the dense layout, and signed integer codes of at most 4
+        #: bits (in [-8, 7]; not FP4 E2M1, whose codes reach ±12)
+        self.lut = (self.isa == kernels.ISA_AVX2 and not sparse and METHODS[source.spec.method].signed_int_codes
+                    and source.spec.bits <= 4)
         layout = kernels.cols_layout if sparse else kernels.rows_layout
         self.register_buffer("weight", layout(source.weight.cpu()))
         #: the scale as the source stores it, and whether it divides (the ``bitlinear`` convention)
@@ -238,11 +240,9 @@ SPARSE_ROLES: tuple[str, ...] = ("o", "down")
 GATED_MAX_TOKENS = 8
 #: The fewest tokens a dense linear with integer inputs of at most 4 bits (a4.8's q/k/v and gate/up) runs on the
 #: table-lookup GEMM (``ternary_gemm_lut``); fewer go to ``ternary_gemm``. Both give the same result bit for bit; on
-#: 2B-4T gate shapes (6,912 × 2,560, 2 threads, AVX2) the lookup is 0.91× as fast at 4 tokens, 1.10× at 8, 1.26× at
-#: 16 and 1.31–1.38× from 32 to 512 (``eval/bench.py --only kernels`` measures it).
+#: 2B-4T gate shapes (6,912 × 2,560, 2 threads, AVX2) the lookup ran 0.91× as fast at 4 tokens, 1.10× at 8, 1.26× at
+#: 16 and 1.31–1.38× from 32 to 512 in a one-off timing (``eval/bench.py --only kernels`` measures 512 tokens).
 LUT_MIN_TOKENS = 16
-#: Activation methods whose integer codes the table-lookup GEMM takes (at 4 bits or fewer: codes in [-8, 7]).
-LUT_METHODS = ("absmean", "absmax")
 
 
 def relu2_gated_up(*args: object) -> tuple[torch.Tensor, torch.Tensor]:

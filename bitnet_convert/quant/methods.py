@@ -37,7 +37,8 @@ class Method:
     and the ``torch.ops.bitnet_convert`` namespace; ``None`` where the method stays on the reference path.
     ``label(bits)``: the short human label. ``default_bits``: the width when a recipe gives none; ``only_bits``: the
     one width the format has (``None``: any of 2..8). ``input_bits``: the width counted for the mean input bits of
-    the auto precision choice (``None``: the spec's ``bits``).
+    the auto precision choice (``None``: the spec's ``bits``). ``signed_int_codes``: the codes are integers in
+    ``[−2^(bits−1), 2^(bits−1) − 1]`` (the native backend's table-lookup GEMM takes such codes at 4 bits or fewer).
     """
 
     name: str
@@ -48,6 +49,7 @@ class Method:
     default_bits: int = 8
     only_bits: int | None = None
     input_bits: int | None = None
+    signed_int_codes: bool = False
 
 
 #: The registered methods by name, in the order recipes and messages list them.
@@ -115,9 +117,10 @@ def _fp4_native(ops: Any, x: torch.Tensor, bits: int, isa: int) -> NativeCodes:
 
 
 ABSMAX = register(Method("absmax", fake=F.absmax_int, label=lambda bits: f"INT{bits} absmax",
-                         codes=_signed_codes(F.absmax_scale), native=_absmax_native))
+                         codes=_signed_codes(F.absmax_scale), native=_absmax_native, signed_int_codes=True))
 ABSMEAN = register(Method("absmean", fake=F.absmean_int, label=lambda bits: f"INT{bits} absmean",
-                          codes=_signed_codes(F.absmean_scale), native=_absmean_native, default_bits=4))
+                          codes=_signed_codes(F.absmean_scale), native=_absmean_native, default_bits=4,
+                          signed_int_codes=True))
 FP4_E2M1 = register(Method("fp4_e2m1", fake=lambda x, bits: F.fp4_e2m1_minmax(x), label=lambda bits: "FP4 E2M1",
                            codes=_fp4_codes, native=_fp4_native, default_bits=4, only_bits=4))
 NONE = register(Method("none", fake=lambda x, bits: x, label=lambda bits: "full precision", input_bits=16))

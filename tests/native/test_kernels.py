@@ -100,10 +100,11 @@ def needs_avx2() -> None:
         pytest.skip("this CPU has no AVX2: only the scalar path exists here")
 
 
-@pytest.mark.parametrize(("n", "k", "t"), [(36, 20, 1), (96, 300, 7), (260, 520, 50), (640, 1000, 13)])
+@pytest.mark.parametrize(("n", "k", "t"), [(36, 20, 1), (96, 300, 7), (260, 520, 50), (68, 4000, 40)])
 @pytest.mark.parametrize("bits", [4, 2])
 def test_table_lookup_gemm_is_the_exact_integer_sum(n, k, t, bits):
-    # rows past a 32-row tile, tokens past a 6-token pass and a 48-token block, 2-bit codes as well as 4-bit ones
+    # rows past a 32-row tile, tokens past a 6-token pass; K = 4000 makes blocks of 12 tokens' tables (512 KB), so 40
+    # tokens take four blocks, the last one short; 2-bit codes as well as 4-bit ones
     needs_avx2()
     w, x = random_case(n, k, t, seed=n + k + t + bits)
     x[0] *= 1e3
@@ -116,6 +117,32 @@ def test_table_lookup_gemm_is_the_exact_integer_sum(n, k, t, bits):
         lut = ops().ternary_gemm_lut(codes, sums, s, rows, 0.37, divide)
         assert torch.equal(lut, want)
         assert torch.equal(lut, ops().ternary_gemm(codes, sums, s, rows, 0.37, divide, kernels.ISA_SCALAR))
+
+
+def test_table_lookup_gemm_sums_the_largest_products_exactly():
+    # every code -8 or 7 and every weight ±1 over 8192 inputs: the int8 sums of 6 lookups reach ±96 and the int16
+    # ones ±6144 before they are widened, and the totals reach ±65536
+    needs_avx2()
+    g = torch.Generator().manual_seed(11)
+    n, k, t = 64, 8192, 7
+    w = torch.where(torch.rand(n, k, generator=g) < 0.5, -1, 1).to(torch.int8)
+    w[0], w[1] = 1, -1
+    codes = torch.where(torch.rand(t, k, generator=g) < 0.5, -8, 7).to(torch.int8)
+    codes[0], codes[1] = -8, 7
+    s, sums = torch.ones(t), codes.sum(-1, dtype=torch.int32)
+    rows = kernels.rows_layout(pack_ternary(w))
+    exact = (codes.long() @ w.long().t()).float()
+    assert exact.abs().max() == 8 * k
+    assert torch.equal(ops().ternary_gemm_lut(codes, sums, s, rows, 1.0, False), exact)
+
+
+def test_table_lookup_gemm_of_zero_inputs_is_the_dense_kernels():
+    needs_avx2()
+    codes, sums = torch.zeros(3, 0, dtype=torch.int8), torch.zeros(3, dtype=torch.int32)
+    s = torch.tensor([1.0, 2.0, 0.5])
+    rows = torch.zeros(8, 0, dtype=torch.uint8)
+    want = ops().ternary_gemm(codes, sums, s, rows, 0.3, False, kernels.ISA_SCALAR)
+    assert want.shape == (3, 8) and torch.equal(ops().ternary_gemm_lut(codes, sums, s, rows, 0.3, False), want)
 
 
 def test_table_lookup_gemm_refuses_codes_wider_than_4_bits():

@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> topk_sparsify(const at::Tensor& x, int64_t k)
   auto exact = at::empty({T}, at::kBool);
   float* yp = y.data_ptr<float>();
   bool* ep = exact.data_ptr<bool>();
-  // one token per task: each row's result is its own (the same at any thread count)
+  // tokens split over the threads in chunks: each row's result is its own (the same at any thread count)
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> magnitude(K);
     for (int64_t t = begin; t < end; ++t) {

@@ -1,7 +1,8 @@
 // The ternary GEMM for many tokens of 4-bit inputs (prefill of the a4.8 q/k/v and gate/up linears) by table lookup:
 // two ternary weights of one output row and the two codes they multiply give one of 9 sums, so for each token and
 // each pair of inputs a 16-entry table of those sums is made once, and vpshufb looks up 32 output rows' sums in one
-// instruction (64 multiply-adds), where vpmaddubsw does 32. The idea is the one of T-MAC and bitnet.cpp's TL kernels
+// instruction (64 multiply-adds), where vpmaddubsw does 32. The idea is the one of T-MAC (Wei et al., "T-MAC: CPU
+// Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", arXiv 2407.00088) and bitnet.cpp's TL kernels
 // (table lookup over groups of low-bit weights); the layout, tables and loops here are ours. Integer sums are exact,
 // so the result equals ternary_gemm's (and the scalar path's) bit for bit.
 //
@@ -22,7 +23,7 @@ namespace {
 
 constexpr int64_t kTileRows = 32;   // output rows per lookup (32 byte lanes)
 constexpr int64_t kTableBytes = 512 * 1024;  // tables made and used together: half of a 1 MB L2 (2B-4T: 24 tokens)
-constexpr int kTokenTile = 6;  // tokens per pass over a tile's weights (their accumulators in registers)
+constexpr int kTokenTile = 6;  // tokens per pass over a tile's weights (their tables and sums in L1)
 constexpr uint8_t kZeroWeights = 0x55;  // four weights w = 0 (u = 1): the rows that pad the last tile
 
 // pair_table()[(a & 15) | (b & 15) << 4][ua | ub << 2] = (ua - 1) · a + (ub - 1) · b for codes a, b in [-8, 7] and
@@ -164,12 +165,15 @@ BC_AVX2 void lut_tokens(int tt, const uint8_t* wt, const int8_t* tables, int64_t
 
 }  // namespace
 
-// ternary_gemm's y for codes in [-8, 7] (4-bit and narrower integer inputs), computed by table lookup (AVX2 only);
-// equal to ternary_gemm's and the scalar path's result bit for bit. w: the `rows` layout [N, Kp/4]. Raises if the
-// CPU has no AVX2 or a code is outside [-8, 7].
+// y[t, n] = ((sum_k T[n, k] · codes[t, k]) / scale[t]) · alpha (with `divide`: / (scale[t] · alpha)), as
+// ternary_gemm computes it, for codes in [-8, 7] (integer inputs of 4 bits or fewer), by table lookup (AVX2 only):
+// equal to ternary_gemm's result and to the scalar path's bit for bit. codes int8 [T, Kp] (Kp % 128 == 0), sums int32
+// [T] (checked, not used: the lookup sums the weights' signed values directly, so the result equals ternary_gemm's
+// for any codes, where ternary_gemm needs sums to be the code sums), scale fp32 [T], w uint8 in the `rows` layout
+// [N, Kp/4]. Returns fp32 [T, N]. Raises if the CPU has no AVX2 or a code is outside [-8, 7].
 at::Tensor ternary_gemm_lut(const at::Tensor& codes, const at::Tensor& sums, const at::Tensor& scale,
                             const at::Tensor& w, double alpha_d, bool divide) {
-  check_isa(1);
+  TORCH_CHECK(cpu_has_avx2(), "ternary_gemm_lut needs a CPU with AVX2 (use ternary_gemm)");
   const QuantizedInput in(codes, sums, scale);
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.size(1) * 4 == in.Kp,
               "w must be contiguous uint8 [N, Kp/4] matching the codes");
@@ -177,6 +181,12 @@ at::Tensor ternary_gemm_lut(const at::Tensor& codes, const at::Tensor& sums, con
   const int64_t tiles = (N + kTileRows - 1) / kTileRows;
   const float alpha = static_cast<float>(alpha_d);
   auto y = at::empty({T, N}, at::kFloat);
+  if (U == 0) {  // no inputs: every sum is 0 (ternary_gemm's result for codes of zero width)
+    float* yp = y.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) yp[t * N + n] = finish(0, in.scale[t], alpha, divide);
+    return y;
+  }
 #if BC_X86
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
