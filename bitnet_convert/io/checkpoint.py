@@ -44,6 +44,8 @@ BUILTIN_MODELS = {
     "builtin:reference": REPO_ROOT / "eval" / "reference" / "model",
     "builtin:reference-llama": REPO_ROOT / "eval" / "reference" / "model-llama",
     "builtin:reference-1bitllm": REPO_ROOT / "eval" / "reference" / "model-1bitllm",
+    # trained on real English (the King James Bible) with its own tokenizer: eval/reference/README.md
+    "builtin:reference-text": REPO_ROOT / "eval" / "reference" / "model-text",
 }
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -213,6 +215,18 @@ def uses_reference_tokenizer(path: Path) -> bool:
     tokenizer's content (:func:`tokenizer_fingerprint`), not by where the directory lies."""
     ours = tokenizer_fingerprint(path)
     return ours is not None and ours == _reference_fingerprint()
+
+
+def shares_tokenizer(path: Path, builtin: str) -> bool:
+    """Whether the checkpoint in ``path`` tokenizes as the built-in model ``builtin`` (a :data:`BUILTIN_MODELS`
+    name) does, by the tokenizer's content (:func:`tokenizer_fingerprint`)."""
+    ours = tokenizer_fingerprint(path)
+    return ours is not None and ours == _builtin_fingerprint(builtin)
+
+
+@functools.cache
+def _builtin_fingerprint(builtin: str) -> str | None:
+    return tokenizer_fingerprint(BUILTIN_MODELS[builtin])
 
 
 @functools.cache

@@ -10,10 +10,14 @@ from typing import Literal
 import torch
 
 from bitnet_convert.errors import DataError
-from bitnet_convert.io.checkpoint import REPO_ROOT, uses_reference_tokenizer
+from bitnet_convert.io.checkpoint import REPO_ROOT, shares_tokenizer
 from bitnet_convert.notes import warn
 
-BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data"}
+BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data",
+                "builtin:reference-text": REPO_ROOT / "eval" / "reference" / "data-text"}
+#: How each built-in corpus cuts its files into documents, and the built-in model whose tokenizer it fits.
+BUILTIN_DOCUMENTS = {"builtin:reference": "lines", "builtin:reference-text": "paragraphs"}
+BUILTIN_DATA_MODEL = {"builtin:reference": "builtin:reference", "builtin:reference-text": "builtin:reference-text"}
 #: How a ``.txt`` file is cut into documents: ``paragraphs`` (the default: text as written, newlines kept,
 #: documents separated by blank lines) or ``lines`` (one document per non-empty line).
 TxtDocuments = Literal["paragraphs", "lines"]
@@ -24,7 +28,9 @@ def load_texts(source: str, split: str = "validation", text_field: str = "text",
                txt_documents: TxtDocuments = "paragraphs") -> list[str]:
     """Documents from ``source``.
 
-    ``builtin:reference`` (splits ``calib``, ``validation``, ``test``; one document per line), a ``.txt`` file
+    ``builtin:reference`` (the generated corpus; splits ``calib``, ``validation``, ``test``; one document per line),
+    ``builtin:reference-text`` (the King James Bible; splits ``calib``, ``train``, ``validation``, ``test``; one
+    document per chapter, separated by blank lines), a ``.txt`` file
     (``txt_documents``: ``paragraphs`` — text as written, newlines kept, documents separated by blank lines — or
     ``lines``, one document per non-empty line), a ``.jsonl`` file (``text_field`` of each record, as written), or
     a hub dataset id (``split``). Raises :class:`DataError` naming the file for unreadable input.
@@ -34,7 +40,7 @@ def load_texts(source: str, split: str = "validation", text_field: str = "text",
         if not file.is_file():
             splits = sorted(p.stem for p in BUILTIN_DATA[source].glob("*.txt"))
             raise DataError(f"{source}: no split '{split}' (available: {', '.join(splits) or 'none'})")
-        return _txt(file, "lines")
+        return _txt(file, BUILTIN_DOCUMENTS[source])
     path = Path(source).expanduser()
     if path.suffix in (".txt", ".jsonl") or path.exists():
         if path.is_dir():
@@ -140,9 +146,10 @@ def describe_source(setting: str, data: str, split: str) -> str:
 
 
 def warn_builtin_data(model: Path, data: str, setting: str, hint: str) -> None:
-    """One warning line when ``setting`` uses the built-in corpus on a model it was not made for (decided by the
-    tokenizer, :func:`~bitnet_convert.io.checkpoint.uses_reference_tokenizer`); ``hint`` says what to give instead."""
-    if data in BUILTIN_DATA and not uses_reference_tokenizer(model):
+    """One warning line when ``setting`` uses a built-in corpus on a model it was not made for (decided by the
+    tokenizer: that of the corpus's built-in model, :func:`~bitnet_convert.io.checkpoint.shares_tokenizer`);
+    ``hint`` says what to give instead."""
+    if data in BUILTIN_DATA and not shares_tokenizer(model, BUILTIN_DATA_MODEL[data]):
         warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{model}'; {hint}")
 
 

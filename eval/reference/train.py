@@ -18,6 +18,9 @@ In every family each decoder linear computes ``F.linear(Q_INT8(x), Q_w(W))`` wit
 ``bitnet_convert.quant.functional`` and a straight-through gradient (b1.58, arXiv 2402.17764); embeddings, norms and
 lm_head stay full precision.
 
+``--train-file data-text/train.txt`` (``model-text/``, with its own tokenizer): the ``bitnet`` family trained on
+real English (the King James Bible, split by book) instead of the generated corpus.
+
 Usage: ``python eval/reference/train.py [--family llama --out eval/reference/model-llama ...]`` (needs the
 tokenizer in ``model/``; see README.md for the exact commands of the committed checkpoints).
 """
@@ -51,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import iter_documents
 from evaluate_reference import DECODER_LINEARS, SEQ_LEN, pack, perplexity, read_documents, windows
 
+from bitnet_convert.io.data import load_texts
 from bitnet_convert.quant.functional import (
     int8_absmax,
     int8_absmax_ste,
@@ -120,6 +124,19 @@ def make_config(tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) ->
     return config
 
 
+def file_windows(tokenizer: PreTrainedTokenizerBase, path: Path, n_windows: int, seed: int
+                 ) -> tuple[torch.Tensor, int]:
+    """``n_windows`` full windows of the documents of the text file ``path`` (separated by blank lines), packed
+    once; the windows of each pass over the file in an order drawn from a generator seeded by ``(seed, pass)``
+    (the global RNG untouched). Returns the windows and the file's document count."""
+    docs = load_texts(str(path))
+    every = torch.stack(windows(pack(tokenizer, docs), tokenizer.bos_token_id, keep_partial=False))
+    order: list[torch.Tensor] = []
+    for epoch in range(-(-n_windows // len(every))):
+        order.append(torch.randperm(len(every), generator=torch.Generator().manual_seed(seed * 1000 + epoch)))
+    return every[torch.cat(order)[:n_windows]], len(docs)
+
+
 def train_windows(tokenizer: PreTrainedTokenizerBase, n_windows: int, seed: int) -> tuple[torch.Tensor, int]:
     """The first ``n_windows`` full windows of the packed train stream, and how many documents they used."""
     docs, ids = iter_documents("train", seed), []
@@ -151,7 +168,10 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
     model = model_class(make_config(tokenizer, args))
     n_qat = make_qat(model)
     n_params = sum(p.numel() for p in model.parameters())
-    data, n_docs = train_windows(tokenizer, args.steps * args.batch, args.seed)
+    if args.train_file is not None:
+        data, n_docs = file_windows(tokenizer, args.train_file, args.steps * args.batch, args.seed)
+    else:
+        data, n_docs = train_windows(tokenizer, args.steps * args.batch, args.seed)
     print(f"{n_params:,} parameters, {n_qat} BitLinearQAT layers; {data.numel():,} train tokens from {n_docs} docs")
 
     decay = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
@@ -178,7 +198,8 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}  {tokens / elapsed:,.0f} tok/s  {elapsed:.0f}s")
     train_seconds = time.perf_counter() - t0
 
-    val = windows(pack(tokenizer, read_documents(args.validation)), tokenizer.bos_token_id)
+    validation = load_texts(str(args.validation)) if args.train_file is not None else read_documents(args.validation)
+    val = windows(pack(tokenizer, validation), tokenizer.bos_token_id)
     ppl_fp32, n_val = perplexity(model, val)
     stored = torch.float16 if args.family == "1bitllm" else torch.bfloat16
     with torch.no_grad():
@@ -192,6 +213,7 @@ def train(args: argparse.Namespace) -> dict[str, float | int | str]:
         model.config.quantization_config = dict(QUANTIZATION_CONFIG)
         model.config.dtype = torch.bfloat16
         model.save_pretrained(args.out)
+        (args.out / "model.safetensors").chmod(0o644)  # written through a private (0600) temporary file
     else:
         save_family(model, args)
     if args.out.resolve() != args.tokenizer.resolve():
@@ -255,6 +277,8 @@ def main() -> None:
     parser.add_argument("--validation", type=Path, default=HERE / "data" / "validation.txt")
     parser.add_argument("--metrics", type=Path, default=HERE / "train_metrics.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-file", type=Path, help="train on this .txt file (documents separated by blank "
+                        "lines; --validation then in the same format) instead of the generated corpus")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=192)
     parser.add_argument("--intermediate", type=int, default=512)

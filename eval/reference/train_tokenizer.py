@@ -1,6 +1,8 @@
 """Train the reference model's byte-level BPE tokenizer on the train stream of the corpus.
 
-Usage: ``python eval/reference/train_tokenizer.py`` saves the tokenizer files into ``model/`` beside this file.
+Usage: ``python eval/reference/train_tokenizer.py`` saves the tokenizer files into ``model/`` beside this file;
+``--train-file data-text/train.txt --validation-file data-text/validation.txt --out model-text`` trains the
+real-text reference model's on a text file (documents separated by blank lines) instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import generate_documents
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: bitnet_convert
+from bitnet_convert.io.data import load_texts
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 SPECIAL_TOKENS = [BOS, EOS, UNK, PAD]  # ids 0, 1, 2, 3
@@ -62,9 +67,18 @@ def main() -> None:
     parser.add_argument("--n-docs", type=int, default=20000)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-file", type=Path, help="a .txt file (documents separated by blank lines) to train "
+                        "on instead of the generated corpus")
+    parser.add_argument("--validation-file", type=Path, help="with --train-file: its held-out text, for the checks")
     args = parser.parse_args()
-    tokenizer = train_tokenizer(generate_documents("train", args.n_docs, args.seed), args.vocab_size)
-    valid = generate_documents("validation", 200, args.seed)
+    if args.train_file is not None:
+        if args.validation_file is None:
+            parser.error("--train-file needs --validation-file")
+        tokenizer = train_tokenizer(load_texts(str(args.train_file)), args.vocab_size)
+        valid = load_texts(str(args.validation_file))
+    else:
+        tokenizer = train_tokenizer(generate_documents("train", args.n_docs, args.seed), args.vocab_size)
+        valid = generate_documents("validation", 200, args.seed)
     check_round_trip(tokenizer, valid)
     n_tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in valid)
     n_words = sum(len(d.split()) for d in valid)

@@ -19,6 +19,31 @@ def test_builtin_reference_splits_are_distinct():
         load_texts("builtin:reference", "train")
 
 
+def test_builtin_text_corpus_is_chapters_split_by_book():
+    splits = {split: load_texts("builtin:reference-text", split) for split in ("train", "validation", "test", "calib")}
+    assert [len(splits[s]) for s in ("train", "validation", "test", "calib")] == [934, 162, 93, 64]
+    assert splits["train"][0].startswith("Genesis, chapter 1\n1:1 In the beginning God created")  # verses kept
+    books = {split: {doc.split(", chapter")[0] for doc in docs} for split, docs in splits.items()}
+    assert not books["train"] & books["validation"] and not books["train"] & books["test"]
+    assert set(splits["calib"]) <= set(splits["train"])
+
+
+def test_each_builtin_corpus_fits_its_own_builtin_model_only():
+    from bitnet_convert import notes
+    from bitnet_convert.io.checkpoint import BUILTIN_MODELS
+    from bitnet_convert.io.data import warn_builtin_data
+
+    synthetic, text = BUILTIN_MODELS["builtin:reference"], BUILTIN_MODELS["builtin:reference-text"]
+    for model, data, warned in [(synthetic, "builtin:reference", False), (text, "builtin:reference-text", False),
+                                (synthetic, "builtin:reference-text", True), (text, "builtin:reference", True)]:
+        with notes.collect() as messages:
+            warn_builtin_data(model, data, "calibration.data", "give your own text")
+        assert bool(messages) is warned, (model, data)
+        if warned:
+            assert messages == [f"calibration.data is the built-in reference corpus ('{data}'), not text of the "
+                                f"model '{model}'; give your own text"]
+
+
 def test_txt_and_jsonl(tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("first doc\n\n  second doc  \n")
