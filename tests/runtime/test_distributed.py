@@ -167,8 +167,10 @@ if distributed.rank() == 1:
 try:
     distributed.sum_floats(1.0)
 except BitNetConvertError as exc:
-    print(f"error: {exc}")
+    print(f"error: {exc}", flush=True)
     sys.exit(2)
+finally:  # as the pipeline does (its session's finally): left to interpreter exit, gloo's threads may abort it
+    distributed.shutdown()
 """
 
 
