@@ -213,8 +213,7 @@ def uses_reference_tokenizer(path: Path) -> bool:
     """Whether the checkpoint in ``path`` tokenizes as the built-in reference model does: the reference model, its
     conversions, and models of its family — those the built-in corpus, tasks and baselines fit. Decided by the
     tokenizer's content (:func:`tokenizer_fingerprint`), not by where the directory lies."""
-    ours = tokenizer_fingerprint(path)
-    return ours is not None and ours == _reference_fingerprint()
+    return shares_tokenizer(path, "builtin:reference")
 
 
 def shares_tokenizer(path: Path, builtin: str) -> bool:
@@ -226,13 +225,8 @@ def shares_tokenizer(path: Path, builtin: str) -> bool:
 
 @functools.cache
 def _builtin_fingerprint(builtin: str) -> str | None:
+    """A built-in model's tokenizer fingerprint, read once per process (the files ship with the package)."""
     return tokenizer_fingerprint(BUILTIN_MODELS[builtin])
-
-
-@functools.cache
-def _reference_fingerprint() -> str | None:
-    """The built-in model's tokenizer fingerprint, read once per process (the file ships with the package)."""
-    return tokenizer_fingerprint(BUILTIN_MODELS["builtin:reference"])
 
 
 def resolve_model_path(model: str) -> Path:

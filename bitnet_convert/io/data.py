@@ -15,9 +15,9 @@ from bitnet_convert.notes import warn
 
 BUILTIN_DATA = {"builtin:reference": REPO_ROOT / "eval" / "reference" / "data",
                 "builtin:reference-text": REPO_ROOT / "eval" / "reference" / "data-text"}
-#: How each built-in corpus cuts its files into documents, and the built-in model whose tokenizer it fits.
+#: How each built-in corpus cuts its files into documents. Each is named after the built-in model
+#: (:data:`~bitnet_convert.io.checkpoint.BUILTIN_MODELS`) whose tokenizer it fits.
 BUILTIN_DOCUMENTS = {"builtin:reference": "lines", "builtin:reference-text": "paragraphs"}
-BUILTIN_DATA_MODEL = {"builtin:reference": "builtin:reference", "builtin:reference-text": "builtin:reference-text"}
 #: How a ``.txt`` file is cut into documents: ``paragraphs`` (the default: text as written, newlines kept,
 #: documents separated by blank lines) or ``lines`` (one document per non-empty line).
 TxtDocuments = Literal["paragraphs", "lines"]
@@ -147,9 +147,9 @@ def describe_source(setting: str, data: str, split: str) -> str:
 
 def warn_builtin_data(model: Path, data: str, setting: str, hint: str) -> None:
     """One warning line when ``setting`` uses a built-in corpus on a model it was not made for (decided by the
-    tokenizer: that of the corpus's built-in model, :func:`~bitnet_convert.io.checkpoint.shares_tokenizer`);
-    ``hint`` says what to give instead."""
-    if data in BUILTIN_DATA and not shares_tokenizer(model, BUILTIN_DATA_MODEL[data]):
+    tokenizer: that of the built-in model the corpus is named after,
+    :func:`~bitnet_convert.io.checkpoint.shares_tokenizer`); ``hint`` says what to give instead."""
+    if data in BUILTIN_DATA and not shares_tokenizer(model, data):
         warn(f"{setting} is the built-in reference corpus ('{data}'), not text of the model '{model}'; {hint}")
 
 

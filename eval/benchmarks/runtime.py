@@ -548,7 +548,6 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from bitnet_convert.native import build as kernels
-    from bitnet_convert.quant.packing import pack_ternary
 
     kernels.ensure_built()
     ops, isa = torch.ops.bitnet_convert, kernels.isa()
@@ -560,10 +559,9 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     linears = {}
     for name, (rows, cols, zero_share, sparse) in spec["shapes"].items():
-        packed = pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator, dtype=torch.int8))
+        packed = _random_packed(rows, cols, generator)
         layout = kernels.cols_layout(packed) if sparse else kernels.rows_layout(packed)
-        count = max(2, -(-spec["working_set_bytes"] // layout.numel()))
-        weights = [layout.clone() for _ in range(count)]
+        weights = _cold_copies(layout, spec["working_set_bytes"])
         x = torch.randn(1, cols, generator=generator)
         x = x * (torch.rand(1, cols, generator=generator) >= zero_share)
         codes, s, sums = ops.quantize_absmax(x, 8, isa)
@@ -581,10 +579,8 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
                          "gb_s": read / seconds / GB, "int_ops_s": 2 * rows * cols * active / seconds}
         del weights
     for name, (rows, cols, keep) in spec.get("chosen_rows", {}).items():
-        layout = kernels.rows_layout(pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator,
-                                                                dtype=torch.int8)))
-        count = max(2, -(-spec["working_set_bytes"] // layout.numel()))
-        weights = [layout.clone() for _ in range(count)]
+        layout = kernels.rows_layout(_random_packed(rows, cols, generator))
+        weights = _cold_copies(layout, spec["working_set_bytes"])
         chosen = torch.nonzero(torch.rand(rows, generator=generator) < keep).flatten()
         codes, s, sums = ops.quantize_absmax(torch.randn(1, cols, generator=generator), 8, isa)
         dense = _best_seconds(lambda weights=weights, c=codes, s=s, u=sums: [
@@ -603,6 +599,22 @@ def _job_kernels(spec: dict[str, Any]) -> dict[str, Any]:
             "lm_heads": heads, "prefill_gemms": prefill}
 
 
+def _random_packed(rows: int, cols: int, generator: Any) -> Any:
+    """A random ternary weight ``[rows, cols]`` (values -1, 0, 1 from ``generator``) in transformers' 2-bit
+    packing."""
+    import torch
+
+    from bitnet_convert.quant.packing import pack_ternary
+
+    return pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator, dtype=torch.int8))
+
+
+def _cold_copies(layout: Any, working_set_bytes: int) -> list[Any]:
+    """Enough copies of ``layout`` (at least 2) to fill ``working_set_bytes``: cycling through them, a GEMV never
+    finds its weight in a cache."""
+    return [layout.clone() for _ in range(max(2, -(-working_set_bytes // layout.numel())))]
+
+
 def _prefill_gemms(ops: Any, isa: int, spec: dict[str, Any], generator: Any) -> dict[str, dict[str, float]]:
     """The prefill GEMM of ``spec["tokens"]`` tokens of 4-bit codes (a4.8's q/k/v and gate/up inputs) through each
     ``spec["shapes"]`` weight, by vpmaddubsw (``ternary_gemm``) and by table lookup (``ternary_gemm_lut``): seconds
@@ -610,13 +622,11 @@ def _prefill_gemms(ops: Any, isa: int, spec: dict[str, Any], generator: Any) -> 
     import torch
 
     from bitnet_convert.native import build as kernels
-    from bitnet_convert.quant.packing import pack_ternary
 
     tokens = spec["tokens"]
     gemms = {}
     for name, (rows, cols) in spec["shapes"].items():
-        weight = kernels.rows_layout(pack_ternary(torch.randint(-1, 2, (rows, cols), generator=generator,
-                                                                dtype=torch.int8)))
+        weight = kernels.rows_layout(_random_packed(rows, cols, generator))
         codes = torch.randint(-8, 8, (tokens, weight.shape[1] * 4), generator=generator, dtype=torch.int8)
         s, sums = torch.ones(tokens), codes.sum(-1, dtype=torch.int32)
         runs = {"maddubs": lambda w=weight, c=codes, s=s, u=sums: ops.ternary_gemm(c, u, s, w, 1.0, False, isa),
