@@ -26,8 +26,8 @@ from bitnet_convert.io.checkpoint import (
     Checkpoint,
     architecture_signature,
     open_checkpoint,
+    shares_tokenizer,
     tokenizer_fingerprint,
-    uses_reference_tokenizer,
 )
 from bitnet_convert.io.data import token_stream, warn_no_bos, windows
 from bitnet_convert.io.load import (
@@ -104,17 +104,32 @@ def perplexity_of(path: str | Path, data: str = "builtin:reference", split: str 
     return {**result, "label": label, "source": source, "bos": tokenizer.bos_token_id is not None}
 
 
-#: Task YAMLs over local data that ship with the project (the defaults for the built-in reference model).
+#: Task YAMLs over local data that ship with the project, by the built-in model whose tokenizer and corpus they
+#: fit (the defaults for that model and its conversions).
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
-REFERENCE_TASKS = ("reference_ppl", "reference_agreement", "reference_wordclass")
+BUILTIN_TASKS = {
+    "builtin:reference": ("reference_ppl", "reference_agreement", "reference_wordclass"),
+    "builtin:reference-text": ("reference_text_ppl",),
+}
+REFERENCE_TASKS = BUILTIN_TASKS["builtin:reference"]
 #: The default for any other model: the paper's zero-shot suite (needs the hub for the datasets).
 HUB_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 
 
 def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
-    """The reference tasks for a model with the built-in reference model's tokenizer (the reference model and its
-    conversions, wherever they lie), else the paper's suite."""
-    return REFERENCE_TASKS if uses_reference_tokenizer(checkpoint.path) else HUB_TASKS
+    """The built-in tasks of the built-in model whose tokenizer the checkpoint has (that model and its
+    conversions, wherever they lie; decided by the tokenizer's content), else the paper's suite."""
+    for builtin, tasks in BUILTIN_TASKS.items():
+        if shares_tokenizer(checkpoint.path, builtin):
+            return tasks
+    return HUB_TASKS
+
+
+def foreign_builtin_tasks(checkpoint: Checkpoint, tasks: list[str]) -> list[str]:
+    """The built-in tasks among ``tasks`` made for another built-in model's tokenizer and corpus than the
+    checkpoint's (their scores say little about it)."""
+    return [t for builtin, names in BUILTIN_TASKS.items() for t in tasks
+            if t in names and not shares_tokenizer(checkpoint.path, builtin)]
 
 
 @dataclass(frozen=True)
@@ -167,9 +182,9 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     preset, roles, _ = resolve_scheme(checkpoint)
     attention = attention_of(checkpoint)
     tasks = list(tasks or default_tasks(checkpoint))
-    builtin = [t for t in tasks if t in REFERENCE_TASKS]
-    if builtin and not uses_reference_tokenizer(checkpoint.path):
-        warn(f"task(s) {', '.join(builtin)} score the built-in reference corpus, not text of the model "
+    foreign = foreign_builtin_tasks(checkpoint, tasks)
+    if foreign:
+        warn(f"task(s) {', '.join(foreign)} score a built-in corpus made for another model, not text of the model "
              f"'{checkpoint.path}'")
     tokenizer = load_tokenizer(checkpoint.path)
     # loads every task's data and checks max_length against it: fails before the model is built
@@ -267,8 +282,8 @@ def resolve_tasks(tasks: list[str]):
     unknown = [n for n in hub_names if n not in manager.all_tasks]
     if unknown:
         raise DataError(
-            f"unknown task '{unknown[0]}': use a built-in task ({', '.join(REFERENCE_TASKS)}), a task YAML path, "
-            "or an lm-eval task name (list them with `lm-eval ls tasks`)"
+            f"unknown task '{unknown[0]}': use a built-in task ({', '.join(sum(BUILTIN_TASKS.values(), ()))}), a task "
+            "YAML path, or an lm-eval task name (list them with `lm-eval ls tasks`)"
         )
     return specs, manager
 

@@ -16,10 +16,14 @@ as transformers' BitNet linears do.
 A new module is in eval mode. In training mode (``module.train()``, used by the distillation fine-tune) the
 forward is quantization-aware: straight-through estimators through the input quantizer (top-K included) and,
 when a float ``latent`` weight is set, through its absmean ternarization; ``ste_lambda`` < 1 blends
-quantization in during a warm-up.
+quantization in during a warm-up. The top-K (or threshold) sparsification of an input passes its gradient to the
+kept entries only (``topk_gradient = "kept"``, the sparsification's own gradient; the rounding after it stays
+straight-through) or, with ``"all"``, to every entry (plain straight-through, as Q-Sparse, arXiv 2407.10969).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as tF
@@ -28,6 +32,8 @@ from torch import nn
 from bitnet_convert.quant import functional as F
 from bitnet_convert.quant.packing import VALUES_PER_BYTE, pack_ternary, unpack_ternary
 from bitnet_convert.quant.schemes import ActivationSpec
+
+TopKGradient = Literal["kept", "all"]
 
 
 class QuantLinear(nn.Module):
@@ -49,6 +55,8 @@ class QuantLinear(nn.Module):
         self.latent: torch.Tensor | None = None
         #: λ of the straight-through blend ``x + λ·(q(x) − x)`` in training mode
         self.ste_lambda = 1.0
+        #: where the gradient of a sparsified input goes in training: "kept" entries only, or "all" of them
+        self.topk_gradient: TopKGradient = "kept"
         #: optional RMSNorm on the input (``use_rms_norm``), applied before the quantizer
         self.rms_norm: nn.Module | None = None
         #: ``weight_scale`` is ``1/α`` and divides (transformers' ``BitLinear``), not ``α`` that multiplies
@@ -139,9 +147,20 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(x.dtype)
         return y
 
+    def _train_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized input of a training forward: ``x + λ·(q(x) − x)`` in value; its gradient is the identity
+        (``topk_gradient = "all"``) or, for a sparsified input, ``(1 − λ) + λ·mask`` (``"kept"``: the top-K's
+        own gradient, zero for the dropped entries, times the straight-through rounding)."""
+        lam = self.ste_lambda
+        q = self._quantize_input(x)
+        if self.topk_gradient == "all" or not self.spec.sparsifies:
+            return F.ste(x, q, lam)
+        kept = F.ste(self.spec.sparsify(x), q)  # value q; gradient: the sparsification's mask
+        return kept if lam == 1.0 else (1.0 - lam) * x + lam * kept
+
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         lam = self.ste_lambda
-        xq = F.ste(x, self._quantize_input(x), lam)
+        xq = self._train_input(x)
         if self.latent is None:  # frozen weight: the cached dense codes, no weight-sized temporary kept for backward
             y = self._scaled(tF.linear(xq, self.dense_weight(x.dtype)))
         else:

@@ -78,6 +78,11 @@ class ActivationSpec(BaseModel):
         """The width of the quantized input (16 for a full-precision one), for mean-input-bit budgets."""
         return METHODS[self.method].input_bits or self.bits
 
+    @property
+    def sparsifies(self) -> bool:
+        """Whether :meth:`sparsify` zeroes inputs (a top-K below 1, or a threshold)."""
+        return (self.topk is not None and self.topk < 1.0) or self.threshold is not None
+
     def sparsify(self, x: torch.Tensor) -> torch.Tensor:
         """The sparsification step alone: top-K per token (a4.8 Eq. 1) or the static threshold; ``x`` itself
         when the spec has neither. Shared by the reference quantizer and the native backend."""

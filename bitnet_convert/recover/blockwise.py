@@ -2,10 +2,12 @@
 
 For each decoder block in order, on the block inputs that the already-recovered converted blocks before it produce
 (as QwT's fit sees them), the block's latent ternary weights and its RMSNorm weights train through the a4.8
-quantizers (straight-through, as the distillation fine-tune) to minimise the normalized squared error between its
-output and the b1.58 block's output on the same inputs; then the latents are re-ternarized (absmean) and the block
-is frozen. The calibration windows are split: the first ones train, the last ``holdout`` share decides — a block
-whose held-out error does not fall is reverted to its converted weights (QwT's keep/drop rule).
+quantizers (straight-through, as the distillation fine-tune, the top-K's gradient to its kept entries) to minimise
+the normalized squared error between its output and the b1.58 block's output on the same inputs (``target:
+block``) or the b1.58 model's own hidden state after the block (``target: model``); then the latents are
+re-ternarized (absmean) and the block is frozen. The calibration windows are split: the first ones train, the last
+``holdout`` share decides — a block whose held-out error does not fall is reverted to its converted weights (QwT's
+keep/drop rule).
 
 Memory: the converted model (packed; each block's unpacked-weight cache is dropped once the block is done), one
 b1.58 block, the trained block's latents and AdamW state, and the block inputs/targets of the calibration windows —
@@ -61,9 +63,14 @@ class BlockwiseSpec(TrainingSpec):
 
     steps: int = Field(200, ge=1, description="optimizer steps per decoder block")
     batch_size: int = Field(4, ge=1, description="calibration windows per step")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW; 1e-3 measured best on real text)")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="per block: cosine to 0, or flat")
     trainable: list[BlockGroup] = Field(default_factory=lambda: ["norms", "linears"], min_length=1)
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="share of calibration windows that decide keep/revert")
+    target: Literal["block", "model"] = Field(
+        "block", description="what a block learns to output: 'block', the b1.58 block on the converted model's "
+        "hidden state; 'model', the b1.58 model's own hidden state after this block (the b1.58 blocks run on their "
+        "own outputs), so each block also corrects what the converted blocks before it left")
     checkpoint_dir: Path | None = Field(None, description="where finished blocks go (default <output>.blockwise)")
     keep_checkpoint: bool = Field(False, description="keep the finished blocks after a successful conversion")
 
@@ -117,6 +124,7 @@ def train_block(
     optimizer = torch.optim.AdamW(list(tensors.values()), lr=spec.lr, weight_decay=spec.weight_decay)
     generator, state = torch.Generator().manual_seed(seed), (optimizer, tensors, _is_large(block))
     block.train()
+    training.set_topk_gradient(block, spec.topk_gradient)
     try:
         losses = [_train_step(block, runner, inputs, targets, spec, step, state,
                               [position[w] for w in torch.randperm(fit, generator=generator)[: spec.batch_size].tolist()
@@ -257,13 +265,17 @@ def _restore(block: nn.Module, saved: dict) -> dict:
     return saved["record"]
 
 
-def _train_and_save(block: nn.Module, index: int, previous: str, hidden: torch.Tensor, job: _BlockJob) -> dict:
-    """Train converted block ``index`` towards the b1.58 block on its inputs ``hidden`` and save it (rank 0) with
-    the digest ``previous`` of the block before; returns its record."""
+def _reference_output(job: _BlockJob, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The b1.58 block ``index`` (read from the checkpoint alone) on ``hidden``."""
     reference = build_layer(job.checkpoint, index, PRESETS["b158"])
     with job.runner.onload(reference):
-        targets = job.runner.run(reference, hidden)
-    del reference
+        return job.runner.run(reference, hidden)
+
+
+def _train_and_save(block: nn.Module, index: int, previous: str, hidden: torch.Tensor, targets: torch.Tensor,
+                    job: _BlockJob) -> dict:
+    """Train converted block ``index`` to map its inputs ``hidden`` to ``targets`` and save it (rank 0) with
+    the digest ``previous`` of the block before; returns its record."""
     prefix = f"model.layers.{index}."
 
     def from_masters(name: str, module: QuantLinear) -> torch.Tensor:
@@ -314,6 +326,7 @@ def recover_model(
     distributed.check_batch("recovery.blockwise.batch_size", spec.batch_size)
     with torch.no_grad():
         hidden = model.model.embed_tokens(ids[windows]).float()
+    teacher = hidden if spec.target == "model" else None  # the b1.58 model's own hidden state (target: model)
     job = _BlockJob(checkpoint, runner, spec, seed, state_dir, fingerprint, masters, windows, ids.shape[0])
     records, resumed = [], 0
     previous = "embeddings"  # the digest of the block before (block 0 follows the embeddings)
@@ -321,12 +334,16 @@ def recover_model(
         for index, block in enumerate(layers):
             saved = load_state(state_dir, fingerprint, _block_file(index), STATE_VERSION, "block-wise", "blockwise")
             distributed.same_everywhere(saved is not None, f"block-wise state '{state_dir / _block_file(index)}'")
+            if teacher is not None:  # advanced on resumed blocks too: the next block's targets need it
+                teacher = _reference_output(job, index, teacher)
             if saved is not None:
                 _check_place(saved, index, previous, state_dir)
                 record = _restore(block, saved)
                 resumed += 1
             else:
-                record = _train_and_save(block, index, previous, hidden, job)
+                targets = teacher if teacher is not None else _reference_output(job, index, hidden)
+                record = _train_and_save(block, index, previous, hidden, targets, job)
+                del targets
             records.append({"layer": index, **record})
             previous = content_digest(block.state_dict())  # what the next block's inputs come from (no copy)
             with runner.onload(block):

@@ -1,8 +1,10 @@
 """A short distillation fine-tune: the b1.58 model teaches the converted a4.8 model.
 
 The student runs in training mode, so every quantizer passes its gradient straight through
-(``x + λ·(q(x) − x).detach()``: the input quantizers with their top-K, the ternarization of the latent weights,
-the Q/K/V quantizers of low-bit attention). The loss is the KL divergence from the teacher's next-token
+(``x + λ·(q(x) − x).detach()``: the input quantizers, the ternarization of the latent weights, the Q/K/V
+quantizers of low-bit attention); a top-K passes it to the entries it keeps only (``topk_gradient: kept``, its
+own gradient; ``all``: to every entry), so that training can concentrate an input on the entries the top-K keeps
+(docs/recovery.md, "Recovery on real text"). The loss is the KL divergence from the teacher's next-token
 distribution to the student's (at ``temperature`` τ, scaled by τ²), plus ``hidden_mse`` × the mean over layers
 of the normalized squared error of the hidden states.
 
@@ -46,6 +48,7 @@ from bitnet_convert.recover.training import (
     optimizer_step,
     scheduled_lr,
     set_ste_lambda,
+    set_topk_gradient,
     to_cpu,
     trainable_tensors,
 )
@@ -209,6 +212,7 @@ def distill(
             if on_step is not None:
                 on_step(step + 1, float("nan"))
         student.train()
+        set_topk_gradient(student, spec.topk_gradient)
         for step in range(start, spec.steps):
             ids = batch(stream, offsets[step][mine], body, bos_id).to(device)
             set_ste_lambda(student, ste_lambda(spec, step))

@@ -36,6 +36,9 @@ class TrainingSpec(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of the training forwards (bfloat16: autocast; float32 is the reference)")
+    topk_gradient: Literal["kept", "all"] = Field(
+        "kept", description="where the gradient of a top-K sparsified input goes: 'kept', to the kept entries only "
+        "(the top-K's own gradient; the rounding stays straight-through), or 'all' (plain straight-through)")
 
 
 def scheduled_lr(spec: TrainingSpec, step: int, steps: int) -> float:
@@ -56,6 +59,13 @@ def set_ste_lambda(model: nn.Module, lam: float) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear) or hasattr(module, "lowbit_attention"):
             module.ste_lambda = lam
+
+
+def set_topk_gradient(model: nn.Module, mode: str) -> None:
+    """Set where the gradient of a sparsified input goes (``kept`` or ``all``) in every quantized linear."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.topk_gradient = mode
 
 
 def trainable_tensors(
@@ -134,6 +144,7 @@ def finish(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     for tensor in tensors.values():
         tensor.requires_grad_(False)
     set_ste_lambda(model, 1.0)
+    set_topk_gradient(model, "kept")
     model.eval()
 
 

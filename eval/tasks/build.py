@@ -3,7 +3,9 @@
 ``data/reference_ppl.jsonl``: the documents of ``eval/reference/data/test.txt`` (``{"text"}``), scored with
 ``loglikelihood_rolling``. ``data/reference_agreement.jsonl``: subject–verb agreement items from the *test*
 probe stream and ``data/reference_wordclass.jsonl``: word-class items from the *test* word-class probe
-stream (both ``{"context", "choices", "label"}``), scored as multiple choice.
+stream (both ``{"context", "choices", "label"}``), scored as multiple choice. ``data/reference_text_ppl.jsonl``:
+the chapters of ``eval/reference/data-text/test.txt`` (the real-text model's test split, one chapter per
+blank-line-separated paragraph), scored with ``loglikelihood_rolling``.
 
 Usage: ``python eval/tasks/build.py`` (deterministic; the committed files are its output).
 """
@@ -34,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     docs = (HERE.parent / "reference" / "data" / "test.txt").read_text(encoding="utf-8").splitlines()
     write_jsonl(args.out / "reference_ppl.jsonl", [{"text": d} for d in docs[: args.ppl_docs] if d.strip()])
+    chapters = (HERE.parent / "reference" / "data-text" / "test.txt").read_text(encoding="utf-8").split("\n\n")
+    write_jsonl(args.out / "reference_text_ppl.jsonl", [{"text": c.strip("\n")} for c in chapters if c.strip()])
     for name, probes in (
         ("agreement", generate_probes("test", "agreement", args.agreement_items)),
         ("wordclass", generate_wordclass_probes("test", args.wordclass_items)),

@@ -189,6 +189,23 @@ def test_default_tasks_follow_the_model_not_its_location(tmp_path):
     assert default_tasks(open_checkpoint(other_tokenizer(other))) == HUB_TASKS
 
 
+def test_the_real_text_model_gets_its_own_builtin_task_and_a_warning_for_the_others():
+    from bitnet_convert.evaluation.evaluate import REFERENCE_TASKS, default_tasks, foreign_builtin_tasks
+    from bitnet_convert.io.checkpoint import BUILTIN_MODELS
+
+    text = open_checkpoint(str(BUILTIN_MODELS["builtin:reference-text"]))
+    assert default_tasks(text) == ("reference_text_ppl",)  # offline: no hub task is picked for it
+    assert foreign_builtin_tasks(text, ["reference_text_ppl", "reference_ppl", "arc_easy"]) == ["reference_ppl"]
+    synthetic = open_checkpoint(REFERENCE)
+    assert foreign_builtin_tasks(synthetic, [*REFERENCE_TASKS, "reference_text_ppl"]) == ["reference_text_ppl"]
+    config = task_spec("reference_text_ppl")
+    data = Path(config["dataset_kwargs"]["data_files"]["test"])
+    chapters = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    assert len(chapters) == 93 and chapters[0].startswith("Ruth, chapter 1\n1:1 Now it came to pass")
+    test_split = BUILTIN_MODELS["builtin:reference-text"].parent / "data-text" / "test.txt"
+    assert "\n\n".join(chapters) + "\n" == test_split.read_text()  # every test chapter, nothing else
+
+
 def test_the_reference_models_baseline_is_not_used_for_another_model(tmp_path):
     model = other_tokenizer(tiny(tmp_path))
     report = tmp_path / "eval.json"

@@ -87,6 +87,31 @@ def test_resume_writes_the_bytes_of_an_uninterrupted_run(tmp_path, reference_dir
             assert source(name) is None
 
 
+def test_the_model_target_follows_the_b158_models_own_hidden_states_and_resumes(tmp_path, reference_dir):
+    """``target: model``: block 0 learns the same target as with ``target: block`` (both start from the
+    embeddings); later blocks learn the b1.58 model's own hidden state, which the converted blocks before them
+    have drifted from, so their error before training is larger. A resumed run still advances the b1.58 chain
+    through the blocks it loads: same bytes, same records."""
+    def spec(target, output):
+        return Recipe(model=str(reference_dir), output=tmp_path / output,
+                      **{**SMALL, "recovery": {"blockwise": {**SMALL["recovery"]["blockwise"], "target": target}}})
+
+    block = bitnet_convert.quantize(spec("block", "block")).report["blockwise"]["blocks"]
+    model = bitnet_convert.quantize(spec("model", "full"))
+    records = model.report["blockwise"]["blocks"]
+    assert records[0] == block[0]
+    for index in (1, 2, 3):
+        assert records[index]["heldout_error_before"] > 2 * block[index]["heldout_error_before"]
+    partial = tmp_path / "partial.blockwise"
+    partial.mkdir()
+    for index in (0, 1):
+        shutil.copy(tmp_path / "full.blockwise" / f"block-{index:04d}.pt", partial)
+    resumed = bitnet_convert.quantize(spec("model", "partial"))
+    assert resumed.report["blockwise"]["resumed_blocks"] == 2
+    assert resumed.report["blockwise"]["blocks"] == records
+    assert (model.output / "model.safetensors").read_bytes() == (resumed.output / "model.safetensors").read_bytes()
+
+
 def test_state_of_another_recipe_is_refused(tmp_path, reference_dir):
     spec = {**SMALL, "recovery": {"blockwise": {**SMALL["recovery"]["blockwise"], "steps": 3}}}
     bitnet_convert.quantize(Recipe(model=str(reference_dir), output=tmp_path / "a", **spec))

@@ -43,17 +43,33 @@ def test_training_forward_is_straight_through():
     expected = linear(x)
     linear.latent = master.clone().requires_grad_(True)
     linear.train()
-    xs = x.clone().requires_grad_(True)
-    y = linear(xs)
-    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-6)  # same numbers as the packed forward
-    y.pow(2).sum().backward()
-    # STE: the gradient is that of a float linear evaluated at the quantized point, top-K'd channels included
     xq = linear._quantize_input(x)
     wq = F.ternary_absmean_fake(master)
-    grad_y = 2 * y.detach()
-    assert torch.allclose(xs.grad, grad_y @ wq, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(linear.latent.grad, (grad_y.reshape(-1, 16).T @ xq.reshape(-1, 32)), rtol=1e-4, atol=1e-5)
-    assert (xs.grad != 0).float().mean() > 0.9  # nothing blocked by the rounding or the top-K mask
+    kept = F.topk_mask(x, 0.5).float()
+    assert linear.topk_gradient == "kept"  # the default
+    for mode, mask in (("all", torch.ones_like(kept)), ("kept", kept)):
+        linear.topk_gradient = mode
+        linear.latent.grad = None
+        xs = x.clone().requires_grad_(True)
+        y = linear(xs)
+        assert torch.allclose(y, expected, rtol=1e-5, atol=1e-6)  # same numbers as the packed forward
+        y.pow(2).sum().backward()
+        # the gradient of a float linear evaluated at the quantized point; the rounding is straight-through, the
+        # top-K passes it to every channel ("all") or to the kept ones only ("kept": its own gradient)
+        grad_y = 2 * y.detach()
+        assert torch.allclose(xs.grad, (grad_y @ wq) * mask, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(linear.latent.grad, (grad_y.reshape(-1, 16).T @ xq.reshape(-1, 32)), rtol=1e-4,
+                              atol=1e-5)
+        assert (xs.grad != 0).float().mean() == pytest.approx(mask.mean().item(), abs=0.02)
+    assert kept.mean() == 0.5
+    # a warm-up λ blends values and gradients alike: (1 − λ)·x + λ·q, gradient (1 − λ) + λ·mask
+    linear.ste_lambda = 0.25
+    xs = x.clone().requires_grad_(True)
+    y = linear(xs)
+    blended = 0.75 * master + 0.25 * wq  # the weight blends too
+    assert torch.allclose(y, (0.75 * x + 0.25 * xq) @ blended.T, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert torch.allclose(xs.grad, (0.75 + 0.25 * kept) * blended.sum(0), rtol=1e-5, atol=1e-6)
     # λ = 0 is the float linear
     linear.ste_lambda = 0.0
     assert torch.allclose(linear(x), x @ master.T, rtol=1e-5, atol=1e-6)
