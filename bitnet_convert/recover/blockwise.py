@@ -286,7 +286,6 @@ def _train_and_save(block: nn.Module, index: int, previous: str, hidden: torch.T
         record = train_block(block, job.runner, hidden, targets, job.spec, seed=job.seed * 100_003 + index,
                              latent_init=from_masters if job.masters is not None else None,
                              windows=job.windows, total=job.total, trained_latents=latents)
-    del targets
     divides = {n: m.scale_divides for n, m in block.named_modules() if isinstance(m, QuantLinear)}
     if distributed.is_writer():
         save_state(job.state_dir, {"version": STATE_VERSION, "fingerprint": job.fingerprint,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bitnet_convert.quant.functional import ordered_sum, ternary_absmean
-from bitnet_convert.quant.linear import QuantLinear
+from bitnet_convert.quant.linear import QuantLinear, TopKGradient
 from bitnet_convert.runtime import distributed
 
 
@@ -36,7 +36,7 @@ class TrainingSpec(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null for none")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of the training forwards (bfloat16: autocast; float32 is the reference)")
-    topk_gradient: Literal["kept", "all"] = Field(
+    topk_gradient: TopKGradient = Field(
         "kept", description="where the gradient of a top-K sparsified input goes: 'kept', to the kept entries only "
         "(the top-K's own gradient; the rounding stays straight-through), or 'all' (plain straight-through)")
 
@@ -61,7 +61,7 @@ def set_ste_lambda(model: nn.Module, lam: float) -> None:
             module.ste_lambda = lam
 
 
-def set_topk_gradient(model: nn.Module, mode: str) -> None:
+def set_topk_gradient(model: nn.Module, mode: TopKGradient) -> None:
     """Set where the gradient of a sparsified input goes (``kept`` or ``all``) in every quantized linear."""
     for module in model.modules():
         if isinstance(module, QuantLinear):
