@@ -152,10 +152,10 @@ class QuantLinear(nn.Module):
         (``topk_gradient = "all"``) or, for a sparsified input, ``(1 − λ) + λ·mask`` (``"kept"``: the top-K's
         own gradient, zero for the dropped entries, times the straight-through rounding)."""
         lam = self.ste_lambda
-        q = self._quantize_input(x)
         if self.topk_gradient == "all" or not self.spec.sparsifies:
-            return F.ste(x, q, lam)
-        kept = F.ste(self.spec.sparsify(x), q)  # value q; gradient: the sparsification's mask
+            return F.ste(x, self._quantize_input(x), lam)
+        sparse = self.spec.sparsify(x)  # its gradient is the sparsification's mask (one top-K per forward)
+        kept = F.ste(sparse, self.spec.quantize_sparsified(sparse.detach()))  # value: the quantized input
         return kept if lam == 1.0 else (1.0 - lam) * x + lam * kept
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,11 @@ class ActivationSpec(BaseModel):
 
         return quantize
 
+    def quantize_sparsified(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token fake quantizer alone, for an ``x`` that :meth:`sparsify` has already sparsified
+        (:meth:`quantizer` is this after :meth:`sparsify`): same shape and dtype as ``x``."""
+        return METHODS[self.method].fake(x, self.bits)
+
     def integer_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-token integer codes and multiplier of the sparsified input: ``(codes, s)`` with ``x̂ = codes / s``,
         fp32 ``codes [..., d]`` (integer-valued) and fp32 ``s [..., 1]`` for float ``x [..., d]`` (the method's
