@@ -173,11 +173,15 @@ def test_a48_o_proj_quantizer_on_random_tokens() -> None:
         (ActivationSpec(method="absmean", bits=4, topk=0.25), lambda x: F.int4_absmean(F.topk_sparsify(x, 0.25))),
         (ActivationSpec(method="fp4_e2m1", bits=4, topk=0.5), lambda x: F.fp4_e2m1_minmax(F.topk_sparsify(x, 0.5))),
         (ActivationSpec(method="none", topk=0.5), lambda x: F.topk_sparsify(x, 0.5)),
+        (ActivationSpec(method="absmax", bits=8, threshold=0.5),
+         lambda x: F.int8_absmax(torch.where(x.abs() >= 0.5, x, torch.zeros(()))))
     ],
 )
 def test_quantizer_matches_functional(spec: ActivationSpec, reference) -> None:
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(spec.quantizer()(x), reference(x))
+    # the training path's split of the same quantizer: sparsify once, then the quantizer alone
+    assert torch.equal(spec.quantize_sparsified(spec.sparsify(x)), reference(x))
 
 
 def test_quantizer_does_not_modify_input() -> None:
