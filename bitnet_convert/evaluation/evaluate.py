@@ -26,7 +26,7 @@ from bitnet_convert.io.checkpoint import (
     Checkpoint,
     architecture_signature,
     open_checkpoint,
-    shares_tokenizer,
+    tokenizer_builtin,
     tokenizer_fingerprint,
 )
 from bitnet_convert.io.data import token_stream, warn_no_bos, windows
@@ -112,24 +112,26 @@ BUILTIN_TASKS = {
     "builtin:reference-text": ("reference_text_ppl",),
 }
 REFERENCE_TASKS = BUILTIN_TASKS["builtin:reference"]
+ALL_BUILTIN_TASKS = tuple(t for names in BUILTIN_TASKS.values() for t in names)
 #: The default for any other model: the paper's zero-shot suite (needs the hub for the datasets).
 HUB_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande")
 
 
-def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
+def own_builtin_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
     """The built-in tasks of the built-in model whose tokenizer the checkpoint has (that model and its
-    conversions, wherever they lie; decided by the tokenizer's content), else the paper's suite."""
-    for builtin, tasks in BUILTIN_TASKS.items():
-        if shares_tokenizer(checkpoint.path, builtin):
-            return tasks
-    return HUB_TASKS
+    conversions, wherever they lie; decided by the tokenizer's content, read once); ``()`` for none."""
+    return BUILTIN_TASKS.get(tokenizer_builtin(checkpoint.path, BUILTIN_TASKS), ())
 
 
-def foreign_builtin_tasks(checkpoint: Checkpoint, tasks: list[str]) -> list[str]:
-    """The built-in tasks among ``tasks`` made for another built-in model's tokenizer and corpus than the
-    checkpoint's (their scores say little about it)."""
-    return [t for builtin, names in BUILTIN_TASKS.items() for t in tasks
-            if t in names and not shares_tokenizer(checkpoint.path, builtin)]
+def default_tasks(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """The checkpoint's own built-in tasks (:func:`own_builtin_tasks`), else the paper's suite."""
+    return own_builtin_tasks(checkpoint) or HUB_TASKS
+
+
+def foreign_builtin_tasks(tasks: list[str], own: tuple[str, ...]) -> list[str]:
+    """The built-in tasks among ``tasks`` that are not the checkpoint's ``own`` (:func:`own_builtin_tasks`): made
+    for another built-in model's tokenizer and corpus, their scores say little about it."""
+    return [t for t in tasks if t in ALL_BUILTIN_TASKS and t not in own]
 
 
 @dataclass(frozen=True)
@@ -181,8 +183,9 @@ def _evaluate(path, tasks, settings: EvalSettings, stats_chars: int, progress: P
     checkpoint = open_checkpoint(str(path))
     preset, roles, _ = resolve_scheme(checkpoint)
     attention = attention_of(checkpoint)
-    tasks = list(tasks or default_tasks(checkpoint))
-    foreign = foreign_builtin_tasks(checkpoint, tasks)
+    own = own_builtin_tasks(checkpoint)
+    tasks = list(tasks or own or HUB_TASKS)  # default_tasks, with the tokenizer read once for both uses
+    foreign = foreign_builtin_tasks(tasks, own)
     if foreign:
         warn(f"task(s) {', '.join(foreign)} score a built-in corpus made for another model, not text of the model "
              f"'{checkpoint.path}'")
@@ -282,7 +285,7 @@ def resolve_tasks(tasks: list[str]):
     unknown = [n for n in hub_names if n not in manager.all_tasks]
     if unknown:
         raise DataError(
-            f"unknown task '{unknown[0]}': use a built-in task ({', '.join(sum(BUILTIN_TASKS.values(), ()))}), a task "
+            f"unknown task '{unknown[0]}': use a built-in task ({', '.join(ALL_BUILTIN_TASKS)}), a task "
             "YAML path, or an lm-eval task name (list them with `lm-eval ls tasks`)"
         )
     return specs, manager

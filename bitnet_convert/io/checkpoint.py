@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -219,8 +219,16 @@ def uses_reference_tokenizer(path: Path) -> bool:
 def shares_tokenizer(path: Path, builtin: str) -> bool:
     """Whether the checkpoint in ``path`` tokenizes as the built-in model ``builtin`` (a :data:`BUILTIN_MODELS`
     name) does, by the tokenizer's content (:func:`tokenizer_fingerprint`)."""
+    return tokenizer_builtin(path, (builtin,)) == builtin
+
+
+def tokenizer_builtin(path: Path, builtins: Iterable[str]) -> str | None:
+    """The first of ``builtins`` (:data:`BUILTIN_MODELS` names) whose tokenizer the checkpoint in ``path`` has, by
+    content (one read of its ``tokenizer.json``, :func:`tokenizer_fingerprint`); ``None`` for none of them."""
     ours = tokenizer_fingerprint(path)
-    return ours is not None and ours == _builtin_fingerprint(builtin)
+    if ours is None:
+        return None
+    return next((b for b in builtins if _builtin_fingerprint(b) == ours), None)
 
 
 @functools.cache

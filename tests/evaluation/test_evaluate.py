@@ -190,14 +190,20 @@ def test_default_tasks_follow_the_model_not_its_location(tmp_path):
 
 
 def test_the_real_text_model_gets_its_own_builtin_task_and_a_warning_for_the_others():
-    from bitnet_convert.evaluation.evaluate import REFERENCE_TASKS, default_tasks, foreign_builtin_tasks
+    from bitnet_convert.evaluation.evaluate import (
+        REFERENCE_TASKS,
+        default_tasks,
+        foreign_builtin_tasks,
+        own_builtin_tasks,
+    )
     from bitnet_convert.io.checkpoint import BUILTIN_MODELS
 
     text = open_checkpoint(str(BUILTIN_MODELS["builtin:reference-text"]))
     assert default_tasks(text) == ("reference_text_ppl",)  # offline: no hub task is picked for it
-    assert foreign_builtin_tasks(text, ["reference_text_ppl", "reference_ppl", "arc_easy"]) == ["reference_ppl"]
-    synthetic = open_checkpoint(REFERENCE)
-    assert foreign_builtin_tasks(synthetic, [*REFERENCE_TASKS, "reference_text_ppl"]) == ["reference_text_ppl"]
+    own = own_builtin_tasks(text)
+    assert foreign_builtin_tasks(["reference_text_ppl", "reference_ppl", "arc_easy"], own) == ["reference_ppl"]
+    synthetic = own_builtin_tasks(open_checkpoint(REFERENCE))
+    assert foreign_builtin_tasks([*REFERENCE_TASKS, "reference_text_ppl"], synthetic) == ["reference_text_ppl"]
     config = task_spec("reference_text_ppl")
     data = Path(config["dataset_kwargs"]["data_files"]["test"])
     chapters = [json.loads(line)["text"] for line in data.read_text().splitlines()]
